@@ -1,0 +1,897 @@
+"""
+Intuitive Fine-Tuning (IFT) next to SFT, DPO and ORPO, in one file you can read top to bottom.
+
+A tiny GPT is fine-tuned on a toy instruction set (arithmetic, letter reversal, facts stated in the
+prompt, and long step-by-step additions) with one of four losses, then evaluated on a held-out test
+split by greedy exact match, preference accuracy and answer NLL.
+
+    python ift.py --loss ift                 # ~3 min on a 2-core laptop CPU, evaluation included
+    python ift.py --loss sft                 # the baseline IFT generalises
+    python ift.py --loss dpo --init-from out/sft/ckpt.pt    # a sequential recipe: SFT then DPO
+    python ift.py --help                     # every setting, with its meaning
+
+On a GPU the same command uses bf16 autocast and fused AdamW. Outputs go to --out-dir (default
+out/<loss>): config.json, log.csv, loss.png, ckpt.pt, eval.json.
+
+Reference: Hua et al., "Intuitive Fine-Tuning: Towards Simplifying Alignment into a Single
+Process", arXiv:2405.11870 (ACL 2025); equation numbers are those of v3. Official code:
+github.com/TsinghuaC3I/Intuitive-Fine-Tuning. IFT in four steps (Algorithm 1):
+  1. a no-grad forward on the ground truth gives the model's greedy one-step-ahead predictions;
+  2. the temporal residual connection (eq. 17) mixes the embedding of each answer token with the
+     embedding of the model's own prediction of it: e_t = (1 - lam) E(y_t) + lam E(yhat_t);
+  3. a second forward, with gradient, on the mixed embeddings scores the ground-truth tokens;
+  4. relation propagation (eq. 21, Algorithm 1 step 3) re-weights each token loss by a discounted
+     sum of the losses after it, so early tokens, whose errors derail the rest, weigh more.
+
+Where this code departs from the paper or the official code:
+  1. Relation propagation follows the official code (a discounted SUFFIX sum of token_loss / N,
+     rescaled to average 1 over the answer), not eq. 21 read literally (a double sum that weights
+     later tokens more). The code's form is the one behind the paper's numbers.
+  2. As in the official code the weights are NOT detached, so gradient also flows through them;
+     --detach-weights gives the variant where they are constants (see relation_weights).
+  3. The official code special-cases gamma = 0 to weights of exactly 1; so does this code, which is
+     what makes IFT with lam = 0, gamma = 0 equal to SFT.
+  4. The embeddings are mixed with the model's own token-embedding table E (the paper's wording);
+     the official code mixes with a frozen copy of E that it re-copies after every step.
+  5. The official code's lam schedules are offered (--lam-schedule constant | warmup | noisy); its
+     other propagation variants (position-only weights, L2 / softmax / log norms) are left out.
+  6. Toy scale: a ~0.8M-parameter GPT trained from scratch on synthetic tasks with AdamW, not
+     Mistral-7B on UltraFeedback with RMSprop. The comparisons are about the losses, not the scale.
+"""
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass, every field a command-line flag
+
+LOSSES = ("sft", "dpo", "orpo", "ift")
+
+
+@dataclass
+class Config:
+    # what to train
+    loss: str = field(default="ift", metadata={"help": "training loss: sft, dpo, orpo or ift"})
+    data: str = field(default=str(HERE / "data"),
+                      metadata={"help": "folder with train/val/test.jsonl (rows: task, prompt, "
+                                        "chosen, rejected)"})
+    tokenizer: str = field(default="toy", metadata={
+        "help": "'toy' = data/tokenizer.tiktoken (BPE trained on the train split); "
+                "'gpt2' = tiktoken's GPT-2 encoding (needs it cached or a network)"})
+    init_from: str = field(default="", metadata={
+        "help": "checkpoint to start from (sequential recipes, e.g. SFT then DPO); empty = random"})
+    out_dir: str = field(default="", metadata={"help": "output folder; empty = out/<loss>"})
+    seed: int = field(default=1337, metadata={"help": "seed of the initial model and batch order"})
+    # model
+    n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention heads per block"})
+    n_embd: int = field(default=128, metadata={"help": "width C of the residual stream"})
+    block_size: int = field(default=128, metadata={"help": "context length in tokens"})
+    # optimisation
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "sequences per step (DPO/ORPO: pairs)"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of --lr"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps, then cosine"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm (0 = off)"})
+    # IFT
+    lam: float = field(default=0.2, metadata={
+        "help": "IFT lambda: weight of the model's own predictions in the input embeddings"})
+    gamma: float = field(default=0.95, metadata={
+        "help": "IFT relation-propagation decay; 0 = uniform token weights"})
+    detach_weights: bool = field(default=False, metadata={
+        "help": "IFT: treat the relation weights as constants (the official code does not)"})
+    lam_schedule: str = field(default="constant", metadata={
+        "help": "IFT lambda schedule: constant, warmup (0 -> lam over the warm-up), or noisy "
+                "(lam + N(0,1) * 0.5 * lam per step, clamped to [0, 1])"})
+    # preference losses
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta (inverse temperature)"})
+    orpo_beta: float = field(default=0.25, metadata={"help": "ORPO weight of the odds-ratio term"})
+    # logging and evaluation
+    log_interval: int = field(default=25, metadata={"help": "steps between log lines"})
+    eval_interval: int = field(default=250, metadata={
+        "help": "steps between validation evaluations (0 = only at the end)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "generation budget per answer"})
+    limit_rows: int = field(default=0, metadata={
+        "help": "use only the first N rows of each split (0 = all; for quick tests)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
+
+
+def parse_config(argv=None):
+    """Turn every Config field into a --flag (underscores become dashes) and validate the values."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # one line per mistake instead of argparse's full usage block
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str)
+                                                             else f.type.__name__]
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    cfg = Config(**vars(parser.parse_args(argv)))
+    problems = [
+        (cfg.loss not in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got '{cfg.loss}'"),
+        (not 0 <= cfg.lam <= 1, f"--lam must lie in [0, 1], got {cfg.lam}"),
+        (not 0 <= cfg.gamma <= 1, f"--gamma must lie in [0, 1], got {cfg.gamma}"),
+        (cfg.dpo_beta <= 0, f"--dpo-beta must be > 0, got {cfg.dpo_beta}"),
+        (cfg.orpo_beta <= 0, f"--orpo-beta must be > 0, got {cfg.orpo_beta}"),
+        (cfg.lam_schedule not in ("constant", "warmup", "noisy"),
+         f"--lam-schedule must be constant, warmup or noisy, got '{cfg.lam_schedule}'"),
+        (cfg.n_embd % cfg.n_head != 0, f"--n-embd ({cfg.n_embd}) must be divisible by "
+                                       f"--n-head ({cfg.n_head})"),
+        (min(cfg.max_steps, cfg.batch_size, cfg.n_layer, cfg.n_head, cfg.block_size,
+             cfg.log_interval, cfg.max_new_tokens) < 1,
+         "--max-steps, --batch-size, --n-layer, --n-head, --block-size, --log-interval and "
+         "--max-new-tokens must be >= 1"),
+        (cfg.lr <= 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.device not in ("auto", "cpu", "cuda", "mps"),
+         f"--device must be auto, cpu, cuda or mps, got '{cfg.device}'"),
+    ]
+    for bad, message in problems:
+        if bad:
+            parser.error(message)
+    if not cfg.out_dir:
+        cfg.out_dir = str(Path("out") / cfg.loss)
+    return cfg
+
+
+class UserError(Exception):
+    """A problem with the user's input: main() prints it as one line and exits with status 1."""
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: tiktoken, built offline from a rank file that data/prepare.py trains
+
+# Pre-tokenisation regex: every digit is its own chunk (so "478" is 3 tokens and arithmetic stays
+# learnable), words keep one leading space, punctuation runs and whitespace are chunks of their own.
+PAT_STR = r"\d| ?[A-Za-z]+| ?[^\sA-Za-z\d]+|\s+(?!\S)|\s+"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>")
+
+
+def load_tokenizer(name, data_dir):
+    """Return a tiktoken.Encoding with the three chat special tokens.
+
+    'toy' reads <data_dir>/tokenizer.tiktoken: one "base64(token bytes) rank" line per token,
+    tiktoken's own format. We parse it here rather than with tiktoken.load.load_tiktoken_bpe,
+    which caches by path and would return stale merges after data/prepare.py rewrites the file.
+    """
+    import base64
+    import tiktoken
+    if name == "gpt2":
+        try:
+            base = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline and not cached: tiktoken raises a network error
+            raise UserError(f"--tokenizer gpt2: could not load tiktoken's GPT-2 encoding "
+                            f"({type(e).__name__}); it needs a network or a warm tiktoken "
+                            f"cache; use --tokenizer toy") from None
+        ranks, pat_str = base._mergeable_ranks, base._pat_str
+    elif name == "toy":
+        path = Path(data_dir) / "tokenizer.tiktoken"
+        if not path.is_file():
+            raise UserError(f"{path}: tokenizer file not found; run python data/prepare.py "
+                            f"or pass --data with a folder that has one")
+        ranks = {}
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise UserError(f"{path} line {lineno}: expected 'base64 rank', got "
+                                f"'{line[:40]}'") from None
+        pat_str = PAT_STR
+    else:
+        raise UserError(f"--tokenizer must be toy or gpt2, got '{name}'")
+    n = max(ranks.values()) + 1
+    return tiktoken.Encoding(name=f"ift-{name}", pat_str=pat_str, mergeable_ranks=ranks,
+                             special_tokens={t: n + i for i, t in enumerate(SPECIAL_TOKENS)})
+
+
+# -----------------------------------------------------------------------------
+# Data: JSON-lines rows -> token ids -> padded batches
+
+FIELDS = ("task", "prompt", "chosen")  # "rejected" is optional: SFT and IFT never read it
+
+
+def load_rows(path, need_rejected=False, limit=0):
+    """Read one split, checking every row; errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found (pass --data with a folder holding "
+                        f"train.jsonl, val.jsonl and test.jsonl)")
+    rows = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {lineno}: expected a JSON object")
+            for key in FIELDS + (("rejected",) if need_rejected else ()):
+                if not isinstance(row.get(key), str):
+                    hint = " (DPO and ORPO need preference pairs)" if key == "rejected" else ""
+                    raise UserError(f"{path} line {lineno}: missing text field '{key}'{hint}")
+            rows.append(row)
+            if limit and len(rows) == limit:
+                break
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    return rows
+
+
+def encode_row(enc, prompt, answer):
+    """Token ids of <|user|> prompt <|assistant|> answer <|endoftext|>, and the prompt length."""
+    user, assistant, eot = (enc.encode_single_token(t) for t in SPECIAL_TOKENS[1:] + SPECIAL_TOKENS[:1])
+    prompt_ids = [user] + enc.encode_ordinary(prompt) + [assistant]
+    return prompt_ids + enc.encode_ordinary(answer) + [eot], len(prompt_ids)
+
+
+class Split:
+    """One split, tokenised. Rows longer than the context are dropped, and we say how many."""
+
+    def __init__(self, rows, enc, block_size, name):
+        keep, self.rows = [], []
+        self.chosen, self.rejected = [], []  # lists of (ids, prompt_len)
+        for row in rows:
+            chosen = encode_row(enc, row["prompt"], row["chosen"])
+            rejected = encode_row(enc, row["prompt"], row["rejected"]) if "rejected" in row else None
+            longest = max(len(chosen[0]), len(rejected[0]) if rejected else 0)
+            if longest - 1 > block_size:  # inputs are the sequence minus its last token
+                continue
+            self.rows.append(row)
+            self.chosen.append(chosen)
+            self.rejected.append(rejected)
+        dropped = len(rows) - len(self.rows)
+        if dropped:
+            print(f"note: {name}: skipped {dropped} of {len(rows)} rows longer than the context "
+                  f"of {block_size} tokens (raise --block-size to keep them)")
+        if not self.rows:
+            raise UserError(f"{name}: every row is longer than --block-size {block_size}")
+        self.has_pairs = all(r is not None for r in self.rejected)
+
+    def __len__(self):
+        return len(self.rows)
+
+
+def collate(seqs, pad_id):
+    """Right-pad sequences into a batch of (inputs x, targets y, answer mask).
+
+    THE SHIFT BY ONE happens here, once: x = seq[:-1] and y = seq[1:], so the logits at position t
+    predict y[t] = seq[t+1]. mask[t] is True when y[t] is an answer token (the answer and its
+    <|endoftext|>), False on the prompt and on padding. Every loss below reads x, y, mask.
+    """
+    T = max(len(ids) for ids, _ in seqs) - 1
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)     # (B, T)
+    y = torch.full((len(seqs), T), pad_id, dtype=torch.long)     # (B, T)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)         # (B, T)
+    for i, (ids, prompt_len) in enumerate(seqs):
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1])
+        y[i, :n] = torch.tensor(ids[1:])
+        mask[i, prompt_len - 1:n] = True  # y[prompt_len - 1] is the first answer token
+    return x, y, mask
+
+
+# -----------------------------------------------------------------------------
+# Model: a tiny GPT (nanoGPT's shape) that can also take input embeddings directly
+# B = batch, T = time (tokens), C = channels (n_embd), V = vocabulary, H = heads
+
+class SelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)                            # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))                                   # 3 x (B, H, T, C/H)
+        if cache is not None:  # generation: prepend the keys and values of earlier tokens
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)                    # (B, H, T_past + T, C/H)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        if attn_mask is None:  # training: plain causal attention, right padding is never seen
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))            # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = SelfAttention(n_embd, n_head)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
+                                 nn.Linear(4 * n_embd, n_embd))
+
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)  # pre-LayerNorm residual blocks
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd):
+        super().__init__()
+        self.block_size = block_size
+        self.wte = nn.Embedding(vocab_size, n_embd)  # E, the paper's token-embedding table
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx=None, tok_emb=None, pos=None, attn_mask=None, caches=None):
+        """Logits (B, T, V) for token ids idx (B, T) or for given token embeddings (B, T, C).
+
+        IFT passes tok_emb: a mix of rows of self.wte, so the positional embedding is added here,
+        after the mix, exactly as for ordinary tokens. pos (B, T) defaults to 0..T-1.
+        """
+        x = self.wte(idx) if tok_emb is None else tok_emb                  # (B, T, C)
+        if pos is None:
+            pos = torch.arange(x.shape[1], device=x.device)                # (T,)
+        x = x + self.wpe(pos)                                              # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask, None if caches is None else caches[i])
+        # tied embeddings: the output layer is E itself
+        return F.linear(self.ln_f(x), self.wte.weight)                     # (B, T, V)
+
+
+# -----------------------------------------------------------------------------
+# Log-probs: the one helper every loss uses
+
+def sequence_logps(logits, y, mask):
+    """Per-token log-probs of the targets on the answer, and their sum per sequence.
+
+    logits (B, T, V) come from inputs x; y (B, T) are the targets, ALREADY shifted by one in
+    collate(), so logits[:, t] scores y[:, t]. Returns token_logps (B, T), zero off the mask, and
+    logps (B,) = token_logps.sum(-1): "*_logps" always means summed over answer tokens.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)                      # (B, T, V), float32
+    token_logps = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1) * mask     # (B, T)
+    return token_logps, token_logps.sum(-1)                                # (B, T), (B,)
+
+
+# -----------------------------------------------------------------------------
+# Losses, side by side
+
+# SFT. The model judges its answer from ground-truth prefixes only (teacher forcing):
+#   L_SFT = - 1/|D| sum_(x,y) 1/N sum_{t=1..N} log p(y_t | x, y_<t)
+# mean over the N answer tokens of each sequence (so long answers do not dominate), then the mean
+# over sequences. In code: token_logps = log p(y_t | .), mask marks the N answer tokens.
+# The paper (sec. 3) reads this as preference estimation that "secretly sets T(s*_{n-1}|x) = 1":
+# it scores token t as if the model had produced every earlier token perfectly (exposure bias).
+
+def sft_loss(token_logps, mask):
+    n = mask.sum(-1)                                                       # (B,)
+    return (-token_logps.sum(-1) / n).mean()
+
+
+# DPO (Rafailov et al. 2023; paper sec. 3, eq. 8). With log pi summed over answer tokens,
+#   h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+#   L_DPO = - log sigmoid(beta * h)
+# At pi = pi_ref, h = 0 and the loss is -log(1/2) = ln 2. The implicit rewards
+# beta * (log pi - log pi_ref) of chosen and rejected are reported, detached.
+# In code: policy_chosen_logps = log pi(y_w|x), ref_rejected_logps = log pi_ref(y_l|x), etc.
+# The reference is frozen and has no dropout, so its log-probs are a fixed function of the row:
+# train() computes them ONCE per training row before the first step, which is exact and saves
+# the reference forward of every step (one model in memory, not two).
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta=0.1):
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    loss = -F.logsigmoid(beta * h).mean()
+    rewards_chosen = beta * (policy_chosen_logps - ref_chosen_logps).detach()      # (B,)
+    rewards_rejected = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
+    return loss, {"rewards_chosen": rewards_chosen, "rewards_rejected": rewards_rejected,
+                  "margins": rewards_chosen - rewards_rejected,
+                  "accuracy": (rewards_chosen > rewards_rejected).float()}
+
+
+# ORPO (Hong et al. 2024; paper sec. 3). Reference-free; with p(y) the LENGTH-NORMALISED
+# probability exp(mean_t log p(y_t|.)) and odds(y) = p / (1 - p):
+#   L_ORPO = L_SFT(y_w) - beta * log sigmoid(log odds(y_w) - log odds(y_l))
+#   log odds(y) = m - log(1 - exp(m)),  m = mean log-prob of y
+# In code: m_chosen = policy_chosen_logps / chosen_lengths. log(1 - exp(m)) is computed as
+# log(-expm1(m)), accurate for m near 0; m is capped at -1e-6 so a perfectly learned answer
+# (p -> 1, odds -> inf) gives a finite loss (with zero gradient through the cap).
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
+              beta=0.25):
+    m_chosen = (policy_chosen_logps / chosen_lengths).clamp(max=-1e-6)          # (B,)
+    m_rejected = (policy_rejected_logps / rejected_lengths).clamp(max=-1e-6)    # (B,)
+    log_odds = ((m_chosen - torch.log(-torch.expm1(m_chosen)))
+                - (m_rejected - torch.log(-torch.expm1(m_rejected))))           # (B,)
+    ratio = F.logsigmoid(log_odds)                                              # (B,)
+    loss = (-m_chosen - beta * ratio).mean()
+    return loss, {"log_odds": log_odds.detach(), "accuracy": (log_odds > 0).float().detach()}
+
+
+# IFT, relation propagation (eq. 21; Algorithm 1 step 3 as the official code computes it).
+# For one sequence with token losses l_t on its N answer tokens:
+#   1. c_t = l_t / N on the answer, 0 elsewhere
+#   2. S_t = sum_{j >= t} gamma^(j - t) c_j       a discounted SUFFIX sum ("reward-to-go")
+#   3. w_t = S_t * N / sum_k S_k                   rescaled so the weights average 1 on the answer
+#   4. gamma = 0 is special-cased to w_t = 1 (the formula would give w_t = l_t / mean(l)), as in
+#      the official code; then IFT's loss is SFT's.
+# With equal losses the weights fall along the answer (20 tokens, gamma .95: ~1.6 -> ~0.1): an
+# early token's error propagates to every later one, so it weighs more.
+# Eq. 21 read literally is a linear double sum that weights LATER tokens more; we follow the code.
+# Gradient: the official code does not detach w, so dL/dl_j = (w_j + sum_t l_t dw_t/dl_j) / N.
+# The second term can be negative: raising a large early loss raises every S_t before it and
+# shrinks the normalised weight of the rest, so late low-loss tokens can get a NEGATIVE
+# coefficient, i.e. training pushes their loss up (PAPER.md: losses [2 .1 .1 .1 3 .1 .1 .1],
+# gamma .95 -> dL/dl = [.318 .158 .105 .055 .167 -.053 -.112 -.167]). detach=True makes every
+# coefficient w_j / N > 0: a pure re-weighting of SFT's token losses.
+# In code: token_losses (B, T) = l, mask (B, T), S is computed as c @ G^T with the (T, T)
+# upper-triangular matrix G[t, j] = gamma^(j - t) for j >= t.
+
+def relation_weights(token_losses, mask, gamma, detach=False):
+    mask = mask.to(token_losses.dtype)                                     # (B, T)
+    if gamma == 0:
+        return mask.clone()
+    if detach:
+        token_losses = token_losses.detach()
+    n = mask.sum(-1, keepdim=True).clamp(min=1)                            # (B, 1)
+    c = token_losses * mask / n                                            # (B, T)
+    T = c.shape[1]
+    steps = torch.arange(T, device=c.device)
+    offset = (steps[None, :] - steps[:, None]).to(c.dtype)                 # (T, T): j - t
+    G = torch.where(offset >= 0, gamma ** offset.clamp(min=0), torch.zeros_like(offset))
+    S = (c @ G.T) * mask                                                   # (B, T)
+    return S * n / S.sum(-1, keepdim=True).clamp(min=1e-12)               # (B, T)
+
+
+# IFT, the whole step (Algorithm 1). x, y, mask as made by collate().
+#   1. Inference one step ahead, no gradient: yhat = argmax_v logits(x)[:, t, v] predicts y[:, t].
+#   2. Temporal residual connection (eq. 17): the input at position t+1 is y[:, t]; where y[:, t]
+#      is an answer token, its "intuition" is the model's own prediction of it, yhat[:, t]:
+#        x~[:, t+1] = yhat[:, t] if mask[:, t] else x[:, t+1];   x~[:, 0] = x[:, 0]
+#        e = (1 - lam) E(x) + lam E(x~)
+#      Prompt and padding positions keep the ground truth (x~ = x there). The first answer token
+#      is predicted from the last prompt token, so its loss is unchanged.
+#      E is the model's own wte (it gets gradient through both terms); the official code mixes
+#      with a frozen copy of E instead.
+#   3. Second forward WITH gradient on e; l_t = -log p(y_t | e_<=t) against the GROUND TRUTH.
+#   4. loss = mean over sequences of (1/N) sum_t l_t w_t, w = relation_weights(l).
+# With lam = 0 the mix is E(x) exactly and with gamma = 0 the weights are 1: SFT in value and
+# gradient. Cost: one extra forward without activations kept, ~1.33x an SFT step.
+
+def shifted_predictions(x, yhat, mask):
+    """x~ of step 2: the model's prediction at answer inputs, the ground truth everywhere else."""
+    x_tilde = x.clone()                                                     # (B, T)
+    x_tilde[:, 1:] = torch.where(mask[:, :-1], yhat[:, :-1], x[:, 1:])
+    return x_tilde
+
+
+def ift_loss(model, x, y, mask, lam=0.2, gamma=0.95, detach_weights=False):
+    with torch.no_grad():  # nothing of this pass is kept for the backward
+        yhat = model(x).argmax(-1)                                          # (B, T)
+    x_tilde = shifted_predictions(x, yhat, mask)                            # (B, T)
+    tok_emb = (1 - lam) * model.wte(x) + lam * model.wte(x_tilde)           # (B, T, C)
+    token_logps, _ = sequence_logps(model(tok_emb=tok_emb), y, mask)        # (B, T)
+    token_losses = -token_logps                                             # (B, T)
+    w = relation_weights(token_losses, mask, gamma, detach=detach_weights)  # (B, T)
+    loss = ((token_losses * w).sum(-1) / mask.sum(-1)).mean()
+    return loss, {"sft_nll": sft_loss(token_logps.detach(), mask)}
+
+
+def lam_at(cfg, step, noise):
+    """lam for this step: constant, linear warm-up, or the official code's noisy lam."""
+    lam = cfg.lam
+    if cfg.lam_schedule == "warmup":
+        lam = cfg.lam * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    elif cfg.lam_schedule == "noisy":
+        lam = lam + noise * 0.5 * lam
+    return min(1.0, max(0.0, lam))
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+def pick_device(name):
+    if name != "auto":
+        if name == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+        if name == "mps" and not torch.backends.mps.is_available():
+            raise UserError("--device mps: MPS is not available; use --device cpu")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def model_args(cfg, enc):
+    return {"vocab_size": enc.n_vocab, "block_size": cfg.block_size, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_embd": cfg.n_embd}
+
+
+def load_checkpoint(path, expected_args):
+    """The state dict of a checkpoint written by this script, checked against the model config."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--init-from {path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = ckpt["model_args"]
+        state = ckpt["model"]
+    except Exception as e:
+        raise UserError(f"--init-from {path}: not a checkpoint of ift.py "
+                        f"({type(e).__name__})") from None
+    diff = [f"{k} {saved.get(k)} != {v}" for k, v in expected_args.items() if saved.get(k) != v]
+    if diff:
+        raise UserError(f"--init-from {path}: incompatible model ({', '.join(diff)}); "
+                        f"pass the same model flags and tokenizer it was trained with")
+    return state
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def batches(n_rows, batch_size, generator):
+    """Endless stream of row-index batches: a fresh permutation every epoch."""
+    while True:
+        order = torch.randperm(n_rows, generator=generator).tolist()
+        for i in range(0, n_rows - batch_size + 1, batch_size):
+            yield order[i:i + batch_size]
+        if n_rows < batch_size:
+            yield order
+
+
+def lr_at(cfg, step):
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def pair_batch(split, idx, pad_id, device):
+    """Chosen and rejected answers of the same rows stacked into one batch of 2B sequences."""
+    x, y, mask = collate([split.chosen[i] for i in idx] + [split.rejected[i] for i in idx], pad_id)
+    return x.to(device), y.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def reference_logps(model, split, pad_id, device, autocast, batch_size=128):
+    """Summed log-probs (N, 2) of every row's chosen and rejected answer under a frozen model."""
+    out = []
+    for i in range(0, len(split), batch_size):
+        idx = list(range(i, min(i + batch_size, len(split))))
+        x, y, mask = pair_batch(split, idx, pad_id, device)
+        with autocast:
+            logits = model(x)
+        _, logps = sequence_logps(logits, y, mask)                          # (2b,)
+        out.append(torch.stack(logps.split(len(idx)), dim=1))               # (b, 2)
+    return torch.cat(out)                                                   # (N, 2)
+
+
+def compute_loss(cfg, model, split, idx, pad_id, device, autocast, ref, lam):
+    """The loss of one batch under cfg.loss, and the metrics to log."""
+    if cfg.loss in ("sft", "ift"):
+        x, y, mask = (t.to(device) for t in collate([split.chosen[i] for i in idx], pad_id))
+        ntok = x.numel()
+        with autocast:
+            if cfg.loss == "ift":
+                loss, metrics = ift_loss(model, x, y, mask, lam, cfg.gamma, cfg.detach_weights)
+            else:
+                token_logps, _ = sequence_logps(model(x), y, mask)
+                loss, metrics = sft_loss(token_logps, mask), {}
+        return loss, metrics, ntok
+    x, y, mask = pair_batch(split, idx, pad_id, device)
+    with autocast:
+        _, logps = sequence_logps(model(x), y, mask)                        # (2B,)
+    chosen, rejected = logps.split(len(idx))                                # (B,), (B,)
+    lengths = mask.sum(-1).float()                                          # (2B,)
+    if cfg.loss == "dpo":
+        loss, m = dpo_loss(chosen, rejected, ref[idx, 0], ref[idx, 1], cfg.dpo_beta)
+    else:
+        loss, m = orpo_loss(chosen, rejected, *lengths.split(len(idx)), cfg.orpo_beta)
+    metrics = {"acc": m["accuracy"].mean(), "chosen_nll": -(chosen / lengths[:len(idx)]).mean()}
+    if cfg.loss == "dpo":
+        metrics["margin"] = m["margins"].mean()
+    return loss, metrics, x.numel()
+
+
+def fmt_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def train(cfg, model, enc, splits, device, out_dir):
+    """Optimise cfg.loss for cfg.max_steps; log, evaluate on val, checkpoint. Returns the log."""
+    train_split = splits["train"]
+    pad_id = enc.eot_token
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    ref = None
+    if cfg.loss == "dpo":
+        if not cfg.init_from:
+            print("note: DPO without --init-from: the reference is the random initial model")
+        model.eval()
+        ref = reference_logps(model, train_split, pad_id, device, autocast)  # (N, 2)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    lam_noise = torch.randn(cfg.max_steps, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    stream = batches(len(train_split), cfg.batch_size, gen)
+    log_path = out_dir / "log.csv"
+    log, columns = [], ["step", "loss", "lr", "lam", "tok_per_s", "val_exact_match", "val_nll"]
+    t0 = t_log = time.time()
+    ntok_since = 0
+    for step in range(cfg.max_steps):
+        model.train()
+        lr = lr_at(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        lam = lam_at(cfg, step, lam_noise[step].item())
+        loss, metrics, ntok = compute_loss(cfg, model, train_split, next(stream), pad_id, device,
+                                           autocast, ref, lam)
+        if not torch.isfinite(loss):
+            raise UserError(f"step {step}: the {cfg.loss} loss is {loss.item()}; lower --lr "
+                            f"(now {cfg.lr}); no checkpoint was written for this run")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        ntok_since += ntok
+        last = step == cfg.max_steps - 1
+        row = None
+        if step % cfg.log_interval == 0 or last:
+            loss_value = loss.item()
+            now = time.time()
+            tok_s = ntok_since / max(now - t_log, 1e-9)
+            t_log, ntok_since = now, 0
+            eta = (now - t0) / (step + 1) * (cfg.max_steps - step - 1)
+            extra = "".join(f" | {k} {v.item():.4f}" for k, v in metrics.items())
+            lam_txt = f" | lam {lam:.3f}" if cfg.loss == "ift" else ""
+            print(f"step {step:5d} | loss {loss_value:.4f}{extra} | lr {lr:.1e}{lam_txt} | "
+                  f"{tok_s / 1000:.1f}k tok/s | eta {fmt_time(eta)}", flush=True)
+            row = {"step": step, "loss": loss_value, "lr": lr, "lam": lam, "tok_per_s": tok_s}
+        if (cfg.eval_interval and step > 0 and step % cfg.eval_interval == 0) or last:
+            res = evaluate(model, enc, splits["val"], device, autocast, cfg.max_new_tokens)
+            print(f"eval step {step:5d} | val exact match {res['exact_match']:.3f} | "
+                  f"val answer nll {res['nll']:.4f}", flush=True)
+            row = row or {"step": step, "loss": loss.item(), "lr": lr, "lam": lam}
+            row.update(val_exact_match=res["exact_match"], val_nll=res["nll"])
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise UserError(f"step {step}: the weights hold NaN or inf; lower --lr (now "
+                                f"{cfg.lr}); the last good checkpoint was kept")
+            save_atomic({"model": model.state_dict(), "model_args": model_args(cfg, enc),
+                         "config": dataclasses.asdict(cfg), "step": step}, out_dir / "ckpt.pt")
+        if row:
+            log.append(row)
+    with log_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(log)
+    return log, time.time() - t0
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: greedy exact match (batched, KV cache), preference accuracy, answer NLL
+
+@torch.no_grad()
+def generate(model, prompts, eot, max_new_tokens, device, autocast):
+    """Greedy answers for a list of prompt id lists, batched with left padding and a KV cache.
+
+    Prompts are right-aligned: row b has pad_b padding tokens first. Its positions are counted
+    from its first real token, and attention never looks at padding keys. (A padding query may
+    look at itself only, so no softmax row is empty.)
+    """
+    model.eval()
+    B, P = len(prompts), max(len(p) for p in prompts)
+    max_new_tokens = min(max_new_tokens, model.block_size - P)
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)        # (B,)
+    idx = torch.full((B, P), eot, dtype=torch.long, device=device)          # (B, P)
+    for b, p in enumerate(prompts):
+        idx[b, P - len(p):] = torch.tensor(p)
+    steps = torch.arange(P, device=device)
+    pos = (steps[None, :] - pad[:, None]).clamp(min=0)                      # (B, P)
+    valid = steps[None, :] >= pad[:, None]                                  # (B, P) real tokens
+    causal = steps[None, :, None] >= steps[None, None, :]                   # (1, P, P)
+    mask = (causal & valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)
+    caches = [{} for _ in model.blocks]
+    out = torch.empty((B, 0), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    with autocast:
+        logits = model(idx, pos=pos, attn_mask=mask[:, None], caches=caches)  # (B, P, V)
+        for t in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)                                  # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            done |= nxt == eot
+            if done.all() or t == max_new_tokens - 1:
+                break
+            valid = torch.cat([valid, torch.ones((B, 1), dtype=torch.bool, device=device)], 1)
+            logits = model(nxt[:, None], pos=(P + t - pad)[:, None],
+                           attn_mask=valid[:, None, None, :], caches=caches)  # (B, 1, V)
+    answers = []
+    for row in out.tolist():
+        answers.append(row[:row.index(eot)] if eot in row else row)
+    return answers
+
+
+@torch.no_grad()
+def evaluate(model, enc, split, device, autocast, max_new_tokens, batch_size=256, samples=0):
+    """Exact match per task and overall, preference accuracy, answer NLL (+ a few samples)."""
+    model.eval()
+    eot = enc.eot_token
+    correct, nll, pref = [], [], []
+    completions = []
+    for i in range(0, len(split), batch_size):
+        idx = list(range(i, min(i + batch_size, len(split))))
+        prompts = [split.chosen[j][0][:split.chosen[j][1]] for j in idx]
+        for j, ids in zip(idx, generate(model, prompts, eot, max_new_tokens, device, autocast)):
+            text = enc.decode(ids)
+            correct.append(text.strip() == split.rows[j]["chosen"].strip())
+            completions.append(text)
+        x, y, mask = (t.to(device) for t in collate([split.chosen[j] for j in idx], eot))
+        with autocast:
+            token_logps, logps = sequence_logps(model(x), y, mask)
+        nll += (-logps / mask.sum(-1)).tolist()
+        if split.has_pairs:
+            x, y, mask = (t.to(device) for t in collate([split.rejected[j] for j in idx], eot))
+            with autocast:
+                _, rejected_logps = sequence_logps(model(x), y, mask)
+            pref += (logps > rejected_logps).tolist()
+    tasks = sorted({r["task"] for r in split.rows})
+    by_task = {t: [c for c, r in zip(correct, split.rows) if r["task"] == t] for t in tasks}
+    res = {"exact_match": sum(correct) / len(correct),
+           "exact_match_by_task": {t: sum(v) / len(v) for t, v in by_task.items()},
+           "nll": sum(nll) / len(nll),
+           "nll_by_task": {t: sum(n for n, r in zip(nll, split.rows) if r["task"] == t)
+                           / len(by_task[t]) for t in tasks},
+           "preference_accuracy": sum(pref) / len(pref) if pref else None,
+           "preference_accuracy_by_task": (
+               {t: sum(p for p, r in zip(pref, split.rows) if r["task"] == t) / len(by_task[t])
+                for t in tasks} if pref else None),
+           "rows": len(correct)}
+    if samples:
+        step = max(1, len(split) // samples)
+        res["samples"] = [{"task": split.rows[j]["task"], "prompt": split.rows[j]["prompt"],
+                           "target": split.rows[j]["chosen"], "output": completions[j]}
+                          for j in range(0, len(split), step)][:samples]
+    return res
+
+
+def print_eval_table(res):
+    """The test results as a small text table: one row per task, then the overall row."""
+    pref = res["preference_accuracy_by_task"]
+    print(f"{'task':<12}{'exact match':>12}{'pref acc':>10}{'answer nll':>12}")
+    for t, em in res["exact_match_by_task"].items():
+        p = f"{pref[t]:.3f}" if pref else "-"
+        print(f"{t:<12}{em:>12.3f}{p:>10}{res['nll_by_task'][t]:>12.4f}")
+    p = f"{res['preference_accuracy']:.3f}" if pref else "-"
+    print(f"{'overall':<12}{res['exact_match']:>12.3f}{p:>10}{res['nll']:>12.4f}")
+
+
+# -----------------------------------------------------------------------------
+# Plots
+
+def plot_loss_curve(log, loss_name, path):
+    """Training loss and validation exact match against the optimizer step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in log], [r["loss"] for r in log], label=f"train {loss_name} loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    evals = [r for r in log if "val_exact_match" in r]
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in evals], [r["val_exact_match"] for r in evals], "o-",
+                 color="tab:orange", label="val exact match")
+        ax2.set_ylabel("val exact match (fraction)")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.set_title(f"ift.py --loss {loss_name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def run(cfg):
+    """Train and evaluate one recipe as cfg describes; returns the test results."""
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    if device.type == "cpu":
+        # Tiny weights and gradients underflow into subnormal floats, which CPUs compute
+        # 10-100x slower; flushing them to zero changes nothing we can measure here.
+        torch.set_flush_denormal(True)
+    out_dir = Path(cfg.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    except OSError as e:
+        raise UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
+    enc = load_tokenizer(cfg.tokenizer, cfg.data)
+    need_pairs = cfg.loss in ("dpo", "orpo")
+    splits = {}
+    for name in ("train", "val", "test"):
+        path = Path(cfg.data) / f"{name}.jsonl"
+        rows = load_rows(path, need_rejected=need_pairs and name == "train", limit=cfg.limit_rows)
+        splits[name] = Split(rows, enc, cfg.block_size, str(path))
+    model = GPT(**model_args(cfg, enc))
+    if cfg.init_from:
+        model.load_state_dict(load_checkpoint(cfg.init_from, model_args(cfg, enc)))
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{cfg.loss} | {n_params / 1e6:.2f}M parameters | device {device} | "
+          f"{len(splits['train'])} train rows | vocab {enc.n_vocab}", flush=True)
+    log, train_time = train(cfg, model, enc, splits, device, out_dir)
+    plot_loss_curve(log, cfg.loss, out_dir / "loss.png")
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    t = time.time()
+    res = evaluate(model, enc, splits["test"], device, autocast, cfg.max_new_tokens, samples=4)
+    res.update(train_seconds=train_time, eval_seconds=time.time() - t, loss=cfg.loss)
+    print(f"\ntest split ({res['rows']} rows), after {cfg.max_steps} steps of {cfg.loss} "
+          f"({fmt_time(train_time)} training, {fmt_time(res['eval_seconds'])} evaluation):")
+    print_eval_table(res)
+    for s in res["samples"]:
+        ok = "ok " if s["output"].strip() == s["target"].strip() else "BAD"
+        print(f"  [{ok}] {s['prompt']!r} -> {s['output']!r}")
+    (out_dir / "eval.json").write_text(json.dumps(res, indent=2))
+    print(f"wrote {out_dir / 'ckpt.pt'}, {out_dir / 'log.csv'}, {out_dir / 'loss.png'}, "
+          f"{out_dir / 'eval.json'}")
+    return res
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
+    try:
+        run(cfg)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""Tests for ift.py: the losses against closed forms, the reductions the derivations claim,
+gradients, masks, the tokenizer, the data checks, and tiny end-to-end runs of the real command.
+
+    python -m pytest -q
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ift
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "8",
+        "--max-steps", "3", "--log-interval", "1", "--eval-interval", "2", "--limit-rows", "24",
+        "--max-new-tokens", "8", "--device", "cpu"]
+
+
+def tiny_model(vocab=50, seed=0):
+    torch.manual_seed(seed)
+    return ift.GPT(vocab_size=vocab, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+
+def toy_batch(vocab=50, seed=1):
+    """Two sequences: prompt then answer, the second one shorter and right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [(torch.randint(0, vocab, (12,), generator=g).tolist(), 5),
+            (torch.randint(0, vocab, (9,), generator=g).tolist(), 3)]
+    return ift.collate(seqs, pad_id=0)
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, str(HERE / "ift.py"), *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+# -----------------------------------------------------------------------------
+# log-probs and masks
+
+def test_sequence_logps_matches_cross_entropy():
+    """sequence_logps equals -F.cross_entropy on the same tokens, zero off the mask."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    y = torch.randint(0, 11, (3, 7))
+    mask = torch.rand(3, 7) > 0.4
+    token_logps, logps = ift.sequence_logps(logits, y, mask)
+    ce = F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1), reduction="none").view(3, 7)
+    torch.testing.assert_close(token_logps, torch.where(mask, -ce, torch.zeros_like(ce)))
+    torch.testing.assert_close(logps, (-ce * mask).sum(-1))
+
+
+def test_collate_shifts_by_one_and_masks_the_answer():
+    """Targets are the inputs shifted by one; the mask covers exactly the answer tokens."""
+    x, y, mask = ift.collate([([10, 11, 12, 13, 14], 3), ([20, 21, 22], 2)], pad_id=0)
+    assert x.tolist() == [[10, 11, 12, 13], [20, 21, 0, 0]]
+    assert y.tolist() == [[11, 12, 13, 14], [21, 22, 0, 0]]
+    # row 0: prompt [10 11 12], answer [13 14] -> targets 13, 14 at positions 2, 3
+    assert mask.tolist() == [[False, False, True, True], [False, True, False, False]]
+
+
+@pytest.mark.parametrize("loss", ["sft", "ift"])
+def test_prompt_and_padding_positions_get_zero_gradient(loss):
+    """Logits at prompt and padding positions receive exactly zero gradient from SFT and IFT."""
+    model = tiny_model()
+    x, y, mask = toy_batch()
+    captured = {}
+
+    def keep_grad(module, args, output):
+        if output.requires_grad:
+            output.retain_grad()
+            captured["logits"] = output
+    model.register_forward_hook(keep_grad)
+    if loss == "sft":
+        token_logps, _ = ift.sequence_logps(model(x), y, mask)
+        out = ift.sft_loss(token_logps, mask)
+    else:
+        out, _ = ift.ift_loss(model, x, y, mask, lam=0.5, gamma=0.95)
+    out.backward()
+    grad = captured["logits"].grad                                          # (B, T, V)
+    assert grad[~mask].abs().max() == 0
+    assert grad[mask].abs().max() > 0
+
+
+def test_shifted_predictions_replace_answer_inputs_only():
+    """x~ takes the prediction at answer inputs (position after a masked target), x elsewhere."""
+    x = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    yhat = torch.tensor([[91, 92, 93, 94, 95, 96]])
+    mask = torch.tensor([[False, False, True, True, True, False]])  # targets 2..4 are answer
+    x_tilde = ift.shifted_predictions(x, yhat, mask)
+    # inputs 3, 4, 5 hold answer tokens y[2], y[3], y[4]; the predictions of them are yhat[2..4]
+    assert x_tilde.tolist() == [[1, 2, 3, 93, 94, 95]]
+
+
+# -----------------------------------------------------------------------------
+# the losses: closed forms
+
+def test_sft_loss_is_mean_token_nll_per_sequence_then_mean():
+    """sft_loss averages over each answer's tokens, then over sequences (hand computed)."""
+    token_logps = torch.tensor([[0.0, -1.0, -3.0], [-2.0, 0.0, 0.0]])
+    mask = torch.tensor([[False, True, True], [True, False, False]])
+    assert ift.sft_loss(token_logps, mask).item() == pytest.approx(((1 + 3) / 2 + 2) / 2)
+
+
+def test_dpo_is_ln2_at_the_reference_with_closed_form_gradient():
+    """DPO at pi = pi_ref is ln 2; its gradient is -beta * sigmoid(-beta h) / B per chosen logp."""
+    logps = torch.tensor([-3.0, -7.0, -1.5])
+    chosen = logps.clone().requires_grad_()
+    loss, metrics = ift.dpo_loss(chosen, logps - 1, logps, logps - 1, beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2))
+    assert metrics["margins"].abs().max() == 0 and not metrics["rewards_chosen"].requires_grad
+    loss.backward()
+    torch.testing.assert_close(chosen.grad, torch.full((3,), -0.1 * 0.5 / 3))
+    # away from the reference: loss = -log sigmoid(beta * h)
+    h = torch.tensor([2.0, -1.0])
+    loss, metrics = ift.dpo_loss(h, torch.zeros(2), torch.zeros(2), torch.zeros(2), beta=0.5)
+    assert loss.item() == pytest.approx(-(math.log(1 / (1 + math.exp(-1.0)))
+                                          + math.log(1 / (1 + math.exp(0.5)))) / 2)
+    assert metrics["accuracy"].tolist() == [1.0, 0.0]
+
+
+def test_orpo_matches_independent_formula():
+    """orpo_loss equals -m_w - beta log sigmoid(log odds(y_w) - log odds(y_l)) computed by hand."""
+    chosen, rejected = torch.tensor([-2.0, -9.0]), torch.tensor([-6.0, -3.0])
+    lc, lr = torch.tensor([4.0, 3.0]), torch.tensor([3.0, 2.0])
+    loss, _ = ift.orpo_loss(chosen, rejected, lc, lr, beta=0.25)
+    want = 0.0
+    for c, r, nc, nr in zip(chosen.tolist(), rejected.tolist(), lc.tolist(), lr.tolist()):
+        pc, pr = math.exp(c / nc), math.exp(r / nr)
+        log_odds = math.log(pc / (1 - pc)) - math.log(pr / (1 - pr))
+        want += (-c / nc - 0.25 * math.log(1 / (1 + math.exp(-log_odds)))) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# relation propagation
+
+def test_relation_weights_closed_form_for_uniform_losses():
+    """Equal losses: S_t = (1 - gamma^(N - t)) / (N (1 - gamma)), rescaled to mean 1 (~1.64->0.13)."""
+    N, gamma = 20, 0.95
+    w = ift.relation_weights(torch.ones(1, N), torch.ones(1, N, dtype=torch.bool), gamma)
+    S = torch.tensor([(1 - gamma ** (N - t)) / (1 - gamma) for t in range(N)])
+    torch.testing.assert_close(w[0], S * N / S.sum())
+    assert w[0, 0].item() == pytest.approx(1.6425, abs=1e-3)
+    assert w[0, -1].item() == pytest.approx(0.1280, abs=1e-3)
+
+
+def test_relation_weights_masks_and_special_cases():
+    """Zero off the answer, mean 1 on it; gamma = 0 gives exactly the mask (official special case)."""
+    torch.manual_seed(0)
+    losses = torch.rand(3, 9) * 3
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1],
+                         [0, 0, 0, 0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    w = ift.relation_weights(losses, mask, 0.9)
+    assert w[~mask].abs().max() == 0
+    torch.testing.assert_close((w * mask).sum(-1) / mask.sum(-1), torch.ones(3))
+    assert torch.equal(ift.relation_weights(losses, mask, 0.0), mask.float())
+
+
+def test_relation_weights_gradient_matches_paper_example():
+    """Undetached weights give PAPER.md's dL/dl (some negative); detached ones are all positive."""
+    losses = torch.tensor([[2, .1, .1, .1, 3, .1, .1, .1]], requires_grad=True)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    ((losses * ift.relation_weights(losses, mask, 0.95)).sum() / 8).backward()
+    want = torch.tensor([[.318, .158, .105, .055, .167, -.053, -.112, -.167]])
+    torch.testing.assert_close(losses.grad, want, atol=6e-4, rtol=0)
+    # finite differences agree with autograd
+    eps, l0 = 1e-3, losses.detach().double()
+    fd = []
+    for j in range(8):
+        d = torch.zeros_like(l0)
+        d[0, j] = eps
+        f = [((l * ift.relation_weights(l, mask, 0.95)).sum() / 8).item() for l in (l0 + d, l0 - d)]
+        fd.append((f[0] - f[1]) / (2 * eps))
+    torch.testing.assert_close(losses.grad[0].double(), torch.tensor(fd, dtype=torch.double),
+                               atol=1e-5, rtol=0)
+    detached = losses.detach().clone().requires_grad_()
+    w = ift.relation_weights(detached, mask, 0.95, detach=True)
+    ((detached * w).sum() / 8).backward()
+    assert not w.requires_grad
+    torch.testing.assert_close(detached.grad, w / 8)
+
+
+# -----------------------------------------------------------------------------
+# IFT: the reductions
+
+def test_ift_with_lam0_gamma0_is_sft_in_value_and_gradient():
+    """IFT with lam = 0 and gamma = 0 equals SFT exactly, loss and every parameter gradient."""
+    x, y, mask = toy_batch()
+    sft_model, ift_model = tiny_model(), tiny_model()
+    token_logps, _ = ift.sequence_logps(sft_model(x), y, mask)
+    sft = ift.sft_loss(token_logps, mask)
+    sft.backward()
+    loss, _ = ift.ift_loss(ift_model, x, y, mask, lam=0.0, gamma=0.0)
+    loss.backward()
+    torch.testing.assert_close(loss, sft, rtol=0, atol=1e-7)
+    for (name, p), q in zip(sft_model.named_parameters(), ift_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_ift_differs_from_sft_when_lam_or_gamma_is_positive():
+    """Each mechanism on its own moves the loss away from SFT's (the reduction is not trivial)."""
+    model = tiny_model()
+    x, y, mask = toy_batch()
+    token_logps, _ = ift.sequence_logps(model(x), y, mask)
+    sft = ift.sft_loss(token_logps, mask).item()
+    assert ift.ift_loss(model, x, y, mask, lam=0.5, gamma=0.0)[0].item() != pytest.approx(sft)
+    assert ift.ift_loss(model, x, y, mask, lam=0.0, gamma=0.95)[0].item() != pytest.approx(sft)
+
+
+def test_first_answer_token_loss_is_unchanged_by_the_mix():
+    """With one answer token per row, IFT equals SFT for any lam and gamma (its context is unmixed)."""
+    model = tiny_model()
+    x, y, _ = toy_batch()
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[0, 4] = mask[1, 2] = True  # the first answer target of each row
+    token_logps, _ = ift.sequence_logps(model(x), y, mask)
+    sft = ift.sft_loss(token_logps, mask)
+    loss, _ = ift.ift_loss(model, x, y, mask, lam=1.0, gamma=0.95)
+    torch.testing.assert_close(loss, sft)
+
+
+def test_lam_schedules():
+    """constant keeps lam, warmup ramps it linearly, noisy perturbs it and clamps to [0, 1]."""
+    cfg = ift.Config(lam=0.2, warmup_steps=10)
+    assert ift.lam_at(cfg, 5, noise=3.0) == 0.2
+    cfg.lam_schedule = "warmup"
+    assert ift.lam_at(cfg, 4, 0.0) == pytest.approx(0.1)
+    assert ift.lam_at(cfg, 50, 0.0) == pytest.approx(0.2)
+    cfg.lam_schedule = "noisy"
+    assert ift.lam_at(cfg, 0, noise=1.0) == pytest.approx(0.3)
+    assert ift.lam_at(cfg, 0, noise=-5.0) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# model and generation
+
+def test_batched_cached_generation_equals_one_by_one_full_recompute():
+    """Left-padded, KV-cached batch generation gives the same greedy tokens as the plain loop."""
+    model = tiny_model(vocab=30, seed=3).eval()
+    eot = 29
+    prompts = [[5, 6, 7, 8, 9], [1, 2], [3, 4, 5]]
+    got = ift.generate(model, prompts, eot, 6, "cpu", torch.autocast("cpu", enabled=False))
+    for prompt, answer in zip(prompts, got):
+        seq, want = list(prompt), []
+        for _ in range(6):
+            nxt = model(torch.tensor([seq]))[0, -1].argmax().item()
+            if nxt == eot:
+                break
+            want.append(nxt)
+            seq.append(nxt)
+        assert answer == want
+
+
+# -----------------------------------------------------------------------------
+# tokenizer and data
+
+def test_tokenizer_round_trip_digits_and_special_tokens():
+    """The toy tokenizer round-trips text, splits digits one per token, encodes special tokens."""
+    enc = ift.load_tokenizer("toy", DATA)
+    text = "Add 4821 + 3795 step by step. Ann has a red key."
+    assert enc.decode(enc.encode_ordinary(text)) == text
+    assert len(enc.encode_ordinary("4821")) == 4
+    ids, prompt_len = ift.encode_row(enc, "What is 1 + 2?", "3")
+    assert ids[0] == enc.encode_single_token("<|user|>")
+    assert ids[prompt_len - 1] == enc.encode_single_token("<|assistant|>")
+    assert ids[-1] == enc.eot_token and enc.decode(ids[prompt_len:-1]) == "3"
+    assert enc.n_vocab == len((DATA / "tokenizer.tiktoken").read_text().splitlines()) + 3
+
+
+def test_gpt2_tokenizer_offline_is_one_clear_error(monkeypatch):
+    """--tokenizer gpt2 without a network raises a UserError, not a network traceback."""
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(ift.UserError, match="gpt2.*--tokenizer toy"):
+        ift.load_tokenizer("gpt2", DATA)
+
+
+def test_committed_splits_are_disjoint_and_well_formed():
+    """The shipped splits parse, share no prompt, and every rejected answer differs from chosen."""
+    splits = {n: ift.load_rows(DATA / f"{n}.jsonl", need_rejected=True)
+              for n in ("train", "val", "test")}
+    prompts = {n: {r["prompt"] for r in rows} for n, rows in splits.items()}
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["val"]
+    assert not prompts["val"] & prompts["test"]
+    assert all(r["chosen"] != r["rejected"] for rows in splits.values() for r in rows)
+
+
+def test_data_errors_name_file_and_line(tmp_path):
+    """Bad JSON and missing fields raise a UserError naming the file and the line."""
+    path = tmp_path / "train.jsonl"
+    good = json.dumps({"task": "t", "prompt": "p", "chosen": "c"})
+    path.write_text(good + "\n{not json\n")
+    with pytest.raises(ift.UserError, match=r"train.jsonl line 2: not valid JSON"):
+        ift.load_rows(path)
+    path.write_text(good + "\n" + json.dumps({"task": "t", "prompt": "p"}) + "\n")
+    with pytest.raises(ift.UserError, match=r"line 2: missing text field 'chosen'"):
+        ift.load_rows(path)
+    path.write_text(good + "\n")
+    assert len(ift.load_rows(path)) == 1
+    with pytest.raises(ift.UserError, match=r"line 1: missing text field 'rejected'"):
+        ift.load_rows(path, need_rejected=True)
+
+
+def test_rows_longer_than_the_context_are_skipped_and_counted(capsys):
+    """Split drops rows that do not fit the context and says how many and why."""
+    enc = ift.load_tokenizer("toy", DATA)
+    rows = [{"task": "t", "prompt": "a b", "chosen": "c"},
+            {"task": "t", "prompt": "x " * 40, "chosen": "y"}]
+    split = ift.Split(rows, enc, block_size=20, name="mine.jsonl")
+    assert len(split) == 1
+    assert "skipped 1 of 2 rows longer than the context of 20 tokens" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# the command line, end to end
+
+def test_cli_every_loss_and_a_sequential_recipe(tmp_path):
+    """Each loss trains and evaluates through the real CLI; DPO starts from the SFT checkpoint."""
+    runs = {"sft": [], "ift": ["--lam-schedule", "noisy"], "orpo": [],
+            "dpo": ["--init-from", str(tmp_path / "sft" / "ckpt.pt")]}
+    for loss, extra in runs.items():
+        out = tmp_path / loss
+        r = run_cli("--loss", loss, "--out-dir", str(out), *TINY, *extra)
+        assert r.returncode == 0, r.stderr
+        for name in ("config.json", "log.csv", "loss.png", "ckpt.pt", "eval.json"):
+            assert (out / name).is_file(), (loss, name)
+        res = json.loads((out / "eval.json").read_text())
+        assert set(res["exact_match_by_task"]) == {"add", "add_steps", "facts", "reverse"}
+        assert 0 <= res["preference_accuracy"] <= 1 and res["nll"] > 0
+        assert "step     2 | loss" in r.stdout and "overall" in r.stdout
+        assert json.loads((out / "config.json").read_text())["loss"] == loss
+    assert "reference is the random initial model" not in run_cli(
+        "--loss", "dpo", "--out-dir", str(tmp_path / "dpo2"), *TINY, "--init-from",
+        str(tmp_path / "sft" / "ckpt.pt")).stdout
+
+
+def test_cli_learns_something_on_its_own_data(tmp_path):
+    """--data with a user's folder (no rejected answers) trains SFT until the answer NLL drops."""
+    rows = [{"task": "copy", "prompt": f"say {w}", "chosen": w} for w in "abcdefgh"]
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tokenizer.tiktoken").write_text((DATA / "tokenizer.tiktoken").read_text())
+    args = ["--data", str(tmp_path), "--loss", "sft", "--device", "cpu", "--n-layer", "1",
+            "--n-embd", "32", "--n-head", "2", "--batch-size", "8", "--eval-interval", "0",
+            "--max-new-tokens", "4", "--lr", "1e-2", "--warmup-steps", "5"]
+    before = run_cli(*args, "--max-steps", "1", "--out-dir", str(tmp_path / "a"))
+    after = run_cli(*args, "--max-steps", "150", "--out-dir", str(tmp_path / "b"))
+    assert before.returncode == 0 and after.returncode == 0, after.stderr
+    nll = [json.loads((tmp_path / d / "eval.json").read_text())["nll"] for d in "ab"]
+    assert nll[1] < 0.5 * nll[0]
+    assert json.loads((tmp_path / "b" / "eval.json").read_text())["exact_match"] > 0.5
+    r = run_cli(*args, "--loss", "dpo", "--out-dir", str(tmp_path / "c"))
+    assert r.returncode == 1 and "train.jsonl line 1: missing text field 'rejected'" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--loss", "ppo"], "--loss must be one of sft, dpo, orpo, ift"),
+    (["--lam", "1.5"], "--lam must lie in [0, 1]"),
+    (["--gamma", "-0.1"], "--gamma must lie in [0, 1]"),
+    (["--dpo-beta", "0"], "--dpo-beta must be > 0"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--data", "/nonexistent"], "tokenizer file not found"),
+    (["--init-from", "/nonexistent/ckpt.pt"], "no such checkpoint"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(args, message):
+    """Bad flags and paths exit non-zero with one clear line on stderr and no traceback."""
+    r = run_cli(*args)
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_incompatible_or_corrupt_checkpoint_and_nan_keep_files(tmp_path):
+    """A mismatched or corrupt --init-from and a NaN run fail cleanly; the checkpoint survives."""
+    out = tmp_path / "sft"
+    assert run_cli("--loss", "sft", "--out-dir", str(out), *TINY).returncode == 0
+    ckpt = out / "ckpt.pt"
+    before = ckpt.read_bytes()
+    r = run_cli("--loss", "sft", "--out-dir", str(out), *TINY, "--n-embd", "64",
+                "--init-from", str(ckpt))
+    assert r.returncode == 1 and "incompatible model (n_embd 32 != 64)" in r.stderr
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    r = run_cli("--loss", "sft", "--out-dir", str(out), *TINY, "--init-from", str(junk))
+    assert r.returncode == 1 and "not a checkpoint of ift.py" in r.stderr
+    r = run_cli("--loss", "sft", "--out-dir", str(out), *TINY, "--lr", "1e30",
+                "--grad-clip", "0", "--warmup-steps", "1")
+    assert r.returncode == 1 and ("NaN" in r.stderr or "nan" in r.stderr), r.stderr
+    assert ckpt.read_bytes() == before
