@@ -241,7 +241,7 @@ def load_rows(path, need_rejected=False, limit=0):
 
 def encode_row(enc, prompt, answer):
     """Token ids of <|user|> prompt <|assistant|> answer <|endoftext|>, and the prompt length."""
-    user, assistant, eot = (enc.encode_single_token(t) for t in SPECIAL_TOKENS[1:] + SPECIAL_TOKENS[:1])
+    eot, user, assistant = (enc.encode_single_token(t) for t in SPECIAL_TOKENS)
     prompt_ids = [user] + enc.encode_ordinary(prompt) + [assistant]
     return prompt_ids + enc.encode_ordinary(answer) + [eot], len(prompt_ids)
 
@@ -254,7 +254,8 @@ class Split:
         self.chosen, self.rejected = [], []  # lists of (ids, prompt_len)
         for row in rows:
             chosen = encode_row(enc, row["prompt"], row["chosen"])
-            rejected = encode_row(enc, row["prompt"], row["rejected"]) if "rejected" in row else None
+            rejected = (encode_row(enc, row["prompt"], row["rejected"]) if "rejected" in row
+                        else None)
             longest = max(len(chosen[0]), len(rejected[0]) if rejected else 0)
             if longest - 1 > block_size:  # inputs are the sequence minus its last token
                 continue

@@ -142,7 +142,7 @@ def test_orpo_matches_independent_formula():
 # relation propagation
 
 def test_relation_weights_closed_form_for_uniform_losses():
-    """Equal losses: S_t = (1 - gamma^(N - t)) / (N (1 - gamma)), rescaled to mean 1 (~1.64->0.13)."""
+    """Equal losses: S_t = (1 - gamma^(N - t)) / (N (1 - gamma)), mean 1 (~1.64->0.13)."""
     N, gamma = 20, 0.95
     w = ift.relation_weights(torch.ones(1, N), torch.ones(1, N, dtype=torch.bool), gamma)
     S = torch.tensor([(1 - gamma ** (N - t)) / (1 - gamma) for t in range(N)])
@@ -152,7 +152,7 @@ def test_relation_weights_closed_form_for_uniform_losses():
 
 
 def test_relation_weights_masks_and_special_cases():
-    """Zero off the answer, mean 1 on it; gamma = 0 gives exactly the mask (official special case)."""
+    """Zero off the answer, mean 1 on it; gamma = 0 gives the mask exactly (as the official code)."""
     torch.manual_seed(0)
     losses = torch.rand(3, 9) * 3
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1],
@@ -215,7 +215,7 @@ def test_ift_differs_from_sft_when_lam_or_gamma_is_positive():
 
 
 def test_first_answer_token_loss_is_unchanged_by_the_mix():
-    """With one answer token per row, IFT equals SFT for any lam and gamma (its context is unmixed)."""
+    """One answer token per row: IFT equals SFT for any lam and gamma (its context is unmixed)."""
     model = tiny_model()
     x, y, _ = toy_batch()
     mask = torch.zeros_like(x, dtype=torch.bool)

@@ -1,0 +1,329 @@
+"""Tests for frozen_lake.py: the environment against Gymnasium's semantics checked by hand, value
+iteration against known optima, each loss against its closed form, and the command line end to end.
+
+    python -m pytest -q test_frozen_lake.py
+"""
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import frozen_lake as fl
+from frozen_lake import DOWN, LEFT, RIGHT, UP
+
+SCRIPT = Path(__file__).with_name("frozen_lake.py")
+
+
+def four_by_four(slippery):
+    return fl.FrozenLake(fl.MAPS["4x4"], slippery=slippery, max_episode_steps=100)
+
+
+@pytest.fixture
+def setup():
+    """The default experiment: config, env, routes, pi*, demonstrations."""
+    cfg = fl.Config()
+    env = fl.make_env(cfg)
+    chosen, rejected = fl.two_routes(env)
+    _, Q = fl.value_iteration(env, cfg.discount)
+    demos = fl.make_demonstrations(env, chosen, rejected)
+    return cfg, env, chosen, rejected, fl.optimal_policy_matrix(Q), demos
+
+
+def seeded_policy(family, n_states, seed=0):
+    torch.manual_seed(seed)
+    return fl.make_policy(family, n_states, hidden=16)
+
+
+def loss_and_grads(loss_fn, policy, demos, ref, cfg):
+    policy.zero_grad()
+    loss = loss_fn(policy, demos, ref, cfg)
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in policy.parameters()]
+
+
+# -----------------------------------------------------------------------------------------------
+# Environment
+
+
+def test_transition_table_deterministic_4x4():
+    """Non-slippery 4x4 P[s][a] on hand-checked cells: wall, move, hole, goal, terminal states."""
+    P = four_by_four(slippery=False).P
+    assert P[0][LEFT] == [(1.0, 0, 0.0, False)]  # bumping the left wall means staying
+    assert P[0][UP] == [(1.0, 0, 0.0, False)]
+    assert P[0][DOWN] == [(1.0, 4, 0.0, False)]
+    assert P[4][RIGHT] == [(1.0, 5, 0.0, True)]  # row 1 col 1 is a hole: ends, no reward
+    assert P[14][RIGHT] == [(1.0, 15, 1.0, True)]  # entering G: reward 1, ends
+    for a in range(4):  # H and G loop onto themselves, as Gymnasium builds them
+        assert P[5][a] == [(1.0, 5, 0.0, True)]
+        assert P[15][a] == [(1.0, 15, 0.0, True)]
+
+
+def test_transition_table_slippery_4x4():
+    """Slippery P[s][a]: moves (a-1)%4, a, (a+1)%4, 1/3 each, listed even when two coincide."""
+    P = four_by_four(slippery=True).P
+    third = pytest.approx(1 / 3)
+    # LEFT from the corner: UP (wall: stay), LEFT (wall: stay), DOWN to state 4
+    assert [t[1:] for t in P[0][LEFT]] == [(0, 0.0, False), (0, 0.0, False), (4, 0.0, False)]
+    # DOWN from row 3 col 2: LEFT to 13, DOWN (wall: stay), RIGHT into the goal
+    assert [t[1:] for t in P[14][DOWN]] == [(13, 0.0, False), (14, 0.0, False), (15, 1.0, True)]
+    assert [t[0] for t in P[14][DOWN]] == [third, third, third]
+    for s in range(16):
+        for a in range(4):
+            assert sum(t[0] for t in P[s][a]) == pytest.approx(1.0)
+    assert P[5][UP] == [(1.0, 5, 0.0, True)]
+
+
+def test_reset_and_step_follow_gymnasium():
+    """reset/step: a seed repeats a run; hole ends with 0, goal with 1; truncated at step 100."""
+    actions = np.random.default_rng(1).integers(0, 4, size=60)
+    traces = []
+    for _ in range(2):
+        env = four_by_four(slippery=True)
+        assert env.reset(seed=7) == (0, {"prob": 1})
+        traces.append([env.step(int(a)) for a in actions])
+    assert traces[0] == traces[1]
+
+    env = four_by_four(slippery=False)
+    env.reset(seed=0)
+    assert env.step(RIGHT)[:4] == (1, 0.0, False, False)
+    assert env.step(DOWN)[:4] == (5, 0.0, True, False)  # a hole
+    env.reset()
+    for a in (DOWN, DOWN, RIGHT, DOWN, RIGHT):
+        env.step(a)
+    assert env.step(RIGHT)[:4] == (15, 1.0, True, False)  # the goal
+    env.reset()
+    for _ in range(99):
+        assert env.step(LEFT)[3] is False
+    assert env.step(LEFT)[:4] == (0, 0.0, False, True)  # the 100th step is truncated
+
+
+def test_step_before_reset_raises():
+    """Stepping an environment that was never reset is an error, as in Gymnasium."""
+    with pytest.raises(RuntimeError):
+        four_by_four(slippery=False).step(LEFT)
+
+
+# -----------------------------------------------------------------------------------------------
+# Exact analysis
+
+
+def test_value_iteration_slippery_4x4_known_optima():
+    """Slippery 4x4: best success 14/17 without limit, 0.744 within 100 steps; random 0.014."""
+    env = four_by_four(slippery=True)
+    V, Q = fl.value_iteration(env, discount=1.0)
+    assert V[0] == pytest.approx(14 / 17, abs=1e-6)
+    pi_star = fl.optimal_policy_matrix(Q)
+    assert fl.goal_probability(env, pi_star, horizon=100_000) == pytest.approx(14 / 17, abs=1e-6)
+    # finite horizon: 100 undiscounted backups from V = 0 give the best 100-step success
+    V_100, _ = fl.value_iteration(env, discount=1.0, tol=0.0, max_iters=100)
+    assert V_100[0] == pytest.approx(0.744, abs=5e-4)
+    uniform = np.full((16, 4), 0.25)
+    assert fl.goal_probability(env, uniform, horizon=100) == pytest.approx(0.014, abs=5e-4)
+
+
+def test_goal_and_visit_probabilities_match_sampling():
+    """Exact goal and visit probabilities of a random policy agree with 3000 sampled episodes."""
+    env = fl.FrozenLake(fl.MAPS["4x4"], slippery=True, max_episode_steps=20)
+    pi = np.random.default_rng(0).dirichlet(np.ones(4), size=16)  # (S, A)
+    rng = np.random.default_rng(1)
+    goals, visits = 0, np.zeros(16)
+    env.reset(seed=2)
+    for _ in range(3000):
+        s, _ = env.reset()
+        seen = {s}
+        done = False
+        while not done:
+            s, reward, terminated, truncated, _ = env.step(int(rng.choice(4, p=pi[s])))
+            seen.add(s)
+            goals += reward
+            done = terminated or truncated
+        visits[list(seen)] += 1
+    assert goals / 3000 == pytest.approx(fl.goal_probability(env, pi, 20), abs=0.03)
+    assert visits / 3000 == pytest.approx(fl.visit_probabilities(env, pi, 20), abs=0.03)
+
+
+def test_optimal_policy_matrix_conventions(setup):
+    """pi* splits ties evenly (row 0 col 2 of two-routes) and is uniform on holes and the goal."""
+    cfg, env, chosen, rejected, pi_star, demos = setup
+    assert pi_star[2] == pytest.approx([0.5, 0.0, 0.5, 0.0])
+    for s in np.flatnonzero(env.terminal):
+        assert pi_star[s] == pytest.approx([0.25] * 4)
+    assert pi_star.sum(axis=1) == pytest.approx(np.ones(env.n_states))
+
+
+def all_simple_routes(env, state, path):
+    """Every start-to-goal path of intended moves that avoids holes and never repeats a state."""
+    if env.letter(state) == "G":
+        return [path]
+    routes = []
+    for a in range(4):
+        nxt = env.move(state, a)
+        if nxt not in path and env.letter(nxt) != "H":
+            routes += all_simple_routes(env, nxt, path + [nxt])
+    return routes
+
+
+def test_two_routes_map_has_exactly_the_two_claimed_routes(setup):
+    """two-routes: a full search finds exactly our two routes; returns 0.95^5 and 0.95^9."""
+    cfg, env, chosen, rejected, pi_star, demos = setup
+    found = sorted(all_simple_routes(env, env.start, [env.start]), key=len)
+    assert found == [chosen.states, rejected.states]
+    assert [env.move(s, a) for s, a in zip(chosen.states, chosen.actions)] == chosen.states[1:]
+    assert chosen.actions == [DOWN] * 4 + [RIGHT] * 2
+    assert rejected.actions == [RIGHT] * 4 + [DOWN] * 4 + [LEFT] * 2
+    assert fl.route_return(chosen, 0.95) == pytest.approx(0.95**5)
+    assert fl.route_return(rejected, 0.95) == pytest.approx(0.95**9)
+    V, _ = fl.value_iteration(env, cfg.discount)
+    assert V[env.start] == pytest.approx(0.95**5)
+    assert [pi_star[s, a] for s, a in zip(chosen.states, chosen.actions)] == [1.0] * 6
+    assert fl.goal_probability(env, pi_star, env.max_episode_steps) == pytest.approx(1.0)
+
+
+# -----------------------------------------------------------------------------------------------
+# Losses
+
+
+@pytest.mark.parametrize("family", fl.FAMILIES)
+def test_ift_with_lam_0_and_gamma_0_is_sft(setup, family):
+    """IFT with lam = 0 and gamma = 0 equals SFT in value and gradient (PAPER.md section 2.5)."""
+    cfg, env, chosen, rejected, pi_star, demos = setup
+    cfg = dataclasses.replace(cfg, lam=0.0, gamma=0.0)
+    policy = seeded_policy(family, env.n_states)
+    sft_value, sft_grads = loss_and_grads(fl.sft_loss, policy, demos, None, cfg)
+    ift_value, ift_grads = loss_and_grads(fl.ift_loss, policy, demos, None, cfg)
+    assert ift_value == pytest.approx(sft_value, rel=1e-12)
+    for g_ift, g_sft in zip(ift_grads, sft_grads):
+        torch.testing.assert_close(g_ift, g_sft, rtol=1e-10, atol=1e-12)
+
+
+def test_ift_relation_weights_match_hand_computation(setup):
+    """IFT (lam 0, gamma 0.95) equals (1/N) sum_t l_t w_t with w from the suffix-sum formula."""
+    cfg, env, chosen, rejected, pi_star, demos = setup
+    cfg = dataclasses.replace(cfg, lam=0.0, gamma=0.95)
+    policy = seeded_policy("tabular", env.n_states)
+    with torch.no_grad():
+        losses = -fl.step_logps(policy, fl.one_hot(demos.chosen_states, env.n_states),
+                                demos.chosen_actions)[0].numpy()  # (T,)
+        value = fl.ift_loss(policy, demos, None, cfg).item()
+    n = len(losses)
+    suffix = [sum(0.95 ** (j - t) * losses[j] / n for j in range(t, n)) for t in range(n)]
+    weights = np.array(suffix) * n / sum(suffix)
+    assert weights[0] > 1 > weights[-1]  # early moves weigh more
+    assert value == pytest.approx(float((losses * weights).sum() / n), rel=1e-10)
+
+
+def test_ift_inputs_temporal_residual(setup):
+    """IFT input: true one-hot at step 0 and if lam = 0, else (1-lam) x(s*_t) + lam x(shat_t)."""
+    cfg, env, chosen, rejected, pi_star, demos = setup
+    policy = fl.make_policy("tabular", env.n_states, hidden=16)
+    with torch.no_grad():
+        policy.weight.zero_()
+        policy.weight[RIGHT] = 1.0  # greedy action RIGHT everywhere
+    true_inputs = fl.one_hot(demos.chosen_states, env.n_states)[0]  # (T, S)
+    torch.testing.assert_close(fl.ift_inputs(policy, demos, lam=0.0)[0], true_inputs)
+    mixed = fl.ift_inputs(policy, demos, lam=0.2)[0]  # (T, S)
+    torch.testing.assert_close(mixed[0], true_inputs[0])
+    for t in range(1, len(chosen.actions)):
+        expected = 0.8 * true_inputs[t]
+        expected[env.move(chosen.states[t - 1], RIGHT)] += 0.2
+        torch.testing.assert_close(mixed[t], expected)
+
+
+@pytest.mark.parametrize("family", fl.FAMILIES)
+def test_dpo_at_reference_is_ln2(setup, family):
+    """DPO at policy = reference: loss ln 2, gradient -beta/2 * d[log pi(chosen) - log pi(rej)]."""
+    cfg, env, chosen, rejected, pi_star, demos = setup
+    policy = seeded_policy(family, env.n_states)
+    ref = fl.reference_logps(policy, demos)
+    value, grads = loss_and_grads(fl.dpo_loss_fn, policy, demos, ref, cfg)
+    assert value == pytest.approx(math.log(2), rel=1e-12)
+    policy.zero_grad()
+    h = (fl.route_logps(policy, demos.chosen_states, demos.chosen_actions, env.n_states)
+         - fl.route_logps(policy, demos.rejected_states, demos.rejected_actions, env.n_states))
+    h.sum().backward()
+    for g, p in zip(grads, policy.parameters()):
+        torch.testing.assert_close(g, -cfg.beta_dpo / 2 * p.grad)
+
+
+def test_orpo_matches_closed_form(setup):
+    """ORPO equals -mean log p(chosen) - beta log sigmoid(log odds ratio), written by hand."""
+    cfg, env, chosen, rejected, pi_star, demos = setup
+    policy = seeded_policy("neural", env.n_states)
+    with torch.no_grad():
+        value = fl.orpo_loss_fn(policy, demos, None, cfg).item()
+        lc = fl.route_logps(policy, demos.chosen_states, demos.chosen_actions, env.n_states)
+        lr = fl.route_logps(policy, demos.rejected_states, demos.rejected_actions, env.n_states)
+    p_chosen = math.exp(lc.item() / len(chosen.actions))  # length-normalised probabilities
+    p_rejected = math.exp(lr.item() / len(rejected.actions))
+    log_odds_ratio = math.log(p_chosen / (1 - p_chosen)) - math.log(p_rejected / (1 - p_rejected))
+    expected = -math.log(p_chosen) + cfg.beta_orpo * math.log(1 + math.exp(-log_odds_ratio))
+    assert value == pytest.approx(expected, rel=1e-10)
+
+
+def test_sft_is_mean_nll_of_the_optimal_route(setup):
+    """SFT equals the mean over the route's moves of -log pi(a*|s*), from the policy matrix."""
+    cfg, env, chosen, rejected, pi_star, demos = setup
+    policy = seeded_policy("tabular", env.n_states)
+    pi = fl.policy_matrix(policy, env.n_states)  # (S, A)
+    expected = -np.mean([math.log(pi[s, a]) for s, a in zip(chosen.states, chosen.actions)])
+    with torch.no_grad():
+        assert fl.sft_loss(policy, demos, None, cfg).item() == pytest.approx(expected, rel=1e-10)
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_end_to_end_command_line(tmp_path):
+    """A tiny real run writes every output file; its table lists every family and method."""
+    result = run_cli("--seeds", "1", "--steps", "5", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "results.json", "results.csv", "curves.csv", "frozen_lake.png",
+                 "frozen_lake_curves.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    for family in fl.FAMILIES:
+        for method in ("start",) + fl.METHODS:
+            assert f"{family:8s} {method:6s} |" in result.stdout
+        assert f"{family} ranking by MSE:" in result.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["steps"] == 5
+    assert len(results["runs"]) == len(fl.FAMILIES) * (1 + len(fl.METHODS))
+    assert set(results["ranking"]["tabular"]) == set(fl.METHODS)
+    curves = (tmp_path / "curves.csv").read_text().splitlines()
+    assert len(curves) == 1 + len(fl.FAMILIES) * len(fl.METHODS) * 6  # header + steps 0..5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--map", "9x9"], "invalid choice"),
+    (["--lam", "1.5"], "--lam must be in [0, 1]"),
+    (["--gamma", "-0.1"], "--gamma must be in [0, 1]"),
+    (["--beta-dpo", "0"], "--beta-dpo must be > 0"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--out-dir", "/proc/version/out"], "cannot write into --out-dir"),
+])
+def test_bad_input_exits_with_one_line(args, message):
+    """Bad input ends with a non-zero exit and one 'error:' line on stderr, never a traceback."""
+    result = run_cli(*args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_help_documents_every_option():
+    """--help names every Config field as a flag."""
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for f in dataclasses.fields(fl.Config):
+        assert "--" + f.name.replace("_", "-") in result.stdout
