@@ -9,12 +9,16 @@ state x action probability matrices, the paper's metric. Lower is better.
     python frozen_lake.py                      # the defaults: about 20 s on a 2-core CPU
     python frozen_lake.py --slippery           # the same on slippery ice
     python frozen_lake.py --map 8x8 --seeds 3  # one of Gymnasium's own maps
+    python frozen_lake.py --sweep              # + every method on an lr x beta grid: about 2 min
     python frozen_lake.py --help               # every option
 
 It prints one line per run, a table (mean +- std over the seeds) and the ranking of the methods
 per policy family next to the paper's (DPO > IFT > ORPO > SFT), and writes into --out-dir:
 config.json, results.json and results.csv (the numbers), curves.csv (loss and MSE per step),
 frozen_lake.png (the policies on the map) and frozen_lake_curves.png (MSE and loss vs step).
+--sweep then reruns the comparison on a grid of learning rates and betas (the section
+"Sensitivity sweep" says what it reports and why it picks nothing) and adds sweep.json, sweep.csv
+and frozen_lake_sweep.png (MSE vs lr).
 
 The experiment's own map (the default, "two-routes"), S start, F frozen, H hole, G goal:
 
@@ -67,7 +71,8 @@ Choices made where the paper is silent (numbered; the comments below cite them a
  8. Training: Adam, lr 0.05, 300 full-batch steps, for every method and both families, fixed
     before looking at the MSE: by the last step every method's own training loss is below 1% of
     its start and the MSE curves have long stopped moving (frozen_lake_curves.png). The MSE is
-    reported at the end of training; no hyper-parameter was searched.
+    reported at the end of training; no hyper-parameter was searched. --sweep shows how the
+    comparison moves with lr and beta, without choosing a setting from it.
  9. Extra metrics: the probability of reaching the goal within the time limit when actions are
     sampled from the learned policy, and the states it enters with probability >= 0.05 within
     the time limit ("visited"), both computed exactly. The MSE is also split into the optimal
@@ -84,7 +89,8 @@ import json
 import os
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from itertools import product
 
 import numpy as np
 import torch
@@ -133,6 +139,10 @@ class Config:
     discount: float = arg(0.95, "value iteration: discount, < 1 so shorter routes are better")
     hidden: int = arg(64, "neural policy: width of its hidden layer")
     visit_threshold: float = arg(0.05, "a cell counts as visited if entered with this probability")
+    sweep: bool = arg(False, "after the main run, rerun it at every --sweep-* grid point (~2 min)")
+    sweep_lrs: tuple = arg((0.01, 0.05, 0.2), "--sweep: Adam learning rates (every method)")
+    sweep_betas_dpo: tuple = arg((0.1, 0.5), "--sweep: DPO betas, each at every learning rate")
+    sweep_betas_orpo: tuple = arg((0.25, 1.0), "--sweep: ORPO betas, each at every learning rate")
     out_dir: str = arg("out/frozen_lake", "output folder (created if missing)")
 
 
@@ -151,6 +161,9 @@ def parse_config(argv=None):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif isinstance(f.default, tuple):  # a list of numbers: --sweep-lrs 0.01 0.05 0.2
+            parser.add_argument(flag, type=float, nargs="+", default=f.default,
+                                help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default,
                                 choices=f.metadata["choices"], help=f.metadata["help"])
@@ -167,6 +180,9 @@ def config_error(cfg):
     for name in ("beta_dpo", "beta_orpo", "lr"):
         if not getattr(cfg, name) > 0.0:
             return f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}"
+    for name in ("sweep_lrs", "sweep_betas_dpo", "sweep_betas_orpo"):
+        if not all(value > 0.0 for value in getattr(cfg, name)):
+            return f"--{name.replace('_', '-')} must all be > 0, got {list(getattr(cfg, name))}"
     for name in ("seeds", "steps", "hidden"):
         if getattr(cfg, name) < 1:
             return f"--{name} must be >= 1, got {getattr(cfg, name)}"
@@ -428,6 +444,12 @@ def make_policy(family, n_states, hidden):
                          nn.Linear(hidden, 4, dtype=torch.float64))
 
 
+def starting_policy(family, seed, n_states, hidden):
+    """The seed's starting weights: the same for every method and every sweep point (choice 6)."""
+    torch.manual_seed(seed)
+    return make_policy(family, n_states, hidden)
+
+
 def one_hot(states, n_states):
     return F.one_hot(states, n_states).to(torch.float64)  # (..., S)
 
@@ -648,6 +670,115 @@ def print_table(summary):
 
 
 # -----------------------------------------------------------------------------------------------
+# Sensitivity sweep (--sweep)
+# "A baseline left untuned is worth nothing", but choosing each method's lr by the MSE reported
+# here would tune on the test metric: this experiment has no separate validation set. So the
+# sweep chooses nothing. It reruns the comparison at every point of a small grid, with the same
+# seeds and starting policies as the main run, and reports all of it. Per policy family:
+#  (a) the ranking at each lr, every method at that lr (as in the main run);
+#  (b) each method's best MSE anywhere on the grid: an "oracle", chosen on the reported metric
+#      itself, so a bound on what tuning could buy, not a result;
+#  (c) at how many grid points (lr, DPO beta, ORPO beta) the paper's order DPO > IFT > ORPO > SFT
+#      holds, every method at that lr.
+# SFT and IFT have no beta, so one run of theirs per lr serves every (DPO beta, ORPO beta) pair.
+# In code: a row is one (family, method, lr, beta), with beta None for SFT and IFT.
+
+
+def sweep_variants(cfg):
+    """The (method, beta) pairs trained at each lr, in METHODS order."""
+    betas = {"DPO": cfg.sweep_betas_dpo, "ORPO": cfg.sweep_betas_orpo}
+    return [(method, beta) for method in METHODS for beta in betas.get(method, [None])]
+
+
+def variant_label(method, beta):
+    return method if beta is None else f"{method}(beta {beta:g})"
+
+
+def point_label(row):
+    return f"lr {row['lr']:g}" + ("" if row["beta"] is None else f", beta {row['beta']:g}")
+
+
+def run_sweep(cfg, env, demos, pi_star):
+    """Final MSE of every (family, method, lr, beta) on every seed; one line per row."""
+    rows = []
+    for family in FAMILIES:
+        for lr in cfg.sweep_lrs:
+            for method, beta in sweep_variants(cfg):
+                t0 = time.time()
+                run_cfg = replace(cfg, lr=lr)
+                if method == "DPO":
+                    run_cfg = replace(run_cfg, beta_dpo=beta)
+                elif method == "ORPO":
+                    run_cfg = replace(run_cfg, beta_orpo=beta)
+                mses = []
+                for seed in range(cfg.seeds):
+                    policy = starting_policy(family, seed, env.n_states, cfg.hidden)
+                    ref = reference_logps(policy, demos)
+                    curve = train(policy, method, demos, ref, pi_star, ~env.terminal, run_cfg)
+                    mses.append(curve[-1][2])  # the MSE after the last step, as in the main run
+                row = {"family": family, "method": method, "lr": lr, "beta": beta,
+                       "mse_mean": float(np.mean(mses)), "mse_std": float(np.std(mses)),
+                       "mse_seeds": mses}
+                rows.append(row)
+                print(f"sweep | {family:7s} | lr {lr:<5g} | {variant_label(method, beta):16s} | "
+                      f"MSE {row['mse_mean']:.4f} ± {row['mse_std']:.4f} | "
+                      f"{time.time() - t0:.1f}s")
+    return rows
+
+
+def print_sweep_table(rows, cfg):
+    """One line per (family, method, beta), one column per lr: mean ± std MSE over the seeds."""
+    print(f"\nsweep: MSE to pi* after {cfg.steps} steps, mean ± std over {cfg.seeds} seed(s) "
+          f"(main run: lr {cfg.lr:g}, DPO beta {cfg.beta_dpo:g}, ORPO beta {cfg.beta_orpo:g})")
+    print(f"{'policy':8s} {'method':16s} | "
+          + " | ".join(f"{f'lr {lr:g}':15s}" for lr in cfg.sweep_lrs))
+    for family in FAMILIES:
+        for method, beta in sweep_variants(cfg):
+            cells = [f"{r['mse_mean']:.4f} ± {r['mse_std']:.4f}" for r in rows
+                     if (r["family"], r["method"], r["beta"]) == (family, method, beta)]
+            print(f"{family:8s} {variant_label(method, beta):16s} | " + " | ".join(cells))
+
+
+def sweep_verdicts(rows, cfg):
+    """(a), (b) and (c) above for each family, printed; returned as a dict for sweep.json."""
+    verdicts = {}
+    for family in FAMILIES:
+        rows_f = [r for r in rows if r["family"] == family]
+        ranking_at_lr = {}  # (a)
+        for lr in cfg.sweep_lrs:
+            order = sorted((r for r in rows_f if r["lr"] == lr), key=lambda r: r["mse_mean"])
+            ranking_at_lr[f"{lr:g}"] = [[variant_label(r["method"], r["beta"]), r["mse_mean"]]
+                                        for r in order]
+            print(f"sweep {family} ranking at lr {lr:g}: " + " < ".join(
+                f"{label} {mse:.4f}" for label, mse in ranking_at_lr[f"{lr:g}"]))
+        best = [min((r for r in rows_f if r["method"] == method), key=lambda r: r["mse_mean"])
+                for method in METHODS]
+        oracle = sorted(best, key=lambda r: r["mse_mean"])  # (b)
+        verdict = ("matches" if tuple(r["method"] for r in oracle) == PAPER_ORDER
+                   else "does NOT match")
+        print(f"sweep {family} oracle (each method's best grid point, CHOSEN ON THE REPORTED MSE; "
+              f"reference only): " + " < ".join(
+                  f"{r['method']} {r['mse_mean']:.4f} ({point_label(r)})" for r in oracle)
+              + f"  -> {verdict} the paper's order")
+        mse = {(r["method"], r["lr"], r["beta"]): r["mse_mean"] for r in rows_f}
+        grid = list(product(cfg.sweep_lrs, cfg.sweep_betas_dpo, cfg.sweep_betas_orpo))
+        holds = []  # (c) the grid points where the paper's order holds
+        for lr, beta_dpo, beta_orpo in grid:
+            beta = {"SFT": None, "DPO": beta_dpo, "ORPO": beta_orpo, "IFT": None}
+            order = sorted(METHODS, key=lambda m: mse[(m, lr, beta[m])])
+            if tuple(order) == PAPER_ORDER:
+                holds.append({"lr": lr, "beta_dpo": beta_dpo, "beta_orpo": beta_orpo})
+        print(f"sweep {family} paper's order {' > '.join(PAPER_ORDER)} holds at {len(holds)} of "
+              f"{len(grid)} grid points (lr x DPO beta x ORPO beta)")
+        for h in holds:
+            print(f"    at lr {h['lr']:g}, DPO beta {h['beta_dpo']:g}, "
+                  f"ORPO beta {h['beta_orpo']:g}")
+        verdicts[family] = {"ranking_at_lr": ranking_at_lr, "oracle": oracle,
+                            "paper_order_holds_at": holds, "grid_points": len(grid)}
+    return verdicts
+
+
+# -----------------------------------------------------------------------------------------------
 # Plots
 
 METHOD_COLORS = {"SFT": "tab:gray", "DPO": "tab:blue", "ORPO": "tab:purple",
@@ -749,6 +880,39 @@ def plot_curves(path, curves, cfg):
     plt.close(fig)
 
 
+def plot_sweep(path, rows, start_mse, cfg):
+    """MSE vs lr per method and beta (mean, error bar = std over seeds), a panel per family."""
+    variants = sweep_variants(cfg)
+    fig, axes = plt.subplots(1, len(FAMILIES), figsize=(11, 4.6), squeeze=False)
+    for col, family in enumerate(FAMILIES):
+        ax = axes[0, col]
+        for k, (method, beta) in enumerate(variants):
+            group = [r for r in rows
+                     if (r["family"], r["method"], r["beta"]) == (family, method, beta)]
+            nth_beta = [b for m, b in variants if m == method].index(beta)
+            dodge = 1.04 ** (k - (len(variants) - 1) / 2)  # shift sideways: bars do not overlap
+            ax.errorbar([r["lr"] * dodge for r in group], [r["mse_mean"] for r in group],
+                        yerr=[r["mse_std"] for r in group], color=METHOD_COLORS[method],
+                        ls=("-", "--", ":", "-.")[nth_beta % 4], marker="o", ms=4, capsize=3,
+                        label=variant_label(method, beta))
+        ax.axhline(start_mse[family], color="black", ls=":", lw=1, label="start (untrained)")
+        ax.axvline(cfg.lr, color="0.6", lw=6, alpha=0.3, zorder=0,
+                   label=f"main run's lr ({cfg.lr:g})")
+        ax.set_xscale("log")
+        ax.set_xticks(list(cfg.sweep_lrs), [f"{lr:g}" for lr in cfg.sweep_lrs])
+        ax.minorticks_off()
+        ax.set_title(f"{family} policy")
+        ax.set_xlabel("Adam learning rate (every method)")
+        ax.set_ylabel("MSE to pi* after training (lower is better)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"Frozen Lake '{cfg.map}': sensitivity to lr and beta, {cfg.steps} steps, "
+                 f"mean ± std over {cfg.seeds} seed(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # -----------------------------------------------------------------------------------------------
 # Main
 
@@ -758,8 +922,7 @@ def run_experiment(cfg, env, demos, pi_star, on_route):
     runs, curves = [], []
     for family in FAMILIES:
         for seed in range(cfg.seeds):
-            torch.manual_seed(seed)
-            start_policy = make_policy(family, env.n_states, cfg.hidden)
+            start_policy = starting_policy(family, seed, env.n_states, cfg.hidden)
             ref = reference_logps(start_policy, demos)
             for method in ("start",) + METHODS:
                 t0 = time.time()
@@ -781,6 +944,27 @@ def run_experiment(cfg, env, demos, pi_star, on_route):
                       f"MSE {run['mse']:.4f} | P(goal) {run['goal_prob']:.3f} | "
                       f"visited {run['n_visited']:2d} | {time.time() - t0:.1f}s")
     return runs, curves
+
+
+def main_sweep(cfg, env, demos, pi_star, summary):
+    """--sweep: run the grid, print the table and verdicts, write sweep.json / .csv / .png."""
+    print(f"\nsweep over lr {list(cfg.sweep_lrs)}, DPO beta {list(cfg.sweep_betas_dpo)}, "
+          f"ORPO beta {list(cfg.sweep_betas_orpo)}; {cfg.seeds} seed(s), {cfg.steps} steps each")
+    t0 = time.time()
+    rows = run_sweep(cfg, env, demos, pi_star)
+    print_sweep_table(rows, cfg)
+    verdicts = sweep_verdicts(rows, cfg)
+    out = cfg.out_dir
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump({"config": asdict(cfg), "paper_order": list(PAPER_ORDER), "rows": rows,
+                   "verdicts": verdicts}, f, indent=1)
+    write_csv(os.path.join(out, "sweep.csv"),
+              [{**r, "mse_seeds": " ".join(map(str, r["mse_seeds"]))} for r in rows])
+    start_mse = {family: summary[f"{family}/start"]["mse"]["mean"] for family in FAMILIES}
+    plot_sweep(os.path.join(out, "frozen_lake_sweep.png"), rows, start_mse, cfg)
+    for name in ("sweep.json", "sweep.csv", "frozen_lake_sweep.png"):
+        print("wrote", os.path.join(out, name))
+    print(f"sweep done in {time.time() - t0:.1f}s")
 
 
 def write_csv(path, rows):
@@ -869,6 +1053,8 @@ def main(argv=None):
     for name in ("results.json", "results.csv", "curves.csv", "frozen_lake.png",
                  "frozen_lake_curves.png"):
         print("wrote", os.path.join(out, name))
+    if cfg.sweep:
+        main_sweep(cfg, env, demos, pi_star, summary)
     print(f"done in {time.time() - t0:.1f}s")
 
 

@@ -305,12 +305,40 @@ def test_end_to_end_command_line(tmp_path):
     assert len(curves) == 1 + len(fl.FAMILIES) * len(fl.METHODS) * 6  # header + steps 0..5
 
 
+def test_sweep_command_line(tmp_path):
+    """A tiny --sweep writes its files and verdicts; its lr 0.05 rows equal the main run's MSE."""
+    result = run_cli("--seeds", "1", "--steps", "5", "--sweep", "--sweep-lrs", "0.05", "0.2",
+                     "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for name in ("sweep.json", "sweep.csv", "frozen_lake_sweep.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    n_variants = 2 + 2 + 2  # SFT, IFT, DPO at betas 0.1 and 0.5, ORPO at 0.25 and 1.0
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(fl.FAMILIES) * 2 * n_variants  # header + family x lr x variant
+    for family in fl.FAMILIES:
+        for lr in ("0.05", "0.2"):
+            assert f"sweep {family} ranking at lr {lr}: " in result.stdout
+        assert f"sweep {family} oracle (" in result.stdout
+        assert f"sweep {family} paper's order DPO > IFT > ORPO > SFT holds at " in result.stdout
+    assert result.stdout.count(" of 8 grid points (") == len(fl.FAMILIES)  # 2 lrs x 2 x 2 betas
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    main = json.loads((tmp_path / "results.json").read_text())["summary"]
+    beta = {"SFT": None, "DPO": 0.1, "ORPO": 0.25, "IFT": None}  # the main run's betas
+    same = [r for r in sweep["rows"] if r["lr"] == 0.05 and r["beta"] == beta[r["method"]]]
+    assert len(same) == len(fl.FAMILIES) * len(fl.METHODS)
+    for row in same:  # the sweep at the main run's lr and betas repeats the main run exactly
+        main_mse = main[f"{row['family']}/{row['method']}"]["mse"]["mean"]
+        assert row["mse_mean"] == pytest.approx(main_mse, rel=1e-12)
+    assert set(sweep["verdicts"]) == set(fl.FAMILIES)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--map", "9x9"], "invalid choice"),
     (["--lam", "1.5"], "--lam must be in [0, 1]"),
     (["--gamma", "-0.1"], "--gamma must be in [0, 1]"),
     (["--beta-dpo", "0"], "--beta-dpo must be > 0"),
     (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--sweep-lrs", "0.05", "-1"], "--sweep-lrs must all be > 0"),
     (["--out-dir", "/proc/version/out"], "cannot write into --out-dir"),
 ])
 def test_bad_input_exits_with_one_line(args, message):
