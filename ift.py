@@ -77,14 +77,14 @@ class Config:
     out_dir: str = field(default="", metadata={"help": "output folder; empty = out/<loss>"})
     seed: int = field(default=1337, metadata={"help": "seed of the initial model and batch order"})
     # model
-    n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
+    n_layer: int = field(default=3, metadata={"help": "transformer blocks"})
     n_head: int = field(default=4, metadata={"help": "attention heads per block"})
-    n_embd: int = field(default=128, metadata={"help": "width C of the residual stream"})
+    n_embd: int = field(default=96, metadata={"help": "width C of the residual stream"})
     block_size: int = field(default=128, metadata={"help": "context length in tokens"})
     # optimisation
-    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    max_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "sequences per step (DPO/ORPO: pairs)"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
+    lr: float = field(default=5e-3, metadata={"help": "peak learning rate (AdamW)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of --lr"})
     warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps, then cosine"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices)"})
@@ -104,7 +104,7 @@ class Config:
     orpo_beta: float = field(default=0.25, metadata={"help": "ORPO weight of the odds-ratio term"})
     # logging and evaluation
     log_interval: int = field(default=25, metadata={"help": "steps between log lines"})
-    eval_interval: int = field(default=250, metadata={
+    eval_interval: int = field(default=500, metadata={
         "help": "steps between validation evaluations (0 = only at the end)"})
     max_new_tokens: int = field(default=64, metadata={"help": "generation budget per answer"})
     limit_rows: int = field(default=0, metadata={
