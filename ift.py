@@ -45,14 +45,18 @@ import dataclasses
 import json
 import math
 import os
+import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 HERE = Path(__file__).resolve().parent
 
@@ -110,6 +114,14 @@ class Config:
     limit_rows: int = field(default=0, metadata={
         "help": "use only the first N rows of each split (0 = all; for quick tests)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
+    # speed
+    compile: str = field(default="auto", metadata={
+        "help": "torch.compile the model for the training step: on, off, or auto (on for cuda)"})
+    bench: bool = field(default=False, metadata={
+        "help": "instead of training, time one optimizer step of each loss on one fixed batch "
+                "and print a table (also bench.json in --out-dir, default out/bench)"})
+    bench_steps: int = field(default=15, metadata={
+        "help": "--bench: timed steps per loss, after 3 warm-up steps"})
 
 
 def parse_config(argv=None):
@@ -127,6 +139,7 @@ def parse_config(argv=None):
                                                              else f.type.__name__]
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
     cfg = Config(**vars(parser.parse_args(argv)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes, when torchrun started us
     problems = [
         (cfg.loss not in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got '{cfg.loss}'"),
         (not 0 <= cfg.lam <= 1, f"--lam must lie in [0, 1], got {cfg.lam}"),
@@ -144,12 +157,19 @@ def parse_config(argv=None):
         (cfg.lr <= 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.device not in ("auto", "cpu", "cuda", "mps"),
          f"--device must be auto, cpu, cuda or mps, got '{cfg.device}'"),
+        (cfg.compile not in ("auto", "on", "off"),
+         f"--compile must be auto, on or off, got '{cfg.compile}'"),
+        (cfg.bench_steps < 1, f"--bench-steps must be >= 1, got {cfg.bench_steps}"),
+        (cfg.batch_size % world != 0,
+         f"--batch-size {cfg.batch_size} must be divisible by the {world} processes torchrun "
+         f"started: each takes an equal slice of the batch"),
+        (cfg.bench and world > 1, "--bench times one process: run it without torchrun"),
     ]
     for bad, message in problems:
         if bad:
             parser.error(message)
     if not cfg.out_dir:
-        cfg.out_dir = str(Path("out") / cfg.loss)
+        cfg.out_dir = str(Path("out") / ("bench" if cfg.bench else cfg.loss))
     return cfg
 
 
@@ -352,11 +372,13 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx=None, tok_emb=None, pos=None, attn_mask=None, caches=None):
+    def forward(self, idx=None, tok_emb=None, pos=None, attn_mask=None, caches=None,
+                only_at=None):
         """Logits (B, T, V) for token ids idx (B, T) or for given token embeddings (B, T, C).
 
         IFT passes tok_emb: a mix of rows of self.wte, so the positional embedding is added here,
         after the mix, exactly as for ordinary tokens. pos (B, T) defaults to 0..T-1.
+        only_at, a (B, T) bool mask, returns the logits (M, V) of its M True positions only.
         """
         x = self.wte(idx) if tok_emb is None else tok_emb                  # (B, T, C)
         if pos is None:
@@ -364,8 +386,11 @@ class GPT(nn.Module):
         x = x + self.wpe(pos)                                              # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, attn_mask, None if caches is None else caches[i])
+        x = self.ln_f(x)                                                   # (B, T, C)
+        if only_at is not None:
+            x = x[only_at]                                                 # (M, C)
         # tied embeddings: the output layer is E itself
-        return F.linear(self.ln_f(x), self.wte.weight)                     # (B, T, V)
+        return F.linear(x, self.wte.weight)                                # (B, T, V) or (M, V)
 
 
 # -----------------------------------------------------------------------------
@@ -486,7 +511,8 @@ def relation_weights(token_losses, mask, gamma, detach=False):
 #   3. Second forward WITH gradient on e; l_t = -log p(y_t | e_<=t) against the GROUND TRUTH.
 #   4. loss = mean over sequences of (1/N) sum_t l_t w_t, w = relation_weights(l).
 # With lam = 0 the mix is E(x) exactly and with gamma = 0 the weights are 1: SFT in value and
-# gradient. Cost: one extra forward without activations kept, ~1.33x an SFT step.
+# gradient. Cost: one extra forward without activations kept (and through the output layer at
+# the answer positions only), ~1.3x an SFT step: python ift.py --bench measures it.
 
 def shifted_predictions(x, yhat, mask):
     """x~ of step 2: the model's prediction at answer inputs, the ground truth everywhere else."""
@@ -496,10 +522,19 @@ def shifted_predictions(x, yhat, mask):
 
 
 def ift_loss(model, x, y, mask, lam=0.2, gamma=0.95, detach_weights=False):
+    # Under torchrun, model is the DDP wrapper and gpt = model.module the GPT it wraps (otherwise
+    # gpt = model). The no-grad pass calls gpt directly: DDP's hooks only matter for a backward,
+    # and no_sync() would be wrong here (it skips the gradient all-reduce of the NEXT backward).
+    # The graded pass goes through model, so DDP averages the gradient over the processes; the
+    # wte lookups outside it still feed the same wte.weight, whose gradient is summed before
+    # DDP's hook for it fires.
+    gpt = getattr(model, "module", model)
     with torch.no_grad():  # nothing of this pass is kept for the backward
-        yhat = model(x).argmax(-1)                                          # (B, T)
+        # only the predictions of answer tokens are used: the output layer skips the rest
+        yhat = torch.zeros_like(x)                                          # (B, T)
+        yhat[mask] = gpt(x, only_at=mask).argmax(-1)                        # (M,) on the answer
     x_tilde = shifted_predictions(x, yhat, mask)                            # (B, T)
-    tok_emb = (1 - lam) * model.wte(x) + lam * model.wte(x_tilde)           # (B, T, C)
+    tok_emb = (1 - lam) * gpt.wte(x) + lam * gpt.wte(x_tilde)               # (B, T, C)
     token_logps, _ = sequence_logps(model(tok_emb=tok_emb), y, mask)        # (B, T)
     token_losses = -token_logps                                             # (B, T)
     w = relation_weights(token_losses, mask, gamma, detach=detach_weights)  # (B, T)
@@ -515,6 +550,90 @@ def lam_at(cfg, step, noise):
     elif cfg.lam_schedule == "noisy":
         lam = lam + noise * 0.5 * lam
     return min(1.0, max(0.0, lam))
+
+
+# -----------------------------------------------------------------------------
+# Speed and scale: torch.compile, model FLOPs utilisation, several processes (DDP)
+#
+# Data parallel: torchrun --nproc_per_node=N ift.py ... starts N copies of this script with RANK,
+# LOCAL_RANK and WORLD_SIZE set. Each builds the same model and draws the same global batch of
+# --batch-size rows (same seed), then takes its own equal slice of it; its loss is a mean over
+# its slice (true of all four losses: each is a mean over sequences) and DDP averages the
+# gradients, so the step is the one a single process takes on the whole batch. Only rank 0
+# prints, evaluates and writes files; the others wait for it at a barrier.
+
+def init_distributed(device):
+    """Join torchrun's process group when it started us; returns this process's device."""
+    if "RANK" not in os.environ:
+        return device
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"torchrun: DDP here runs on cuda or cpu, not {device.type}; "
+                        f"pass --device cpu")
+    if device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def rank_and_world():
+    """(this process's rank, number of processes); (0, 1) without torchrun."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_slice(idx, rank, world):
+    """This process's equal share of a global batch of row indices."""
+    n = len(idx)
+    return idx[rank * n // world:(rank + 1) * n // world]
+
+
+def mean_over_ranks(values):
+    """The mean of a tensor over all processes (the tensor itself without torchrun)."""
+    if not dist.is_initialized():
+        return values
+    values = values.detach().clone()
+    dist.all_reduce(values)  # a sum: gloo has no average
+    return values / dist.get_world_size()
+
+
+def wrap_for_training(cfg, model, device):
+    """What the training step calls: model, maybe compiled (--compile), inside DDP (torchrun).
+
+    All of them share model's parameters, so the optimizer, evaluation and checkpoints use model.
+    """
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+        # Batches are padded to their longest row, so T changes from step to step: dynamic=True
+        # compiles one graph for every T instead of a new graph for each new length.
+        model = torch.compile(model, dynamic=True)
+    if dist.is_initialized():
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+# Model FLOPs utilisation (MFU; PaLM, Chowdhery et al. 2022, appendix B): the FLOPs the model's
+# maths needs per second, as a fraction of the accelerator's peak. A forward and backward cost
+# 6N + 12 L C T FLOPs per token (N = parameters less the position table, L = layers, C = width,
+# T = context, here --block-size: an upper bound, batches are often shorter). IFT's no-grad
+# forward adds a third: 2N + 4 L C T. Peaks: dense bf16 tensor-core FLOP/s from NVIDIA's data
+# sheets; on any other device MFU is left out of the log line.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
+def peak_flops(device):
+    """Peak dense bf16 FLOP/s of this CUDA device if we know it, else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def flops_per_token(cfg, model):
+    """Training FLOPs per token of one step of cfg.loss (see above)."""
+    N = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    fwd_bwd = 6 * N + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    return fwd_bwd * 4 / 3 if cfg.loss == "ift" else fwd_bwd
 
 
 # -----------------------------------------------------------------------------
@@ -636,23 +755,31 @@ def fmt_time(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def make_optimizer(cfg, model, device):
+    """AdamW, weight decay on the matrices only, fused on CUDA."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+
+
 def train(cfg, model, enc, splits, device, out_dir):
     """Optimise cfg.loss for cfg.max_steps; log, evaluate on val, checkpoint. Returns the log."""
     train_split = splits["train"]
     pad_id = enc.eot_token
+    rank, world = rank_and_world()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     ref = None
     if cfg.loss == "dpo":
         if not cfg.init_from:
             print("note: DPO without --init-from: the reference is the random initial model")
-        model.eval()
+        model.eval()  # under torchrun every process scores every row: simple, and identical
         ref = reference_logps(model, train_split, pad_id, device, autocast)  # (N, 2)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+    optimizer = make_optimizer(cfg, model, device)
+    step_model = wrap_for_training(cfg, model, device)  # model, or compiled, or inside DDP
+    peak, step_flops = peak_flops(device), flops_per_token(cfg, model)
     gen = torch.Generator().manual_seed(cfg.seed)
     lam_noise = torch.randn(cfg.max_steps, generator=torch.Generator().manual_seed(cfg.seed + 1))
     stream = batches(len(train_split), cfg.batch_size, gen)
@@ -666,7 +793,8 @@ def train(cfg, model, enc, splits, device, out_dir):
         for group in optimizer.param_groups:
             group["lr"] = lr
         lam = lam_at(cfg, step, lam_noise[step].item())
-        loss, metrics, ntok = compute_loss(cfg, model, train_split, next(stream), pad_id, device,
+        idx = rank_slice(next(stream), rank, world)  # every process draws the same global batch
+        loss, metrics, ntok = compute_loss(cfg, step_model, train_split, idx, pad_id, device,
                                            autocast, ref, lam)
         if not torch.isfinite(loss):
             raise UserError(f"step {step}: the {cfg.loss} loss is {loss.item()}; lower --lr "
@@ -676,37 +804,47 @@ def train(cfg, model, enc, splits, device, out_dir):
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        ntok_since += ntok
+        ntok_since += ntok * world  # tokens of the global batch
         last = step == cfg.max_steps - 1
         row = None
         if step % cfg.log_interval == 0 or last:
-            loss_value = loss.item()
+            # the loss and metrics of the global batch: means over the processes' equal slices
+            means = mean_over_ranks(torch.stack([loss.detach().float()]
+                                                + [v.float() for v in metrics.values()]))
+            loss_value, *metric_values = means.tolist()
             now = time.time()
             tok_s = ntok_since / max(now - t_log, 1e-9)
             t_log, ntok_since = now, 0
             eta = (now - t0) / (step + 1) * (cfg.max_steps - step - 1)
-            extra = "".join(f" | {k} {v.item():.4f}" for k, v in metrics.items())
+            extra = "".join(f" | {k} {v:.4f}" for k, v in zip(metrics, metric_values))
             lam_txt = f" | lam {lam:.3f}" if cfg.loss == "ift" else ""
+            mfu = f" | mfu {tok_s * step_flops / (peak * world):.1%}" if peak else ""
             print(f"step {step:5d} | loss {loss_value:.4f}{extra} | lr {lr:.1e}{lam_txt} | "
-                  f"{tok_s / 1000:.1f}k tok/s | eta {fmt_time(eta)}", flush=True)
+                  f"{tok_s / 1000:.1f}k tok/s{mfu} | eta {fmt_time(eta)}", flush=True)
             row = {"step": step, "loss": loss_value, "lr": lr, "lam": lam, "tok_per_s": tok_s}
         if (cfg.eval_interval and step > 0 and step % cfg.eval_interval == 0) or last:
-            res = evaluate(model, enc, splits["val"], device, autocast, cfg.max_new_tokens)
-            print(f"eval step {step:5d} | val exact match {res['exact_match']:.3f} | "
-                  f"val answer nll {res['nll']:.4f}", flush=True)
-            row = row or {"step": step, "loss": loss.item(), "lr": lr, "lam": lam}
-            row.update(val_exact_match=res["exact_match"], val_nll=res["nll"])
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise UserError(f"step {step}: the weights hold NaN or inf; lower --lr (now "
-                                f"{cfg.lr}); the last good checkpoint was kept")
-            save_atomic({"model": model.state_dict(), "model_args": model_args(cfg, enc),
-                         "config": dataclasses.asdict(cfg), "step": step}, out_dir / "ckpt.pt")
+            row = row or {"step": step, "loss": mean_over_ranks(loss).item(), "lr": lr, "lam": lam}
+            t_eval = time.time()
+            if rank == 0:
+                res = evaluate(model, enc, splits["val"], device, autocast, cfg.max_new_tokens)
+                print(f"eval step {step:5d} | val exact match {res['exact_match']:.3f} | "
+                      f"val answer nll {res['nll']:.4f}", flush=True)
+                row.update(val_exact_match=res["exact_match"], val_nll=res["nll"])
+                if not all(torch.isfinite(p).all() for p in model.parameters()):
+                    raise UserError(f"step {step}: the weights hold NaN or inf; lower --lr (now "
+                                    f"{cfg.lr}); the last good checkpoint was kept")
+                save_atomic({"model": model.state_dict(), "model_args": model_args(cfg, enc),
+                             "config": dataclasses.asdict(cfg), "step": step}, out_dir / "ckpt.pt")
+            if world > 1:
+                dist.barrier()  # the other processes wait while rank 0 evaluates
+            t_log += time.time() - t_eval  # tok/s and MFU count training time only
         if row:
             log.append(row)
-    with log_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(log)
+    if rank == 0:
+        with log_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(log)
     return log, time.time() - t0
 
 
@@ -809,6 +947,164 @@ def print_eval_table(res):
 
 
 # -----------------------------------------------------------------------------
+# Benchmark: one optimizer step of each loss on the same batch, timed (python ift.py --bench)
+#
+# The batch is the first one train() would draw. Every loss steps the same model, with the
+# settings the flags give, exactly as train() does (DPO's reference log-probs are computed once
+# beforehand, as in train()); the rows take turns, step by step, so background load slows them
+# alike, and ms/step is the median. The "lm (nanoGPT)" row is the plain language-model step of
+# nanoGPT's train.py on the same inputs: F.cross_entropy on every position, our speed target.
+
+BENCH_ROWS = ("nanogpt", "sft", "ift", "dpo", "orpo")
+
+
+def device_name(device):
+    """A human name of the device: the GPU's, or the CPU's model name on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
+
+
+def saved_for_backward(model, fn):
+    """fn()'s result, and the bytes of tensors that autograd keeps for fn's backward.
+
+    Each tensor saved for a backward goes through the pack hook; we count each storage once and
+    leave out the parameters (they exist anyway). A pass under torch.no_grad() adds nothing.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved.values())
+
+
+def bench(cfg):
+    """Time an optimizer step of each loss and of a plain LM step; print a table, write JSON."""
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # as in run()
+    out_dir = Path(cfg.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
+    enc = load_tokenizer(cfg.tokenizer, cfg.data)
+    pad_id = enc.eot_token
+    path = Path(cfg.data) / "train.jsonl"
+    split = Split(load_rows(path, need_rejected=True, limit=cfg.limit_rows), enc, cfg.block_size,
+                  str(path))
+    first = next(batches(len(split), cfg.batch_size, torch.Generator().manual_seed(cfg.seed)))
+    batch = Split([split.rows[i] for i in first], enc, cfg.block_size, "bench batch")
+    idx = list(range(len(batch)))
+    model = GPT(**model_args(cfg, enc))
+    if cfg.init_from:
+        model.load_state_dict(load_checkpoint(cfg.init_from, model_args(cfg, enc)))
+    model.to(device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    model.eval()
+    ref = reference_logps(model, batch, pad_id, device, autocast)          # (B, 2)
+    model.train()
+    optimizer = make_optimizer(cfg, model, device)
+    step_model = wrap_for_training(cfg, model, device)
+    x, y, _ = (t.to(device) for t in collate(batch.chosen, pad_id))       # (B, T) each
+
+    def loss_of(name, module):
+        """The loss of one step of row `name` on the batch, and the tokens it reads."""
+        if name == "nanogpt":  # nanoGPT: logits of every position against the next token
+            with autocast:
+                logits = module(x)                                          # (B, T, V)
+                return F.cross_entropy(logits.flatten(0, 1), y.flatten()), x.numel()
+        loss, _, ntok = compute_loss(dataclasses.replace(cfg, loss=name), module, batch, idx,
+                                     pad_id, device, autocast, ref, cfg.lam)
+        return loss, ntok
+
+    def step(name):
+        loss, _ = loss_of(name, step_model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+
+    # first, on the initial weights: each row's loss, tokens, and the activations it keeps
+    first_loss, ntok, saved = {}, {}, {}
+    for name in BENCH_ROWS:
+        (loss, ntok[name]), saved[name] = saved_for_backward(model, lambda: loss_of(name, model))
+        first_loss[name] = loss.item()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    warmup = 3
+    seconds = {name: [] for name in BENCH_ROWS}
+    peak = {name: 0 for name in BENCH_ROWS}
+    for i in range(warmup + cfg.bench_steps):
+        for name in BENCH_ROWS:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync()
+            t = time.perf_counter()
+            step(name)
+            sync()
+            if i >= warmup:
+                seconds[name].append(time.perf_counter() - t)
+            if device.type == "cuda":
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
+    if device.type == "cuda":
+        memory = "peak MiB: torch.cuda.max_memory_allocated during the row's steps"
+    else:
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        rss_mib = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+        memory = (f"peak MiB: not measured per row on {device.type}; the whole process peaked "
+                  f"at {rss_mib:.0f} MiB resident (getrusage ru_maxrss)")
+    ms = {name: 1000 * statistics.median(seconds[name]) for name in BENCH_ROWS}
+    rows = {name: {"first_loss": first_loss[name], "ms_per_step": ms[name],
+                   "tokens_per_step": ntok[name], "tokens_per_s": ntok[name] / ms[name] * 1000,
+                   "ratio_to_sft": ms[name] / ms["sft"], "saved_mib": saved[name] / 2**20,
+                   "peak_mib": peak[name] / 2**20 if device.type == "cuda" else None}
+            for name in BENCH_ROWS}
+    ratios = {"ift/sft": ms["ift"] / ms["sft"], "dpo/sft": ms["dpo"] / ms["sft"],
+              "orpo/sft": ms["orpo"] / ms["sft"], "sft/nanogpt": ms["sft"] / ms["nanogpt"]}
+    info = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
+            "device_name": device_name(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "compile": step_model is not model,
+            "batch_size": len(batch), "seq_len": x.shape[1],
+            "params": sum(p.numel() for p in model.parameters()),
+            "warmup_steps": warmup, "steps": cfg.bench_steps, "memory": memory}
+    print(f"bench | {info['date']} | {device}: {info['device_name']} | torch {torch.__version__} "
+          f"| {info['threads']} threads | compile {'on' if info['compile'] else 'off'}")
+    print(f"{info['params'] / 1e6:.2f}M parameters | batch {len(batch)} rows (DPO, ORPO: pairs) "
+          f"| T {x.shape[1]} | median of {cfg.bench_steps} steps after {warmup} warm-up")
+    print(f"{'step':<14}{'first loss':>11}{'ms/step':>10}{'tok/s':>10}{'x SFT':>8}"
+          f"{'saved MiB':>11}{'peak MiB':>10}")
+    for name, r in rows.items():
+        label = "lm (nanoGPT)" if name == "nanogpt" else name
+        peak_txt = f"{r['peak_mib']:.1f}" if r["peak_mib"] is not None else "-"
+        print(f"{label:<14}{r['first_loss']:>11.4f}{r['ms_per_step']:>10.1f}"
+              f"{r['tokens_per_s'] / 1000:>9.1f}k{r['ratio_to_sft']:>8.2f}"
+              f"{r['saved_mib']:>11.1f}{peak_txt:>10}")
+    print("saved MiB: activations autograd keeps for the backward (parameters left out)")
+    print(memory)
+    print(f"targets (printed, not enforced): IFT/SFT {ratios['ift/sft']:.2f} <= 1.35, "
+          f"DPO/SFT {ratios['dpo/sft']:.2f} <= 2.1, SFT/lm {ratios['sft/nanogpt']:.2f} <= 1")
+    path = out_dir / "bench.json"
+    path.write_text(json.dumps({**info, "rows": rows, "ratios": ratios}, indent=2))
+    print(f"wrote {path}")
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # Plots
 
 def plot_loss_curve(log, loss_name, path):
@@ -841,15 +1137,17 @@ def plot_loss_curve(log, loss_name, path):
 def run(cfg):
     """Train and evaluate one recipe as cfg describes; returns the test results."""
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = init_distributed(pick_device(cfg.device))  # unchanged without torchrun
+    rank, world = rank_and_world()
     if device.type == "cpu":
         # Tiny weights and gradients underflow into subnormal floats, which CPUs compute
         # 10-100x slower; flushing them to zero changes nothing we can measure here.
         torch.set_flush_denormal(True)
     out_dir = Path(cfg.out_dir)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     except OSError as e:
         raise UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
     enc = load_tokenizer(cfg.tokenizer, cfg.data)
@@ -865,8 +1163,12 @@ def run(cfg):
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{cfg.loss} | {n_params / 1e6:.2f}M parameters | device {device} | "
-          f"{len(splits['train'])} train rows | vocab {enc.n_vocab}", flush=True)
+          f"{len(splits['train'])} train rows | vocab {enc.n_vocab}"
+          + (f" | {world} processes, {cfg.batch_size // world} rows each" if world > 1 else ""),
+          flush=True)
     log, train_time = train(cfg, model, enc, splits, device, out_dir)
+    if rank != 0:  # rank 0 alone tests and writes the results
+        return None
     plot_loss_curve(log, cfg.loss, out_dir / "loss.png")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
@@ -886,12 +1188,20 @@ def run(cfg):
 
 
 def main(argv=None):
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 prints
+        sys.stdout = open(os.devnull, "w")
     cfg = parse_config(argv)
     print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     try:
-        run(cfg)
+        if cfg.bench:
+            bench(cfg)
+        else:
+            run(cfg)
     except UserError as e:
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

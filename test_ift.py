@@ -4,8 +4,10 @@ gradients, masks, the tokenizer, the data checks, and tiny end-to-end runs of th
     python -m pytest -q
 """
 
+import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +38,9 @@ def toy_batch(vocab=50, seed=1):
     return ift.collate(seqs, pad_id=0)
 
 
-def run_cli(*args, cwd=None):
+def run_cli(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, str(HERE / "ift.py"), *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+                          text=True, cwd=cwd, env=env, timeout=300)
 
 
 # -----------------------------------------------------------------------------
@@ -397,3 +399,80 @@ def test_cli_incompatible_or_corrupt_checkpoint_and_nan_keep_files(tmp_path):
                 "--grad-clip", "0", "--warmup-steps", "1")
     assert r.returncode == 1 and ("NaN" in r.stderr or "nan" in r.stderr), r.stderr
     assert ckpt.read_bytes() == before
+
+
+# -----------------------------------------------------------------------------
+# speed and scale: the benchmark, the output layer on a subset, several processes (DDP)
+
+# One thread per process: the torchrun test puts 2 processes on a 2-core machine, and a process
+# whose threads outnumber the free cores can run many times slower (its threads spin-wait).
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_logits_only_at_a_mask_equal_the_full_logits_there():
+    """GPT(only_at=mask), as IFT's no-grad pass calls it, equals the full logits at the mask."""
+    model = tiny_model()
+    x, _, mask = toy_batch()
+    torch.testing.assert_close(model(x, only_at=mask), model(x)[mask])
+
+
+def test_cli_bench_writes_every_row_and_ratio(tmp_path):
+    """--bench via the real CLI: bench.json has the 4 losses, the LM row and ratios; DPO = ln 2."""
+    r = run_cli("--bench", "--bench-steps", "2", "--out-dir", str(tmp_path), *TINY,
+                env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert set(res["rows"]) == {"nanogpt", "sft", "ift", "dpo", "orpo"}
+    assert set(res["ratios"]) == {"ift/sft", "dpo/sft", "orpo/sft", "sft/nanogpt"}
+    assert all(v > 0 for v in res["ratios"].values()) and res["threads"] >= 1
+    rows = res["rows"]
+    assert rows["sft"]["ratio_to_sft"] == 1 and all(r["ms_per_step"] > 0 for r in rows.values())
+    # the reference is the model itself before the first step: DPO's loss is ln 2 there
+    assert rows["dpo"]["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # IFT's no-grad pass keeps no activations: it saves what SFT saves, plus the embedding mix
+    assert rows["sft"]["saved_mib"] < rows["ift"]["saved_mib"] < 1.1 * rows["sft"]["saved_mib"]
+    assert "IFT/SFT" in r.stdout and "lm (nanoGPT)" in r.stdout
+
+
+def test_rank_slices_split_a_batch_into_equal_consecutive_parts():
+    """rank_slice gives each of the processes an equal, disjoint share that covers the batch."""
+    idx = list(range(100, 112))
+    parts = [ift.rank_slice(idx, rank, 3) for rank in range(3)]
+    assert parts == [idx[0:4], idx[4:8], idx[8:12]]
+    assert ift.rank_slice(idx, 0, 1) == idx
+
+
+def test_batch_not_divisible_by_the_processes_is_one_clear_line(monkeypatch, capsys):
+    """Under torchrun (WORLD_SIZE set) a --batch-size it cannot split evenly fails in one line."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as exit_info:
+        ift.parse_config(["--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--batch-size 8 must be divisible by the 3 processes torchrun started" in err
+    assert ift.parse_config(["--batch-size", "9"]).batch_size == 9
+
+
+@pytest.mark.parametrize("loss", ["ift", "dpo"])
+def test_torchrun_two_processes_match_one_process(tmp_path, loss):
+    """torchrun with 2 CPU processes (gloo) logs the same losses and ends with the same weights."""
+    args = ["ift.py", "--loss", loss, *TINY]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--standalone", *args, "--out-dir", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, cwd=HERE, env=ONE_THREAD, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr
+    single = subprocess.run([sys.executable, *args, "--out-dir", str(tmp_path / "one")],
+                            capture_output=True, text=True, cwd=HERE, env=ONE_THREAD, timeout=300)
+    assert single.returncode == 0, single.stderr
+    assert "2 processes, 4 rows each" in ddp.stdout
+    assert ddp.stdout.count("step     0 | loss") == 1  # only rank 0 prints
+
+    def read(name):
+        with (tmp_path / name / "log.csv").open() as f:
+            losses = [float(row["loss"]) for row in csv.DictReader(f)]
+        return losses, torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"]
+    (ddp_losses, ddp_weights), (losses, weights) = read("ddp"), read("one")
+    assert len(losses) == 3 and ddp_losses == pytest.approx(losses, rel=1e-5)
+    assert ddp_weights.keys() == weights.keys()  # the unwrapped model's names, no "module."
+    for name, w in weights.items():
+        torch.testing.assert_close(ddp_weights[name], w, rtol=0, atol=1e-5, msg=name)
