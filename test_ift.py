@@ -154,7 +154,7 @@ def test_relation_weights_closed_form_for_uniform_losses():
 
 
 def test_relation_weights_masks_and_special_cases():
-    """Zero off the answer, mean 1 on it; gamma = 0 gives the mask exactly (as the official code)."""
+    """Zero off the answer, mean 1 on it; gamma = 0 gives the mask exactly."""
     torch.manual_seed(0)
     losses = torch.rand(3, 9) * 3
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1],
