@@ -142,12 +142,10 @@ def parse_config(argv=None):
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
+        if f.type is bool:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str)
-                                                             else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+        else:  # int, float or str
+            parser.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
     cfg = Config(**vars(parser.parse_args(argv)))
     world = int(os.environ.get("WORLD_SIZE", "1"))  # processes, when torchrun started us
     problems = [

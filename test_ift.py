@@ -365,6 +365,13 @@ def test_cli_learns_something_on_its_own_data(tmp_path):
     assert r.returncode == 1 and "train.jsonl line 1: missing text field 'rejected'" in r.stderr
 
 
+def test_learning_rate_defaults_per_loss():
+    """--lr 0 (the default) takes the loss's entry of DEFAULT_LR; an explicit --lr wins."""
+    assert ift.parse_config(["--loss", "dpo"]).lr == ift.DEFAULT_LR["dpo"] < ift.DEFAULT_LR["sft"]
+    assert ift.parse_config(["--loss", "ift", "--lr", "0"]).lr == ift.DEFAULT_LR["ift"]
+    assert ift.parse_config(["--loss", "dpo", "--lr", "3e-4"]).lr == 3e-4
+
+
 @pytest.mark.parametrize("args, message", [
     (["--loss", "ppo"], "--loss must be one of sft, dpo, orpo, ift"),
     (["--lam", "1.5"], "--lam must lie in [0, 1]"),
