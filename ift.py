@@ -674,6 +674,34 @@ def model_args(cfg, enc):
             "n_head": cfg.n_head, "n_embd": cfg.n_embd}
 
 
+def start(cfg, save_config=False):
+    """Seed, pick the device (joining torchrun's group if it started us), create --out-dir
+    (and save the resolved config there)."""
+    torch.manual_seed(cfg.seed)
+    device = init_distributed(pick_device(cfg.device))  # unchanged without torchrun
+    if device.type == "cpu":
+        # Tiny weights and gradients underflow into subnormal floats, which CPUs compute
+        # 10-100x slower; flushing them to zero changes nothing we can measure here.
+        torch.set_flush_denormal(True)
+    out_dir = Path(cfg.out_dir)
+    try:
+        if rank_and_world()[0] == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if save_config:
+                (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    except OSError as e:
+        raise UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
+    return device, out_dir
+
+
+def build_model(cfg, enc, device):
+    """A fresh GPT of the configured size, or the --init-from checkpoint, on device."""
+    model = GPT(**model_args(cfg, enc))
+    if cfg.init_from:
+        model.load_state_dict(load_checkpoint(cfg.init_from, model_args(cfg, enc)))
+    return model.to(device)
+
+
 def load_checkpoint(path, expected_args):
     """The state dict of a checkpoint written by this script, checked against the model config."""
     path = Path(path)
@@ -1006,15 +1034,7 @@ def saved_for_backward(model, fn):
 
 def bench(cfg):
     """Time an optimizer step of each loss and of a plain LM step; print a table, write JSON."""
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # as in run()
-    out_dir = Path(cfg.out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
+    device, out_dir = start(cfg)
     enc = load_tokenizer(cfg.tokenizer, cfg.data)
     pad_id = enc.eot_token
     path = Path(cfg.data) / "train.jsonl"
@@ -1023,10 +1043,7 @@ def bench(cfg):
     first = next(batches(len(split), cfg.batch_size, torch.Generator().manual_seed(cfg.seed)))
     batch = Split([split.rows[i] for i in first], enc, cfg.block_size, "bench batch")
     idx = list(range(len(batch)))
-    model = GPT(**model_args(cfg, enc))
-    if cfg.init_from:
-        model.load_state_dict(load_checkpoint(cfg.init_from, model_args(cfg, enc)))
-    model.to(device)
+    model = build_model(cfg, enc, device)
     autocast = autocast_for(device)
     model.eval()
     ref = reference_logps(model, batch, pad_id, device, autocast)          # (B, 2)
@@ -1150,20 +1167,8 @@ def plot_loss_curve(log, loss_name, path):
 
 def run(cfg):
     """Train and evaluate one recipe as cfg describes; returns the test results."""
-    torch.manual_seed(cfg.seed)
-    device = init_distributed(pick_device(cfg.device))  # unchanged without torchrun
+    device, out_dir = start(cfg, save_config=True)
     rank, world = rank_and_world()
-    if device.type == "cpu":
-        # Tiny weights and gradients underflow into subnormal floats, which CPUs compute
-        # 10-100x slower; flushing them to zero changes nothing we can measure here.
-        torch.set_flush_denormal(True)
-    out_dir = Path(cfg.out_dir)
-    try:
-        if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    except OSError as e:
-        raise UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
     enc = load_tokenizer(cfg.tokenizer, cfg.data)
     need_pairs = cfg.loss in ("dpo", "orpo")
     splits = {}
@@ -1171,10 +1176,7 @@ def run(cfg):
         path = Path(cfg.data) / f"{name}.jsonl"
         rows = load_rows(path, need_rejected=need_pairs and name == "train", limit=cfg.limit_rows)
         splits[name] = Split(rows, enc, cfg.block_size, str(path))
-    model = GPT(**model_args(cfg, enc))
-    if cfg.init_from:
-        model.load_state_dict(load_checkpoint(cfg.init_from, model_args(cfg, enc)))
-    model.to(device)
+    model = build_model(cfg, enc, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{cfg.loss} | {n_params / 1e6:.2f}M parameters | device {device} | "
           f"{len(splits['train'])} train rows | vocab {enc.n_vocab}"
