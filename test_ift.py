@@ -380,6 +380,9 @@ def test_learning_rate_defaults_per_loss():
     (["--no-such-flag"], "unrecognized arguments"),
     (["--data", "/nonexistent"], "tokenizer file not found"),
     (["--init-from", "/nonexistent/ckpt.pt"], "no such checkpoint"),
+    (["--compare", "--loss", "sft"], "--compare trains every recipe"),
+    (["--compare", "--seeds", "0"], "--seeds must be >= 1"),
+    (["--compare", "--lr-sweep", "1,x"], "--lr-sweep must be positive numbers"),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(args, message):
     """Bad flags and paths exit non-zero with one clear line on stderr and no traceback."""
@@ -483,3 +486,73 @@ def test_torchrun_two_processes_match_one_process(tmp_path, loss):
     assert ddp_weights.keys() == weights.keys()  # the unwrapped model's names, no "module."
     for name, w in weights.items():
         torch.testing.assert_close(ddp_weights[name], w, rtol=0, atol=1e-5, msg=name)
+
+
+# -----------------------------------------------------------------------------
+# the comparison (--compare)
+
+def test_paired_verdicts_from_the_t_interval():
+    """Mean, sample std and 95% t half-width of paired differences decide the verdict."""
+    p = ift.paired([0.10, 0.11, 0.12, 0.13, 0.14])
+    assert p["mean"] == pytest.approx(0.12) and p["std"] == pytest.approx(math.sqrt(2.5e-4))
+    assert p["ci95"] == pytest.approx(2.78 * math.sqrt(2.5e-4) / math.sqrt(5))
+    assert p["verdict"] == "reproduced"
+    assert ift.paired([-0.10, -0.11, -0.12, -0.13, -0.14])["verdict"] == "not reproduced"
+    # mean 0.2 but t(2) = 4.30: half-width 4.30 * 0.1 / sqrt(3) = 0.248 > 0.2
+    assert ift.paired([0.1, 0.2, 0.3])["verdict"] == "within noise"
+    assert ift.paired([0.05])["std"] is None and "no spread" in ift.paired([0.05])["verdict"]
+
+
+def test_compare_recipes_share_the_step_budget():
+    """Both sequential stages add up to one single-stage run; IFT at SFT's FLOPs gets 3/4 of it."""
+    recipes = {r["name"]: r for r in ift.compare_recipes(1000)}
+    assert len(recipes) == 14
+    assert recipes["sft (stage 1)"]["steps"] + recipes["sft then ift"]["steps"] == 1000
+    assert recipes["ift at sft's flops"]["steps"] * ift.IFT_COST == pytest.approx(1000)
+    assert recipes["sft then dpo"]["start"] == "sft (stage 1)"
+    assert {recipes[n]["data"] for n in ("sft (stage 1)", "sft then sft")} == {"train_a", "train_b"}
+    assert recipes["ift, lam 0"]["overrides"] == {"lam": 0.0}
+    assert recipes["ift, lam 0"]["lr_of"] == "ift"
+
+
+def test_cli_compare_end_to_end(tmp_path):
+    """A tiny --compare over two seeds: every recipe, the sweep, paired claims and all outputs."""
+    out = tmp_path / "cmp"
+    args = ["--compare", "--seeds", "2", "--max-steps", "4", "--lr-sweep", "0.5,1",
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "8",
+            "--eval-interval", "2", "--limit-rows", "32", "--max-new-tokens", "8",
+            "--device", "cpu", "--out-dir", str(out)]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "(sweep)" in r.stdout and "left" in r.stdout and "compare.png" in r.stdout
+    res = json.loads((out / "compare.json").read_text())
+    names = [row["recipe"] for row in res["summary"]]
+    assert names == [r["name"] for r in ift.compare_recipes(4)]
+    runs = {(run["recipe"], run["seed"]): run for run in res["runs"]}
+    assert len(runs) == 14 * 2 and res["seeds"] == [1337, 1338]
+    # the sweep: two lrs per swept recipe on the first seed, the best validation score chosen
+    swept = {s["recipe"] for s in res["sweep"]}
+    assert len(swept) == 8 and len(res["sweep"]) == 16
+    for name in swept:
+        tried = [s for s in res["sweep"] if s["recipe"] == name]
+        best = max(tried, key=lambda s: (s["val_exact_match"], -s["val_nll"]))
+        assert [s["chosen"] for s in tried].count(True) == 1 and best["chosen"]
+        assert runs[(name, 1338)]["lr"] == best["lr"]
+    lr = {row["recipe"]: row["lr"] for row in res["summary"]}
+    assert lr["ift, noisy lam"] == lr["ift at sft's flops"] == lr["ift"]
+    assert lr["sft (stage 1)"] == lr["sft"]
+    # stage 2 starts from the same seed's stage-1 checkpoint; DPO then uses it as reference
+    stage2 = Path(runs[("sft then dpo", 1338)]["ckpt"]).parent
+    init = json.loads((stage2 / "config.json").read_text())["init_from"]
+    assert init == runs[("sft (stage 1)", 1338)]["ckpt"]
+    assert "reference is the random initial model" not in (stage2 / "train.log").read_text()
+    # claims are the paired differences of the test metrics, seed by seed
+    claim = next(c for c in res["claims"] if c["claim"] == "d")
+    want = [runs[("sft then ift", s)]["test"]["exact_match"]
+            - runs[("sft then sft", s)]["test"]["exact_match"] for s in (1337, 1338)]
+    assert claim["diffs"] == pytest.approx(want)
+    assert {c["claim"] for c in res["claims"]} == {"a", "a'", "b", "c", "d"}
+    md = (out / "compare.md").read_text()
+    assert "python ift.py --compare --seeds 2" in md and "| ift, gamma 0 |" in md
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
