@@ -154,8 +154,9 @@ class Config:
 # the command line still win). A 2x64 model takes 2.4x less time per step than 3x96 on a 2-core
 # CPU; in pilot runs (SFT, seed 1337, 1000 steps) it reached validation exact match 0.258 at lr
 # 5e-3 (0.160 at 1e-2, 0.110 at 2e-2). Each recipe's lr is swept around DEFAULT_LR (--lr-sweep).
+# torch.compile is off: it would compile anew for every one of the short runs.
 COMPARE_DEFAULTS = {"n_layer": 2, "n_embd": 64, "max_steps": 1000, "warmup_steps": 30,
-                    "eval_interval": 250, "log_interval": 250}
+                    "eval_interval": 250, "log_interval": 250, "compile": "off"}
 
 
 def parse_config(argv=None):

@@ -372,6 +372,16 @@ def test_learning_rate_defaults_per_loss():
     assert ift.parse_config(["--loss", "dpo", "--lr", "3e-4"]).lr == 3e-4
 
 
+def test_compare_defaults_apply_only_to_flags_left_out():
+    """--compare shrinks the model and steps unless the command line sets them."""
+    plain, compare = ift.parse_config([]), ift.parse_config(["--compare"])
+    assert (plain.n_layer, plain.max_steps) == (3, 2000)
+    assert (compare.n_layer, compare.n_embd, compare.max_steps) == (2, 64, 1000)
+    assert compare.out_dir == str(Path("out") / "compare")
+    given = ift.parse_config(["--compare", "--n-layer", "3", "--max-steps", "2000"])
+    assert (given.n_layer, given.n_embd, given.max_steps) == (3, 64, 2000)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--loss", "ppo"], "--loss must be one of sft, dpo, orpo, ift"),
     (["--lam", "1.5"], "--lam must lie in [0, 1]"),
