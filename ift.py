@@ -1436,7 +1436,7 @@ def compare_report(info, summary, claims, sweep, cfg):
         f"(mean ± std over {n} seed{'s' * (n > 1)})", "",
         "| recipe | " + " | ".join(tasks) + " | mean exact | pref acc | chosen NLL | steps | lr "
         "| s/run | ms/step |",
-        "|---" * (len(tasks) + 9) + "|"]
+        "|---" * (len(tasks) + 8) + "|"]
     for row in summary:
         cells = [pm(row[t]) for t in tasks] + [
             f"**{pm(row['exact_match'])}**", pm(row["preference_accuracy"]),
