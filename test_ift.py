@@ -564,5 +564,9 @@ def test_cli_compare_end_to_end(tmp_path):
     assert {c["claim"] for c in res["claims"]} == {"a", "a'", "b", "c", "d"}
     md = (out / "compare.md").read_text()
     assert "python ift.py --compare --seeds 2" in md and "| ift, gamma 0 |" in md
+    lines = md.splitlines()
+    for i, line in enumerate(lines):  # every markdown table: header, delimiter, rows alike
+        if line.startswith("|---"):
+            assert {lines[j].count("|") for j in range(i - 1, i + 2)} == {line.count("|")}
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
