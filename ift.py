@@ -231,6 +231,13 @@ def sweep_multipliers(text):
     return values if all(v > 0 and math.isfinite(v) for v in values) else None
 
 
+def shown_config(cfg):
+    """The config as a dict for logs; --compare leaves out what each of its recipes sets."""
+    fields = dataclasses.asdict(cfg)
+    return {k: v for k, v in fields.items()
+            if not (cfg.compare and k in ("loss", "lr", "init_from"))}
+
+
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 1."""
 
@@ -1398,7 +1405,7 @@ def compare(cfg, command):
             "seed_seconds": {s: sum(runs[(r["name"], s)]["seconds"] for r in recipes)
                              for s in seeds},
             "params": sum(p.numel() for p in model.parameters()), "seeds": seeds,
-            "tasks": tasks, "config": dataclasses.asdict(cfg)}
+            "tasks": tasks, "config": shown_config(cfg)}
     paths = [out_dir / "compare.json", out_dir / "compare.md", out_dir / "compare.png"]
     paths[0].write_text(json.dumps({**info, "summary": summary, "claims": claims, "sweep": sweep,
                                     "runs": [runs[(r["name"], s)] for s in seeds
@@ -1589,7 +1596,7 @@ def main(argv=None):
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 prints
         sys.stdout = open(os.devnull, "w")
     cfg = parse_config(argv)
-    print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
+    print("config: " + json.dumps(shown_config(cfg)), flush=True)
     try:
         if cfg.bench:
             bench(cfg)

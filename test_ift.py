@@ -540,6 +540,7 @@ def test_cli_compare_end_to_end(tmp_path):
     assert names == [r["name"] for r in ift.compare_recipes(4)]
     runs = {(run["recipe"], run["seed"]): run for run in res["runs"]}
     assert len(runs) == 14 * 2 and res["seeds"] == [1337, 1338]
+    assert not {"loss", "lr", "init_from"} & set(res["config"])  # each recipe sets its own
     # the sweep: two lrs per swept recipe on the first seed, the best validation score chosen
     swept = {s["recipe"] for s in res["sweep"]}
     assert len(swept) == 8 and len(res["sweep"]) == 16
