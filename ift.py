@@ -157,6 +157,7 @@ class Config:
 # torch.compile is off: it would compile anew for every one of the short runs.
 COMPARE_DEFAULTS = {"n_layer": 2, "n_embd": 64, "max_steps": 1000, "warmup_steps": 30,
                     "eval_interval": 250, "log_interval": 250, "compile": "off"}
+RECIPE_FIELDS = ("loss", "lr", "init_from")  # set by each recipe of --compare, not by flags
 
 
 def parse_config(argv=None):
@@ -204,7 +205,7 @@ def parse_config(argv=None):
         (cfg.bench and world > 1, "--bench times one process: run it without torchrun"),
         (cfg.compare and (cfg.bench or world > 1),
          "--compare runs alone in one process: drop --bench and run it without torchrun"),
-        (cfg.compare and bool({"loss", "lr", "init_from"} & set(given)),
+        (cfg.compare and bool(set(RECIPE_FIELDS) & set(given)),
          "--compare trains every recipe with learning rates from its sweep: drop --loss, --lr "
          "and --init-from (use --lr-sweep)"),
         (cfg.seeds < 1, f"--seeds must be >= 1, got {cfg.seeds}"),
@@ -235,7 +236,7 @@ def shown_config(cfg):
     """The config as a dict for logs; --compare leaves out what each of its recipes sets."""
     fields = dataclasses.asdict(cfg)
     return {k: v for k, v in fields.items()
-            if not (cfg.compare and k in ("loss", "lr", "init_from"))}
+            if not (cfg.compare and k in RECIPE_FIELDS)}
 
 
 class UserError(Exception):
@@ -357,6 +358,16 @@ class Split:
 
     def __len__(self):
         return len(self.rows)
+
+
+def load_splits(cfg, enc, need_rejected=()):
+    """train, val and test from --data, tokenised; need_rejected: the splits that need pairs."""
+    splits = {}
+    for name in ("train", "val", "test"):
+        path = Path(cfg.data) / f"{name}.jsonl"
+        rows = load_rows(path, need_rejected=name in need_rejected, limit=cfg.limit_rows)
+        splits[name] = Split(rows, enc, cfg.block_size, str(path))
+    return splits
 
 
 def collate(seqs, pad_id):
@@ -1208,8 +1219,9 @@ def bench(cfg):
 #   equal compute  IFT for S / IFT_COST steps: the FLOPs of SFT's S steps.
 # Learning rates: on the first seed each recipe with an lr of its own (lr_of = its name) trains
 # once per --lr-sweep multiplier of DEFAULT_LR[loss] and keeps the lr with the best validation
-# exact match (ties: the lower validation NLL). The test split is never used to choose. Stage 1 takes SFT's lr; the
-# ablations and the equal-compute run take IFT's. Every later seed reuses the choices.
+# exact match (ties: the lower validation NLL). The test split is never used to choose. Stage 1
+# takes SFT's lr; the ablations and the equal-compute run take IFT's. Every later seed reuses the
+# choices.
 #
 # A claim is judged on paired differences d_s = metric(recipe, seed s) - metric(other, seed s):
 # reproduced if the 95% t-interval of their mean lies above 0, not reproduced if it lies below,
@@ -1340,11 +1352,7 @@ def compare(cfg, command):
     t_start = time.time()
     device, out_dir = start(cfg)
     enc = load_tokenizer(cfg.tokenizer, cfg.data)
-    data = {}
-    for name in ("train", "val", "test"):
-        path = Path(cfg.data) / f"{name}.jsonl"
-        data[name] = Split(load_rows(path, need_rejected=True, limit=cfg.limit_rows), enc,
-                           cfg.block_size, str(path))
+    data = load_splits(cfg, enc, need_rejected=("train", "val", "test"))
     n = len(data["train"])
     data["train_a"] = Split(data["train"].rows[:n // 2], enc, cfg.block_size, "train half A")
     data["train_b"] = Split(data["train"].rows[n // 2:], enc, cfg.block_size, "train half B")
@@ -1528,7 +1536,7 @@ def plot_compare(summary, runs, recipes, seeds, tasks, path):
     ax.legend(ncol=5, fontsize=8, loc="upper left")
     ax.set_title(f"python ift.py --compare: mean ± std over {len(seeds)} seeds")
     curves = {}  # recipe -> (steps, mean validation exact match over the seeds)
-    for i, r in enumerate(recipes):
+    for r in recipes:
         per_seed = [runs[(r["name"], s)]["val_curve"] for s in seeds]
         steps = [step for step, _ in per_seed[0]]
         means = [statistics.mean(c[j][1] for c in per_seed) for j in range(len(steps))]
@@ -1560,12 +1568,7 @@ def run(cfg):
     device, out_dir = start(cfg, save_config=True)
     rank, world = rank_and_world()
     enc = load_tokenizer(cfg.tokenizer, cfg.data)
-    need_pairs = cfg.loss in ("dpo", "orpo")
-    splits = {}
-    for name in ("train", "val", "test"):
-        path = Path(cfg.data) / f"{name}.jsonl"
-        rows = load_rows(path, need_rejected=need_pairs and name == "train", limit=cfg.limit_rows)
-        splits[name] = Split(rows, enc, cfg.block_size, str(path))
+    splits = load_splits(cfg, enc, need_rejected=("train",) if cfg.loss in ("dpo", "orpo") else ())
     model = build_model(cfg, enc, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{cfg.loss} | {n_params / 1e6:.2f}M parameters | device {device} | "
