@@ -39,7 +39,7 @@ Choices made where the paper is silent (numbered; the comments below cite them a
  1. Map: the two-routes map above, deterministic by default (the trajectories are the data);
     Gymnasium's "4x4" and "8x8" maps are options. Time limit 100 steps (200 for 8x8, as
     Gymnasium registers them). Dynamics, rewards and the transition table follow Gymnasium's
-    FrozenLake-v1 exactly (PAPER.md section 5).
+    FrozenLake-v1 exactly (actions, state numbering, walls, slips, rewards, time limit).
  2. pi* comes from value iteration with discount 0.95, so a shorter route is strictly better.
     Ties are split evenly: pi*(a|s) = 1/|A*(s)| on the optimal actions A*(s). The same rule gives
     the uniform distribution on holes and the goal (every action is worth 0 there) and on
@@ -67,7 +67,7 @@ Choices made where the paper is silent (numbered; the comments below cite them a
     would reach) is derived above the IFT code below. The IFT mixing uses the live weights
     (mixing one-hot inputs = mixing rows of the first layer), not the official code's frozen
     copy of the embedding table: for the tabular policy that table is the whole policy. The
-    relation weights are not detached, as in the official code (--ift-detach to detach them).
+    relation weights are not detached, as in the official code (--detach-weights to detach them).
  8. Training: Adam, lr 0.05, 300 full-batch steps, for every method and both families, fixed
     before looking at the MSE: by the last step every method's own training loss is below 1% of
     its start and the MSE curves have long stopped moving (frozen_lake_curves.png). The MSE is
@@ -78,18 +78,18 @@ Choices made where the paper is silent (numbered; the comments below cite them a
     the time limit ("visited"), both computed exactly. The MSE is also split into the optimal
     route's states and the other non-terminal states, which explains most of the ranking.
 
-References: PAPER.md (this repository's summary of the paper and of the official code),
-ift.py (relation_weights, dpo_loss and orpo_loss, shared with the language-model part).
+References: Hua et al., arXiv:2405.11870 (v3: section 5.3, appendix B.2, figure 3; Algorithm 1,
+eq. 17 and eq. 21 for IFT); ift.py (relation_weights, dpo_loss and orpo_loss, shared with the
+language-model part, each under its derivation).
 """
 
-import argparse
 import copy
 import csv
 import json
 import os
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from itertools import product
 
 import numpy as np
@@ -97,7 +97,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ift import dpo_loss, orpo_loss, relation_weights
+from ift import arg, dpo_loss, orpo_loss, parse_flags, relation_weights
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no window
@@ -105,11 +105,6 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 
 # -----------------------------------------------------------------------------------------------
 # Config
-
-
-def arg(default, help, choices=None):
-    """A config field whose help text (and allowed values) become its command-line flag's."""
-    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 MAPS = {
@@ -133,41 +128,22 @@ class Config:
     lr: float = arg(0.05, "Adam learning rate (every method, both policy families)")
     lam: float = arg(0.2, "IFT: weight of the policy's own prediction in its input (eq. 17)")
     gamma: float = arg(0.95, "IFT: decay of relation propagation (eq. 21); 0 switches it off")
-    ift_detach: bool = arg(False, "IFT: detach the relation weights (the official code does not)")
-    beta_dpo: float = arg(0.1, "DPO: beta, the inverse temperature of the preference")
-    beta_orpo: float = arg(0.25, "ORPO: beta, the weight of the odds-ratio term")
+    detach_weights: bool = arg(False, "IFT: constant relation weights (the official code: not)")
+    dpo_beta: float = arg(0.1, "DPO: beta, the inverse temperature of the preference")
+    orpo_beta: float = arg(0.25, "ORPO: beta, the weight of the odds-ratio term")
     discount: float = arg(0.95, "value iteration: discount, < 1 so shorter routes are better")
     hidden: int = arg(64, "neural policy: width of its hidden layer")
     visit_threshold: float = arg(0.05, "a cell counts as visited if entered with this probability")
     sweep: bool = arg(False, "after the main run, rerun it at every --sweep-* grid point (~2 min)")
     sweep_lrs: tuple = arg((0.01, 0.05, 0.2), "--sweep: Adam learning rates (every method)")
-    sweep_betas_dpo: tuple = arg((0.1, 0.5), "--sweep: DPO betas, each at every learning rate")
-    sweep_betas_orpo: tuple = arg((0.25, 1.0), "--sweep: ORPO betas, each at every learning rate")
+    sweep_dpo_betas: tuple = arg((0.1, 0.5), "--sweep: DPO betas, each at every learning rate")
+    sweep_orpo_betas: tuple = arg((0.25, 1.0), "--sweep: ORPO betas, each at every learning rate")
     out_dir: str = arg("out/frozen_lake", "output folder (created if missing)")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag ends the program with one line instead of the usage text."""
-
-    def error(self, message):
-        raise SystemExit(f"error: {message}")
-
-
 def parse_config(argv=None):
-    """Turn every Config field into a flag (--out-dir for out_dir) and parse the command line."""
-    parser = OneLineParser(description=__doc__.split("\n")[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif isinstance(f.default, tuple):  # a list of numbers: --sweep-lrs 0.01 0.05 0.2
-            parser.add_argument(flag, type=float, nargs="+", default=f.default,
-                                help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default,
-                                choices=f.metadata["choices"], help=f.metadata["help"])
-    return Config(**vars(parser.parse_args(argv)))
+    """The Config from the command line (one --flag per field), checked by config_error."""
+    return parse_flags(Config, argv, check=config_error, description=__doc__.split("\n")[0])
 
 
 def config_error(cfg):
@@ -177,10 +153,10 @@ def config_error(cfg):
             return f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}"
     if not 0.0 < cfg.discount < 1.0:
         return f"--discount must be in (0, 1), got {cfg.discount}"
-    for name in ("beta_dpo", "beta_orpo", "lr"):
+    for name in ("dpo_beta", "orpo_beta", "lr"):
         if not getattr(cfg, name) > 0.0:
             return f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}"
-    for name in ("sweep_lrs", "sweep_betas_dpo", "sweep_betas_orpo"):
+    for name in ("sweep_lrs", "sweep_dpo_betas", "sweep_orpo_betas"):
         if not all(value > 0.0 for value in getattr(cfg, name)):
             return f"--{name.replace('_', '-')} must all be > 0, got {list(getattr(cfg, name))}"
     for name in ("seeds", "steps", "hidden"):
@@ -516,7 +492,7 @@ def sft_loss(policy, demos, ref, cfg):
 
 
 def dpo_loss_fn(policy, demos, ref, cfg):
-    """DPO, chosen = the optimal route, rejected = the sub-optimal one (PAPER.md section 3).
+    """DPO, chosen = the optimal route, rejected = the sub-optimal one (the paper's section 3).
 
     h = [log pi(chosen) - log pi_ref(chosen)] - [log pi(rejected) - log pi_ref(rejected)] with
     log-probs summed over the moves; loss = -log sigmoid(beta * h), computed by ift.dpo_loss.
@@ -528,7 +504,7 @@ def dpo_loss_fn(policy, demos, ref, cfg):
                                         demos.n_states)  # (1,)
     ref_chosen_logps, ref_rejected_logps = ref
     loss, _ = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                       ref_rejected_logps, beta=cfg.beta_dpo)
+                       ref_rejected_logps, beta=cfg.dpo_beta)
     return loss
 
 
@@ -536,7 +512,7 @@ def orpo_loss_fn(policy, demos, ref, cfg):
     """ORPO: SFT on the optimal route - beta * log sigmoid(log odds(chosen) - log odds(rejected)).
 
     odds(y) = p / (1 - p), p = exp(mean log-prob per move) of the route; ift.orpo_loss computes
-    it from the summed log-probs and the route lengths (PAPER.md section 3). No reference policy.
+    it from the summed log-probs and the route lengths (the paper's section 3). No reference.
     """
     policy_chosen_logps = route_logps(policy, demos.chosen_states, demos.chosen_actions,
                                       demos.n_states)  # (1,)
@@ -545,11 +521,11 @@ def orpo_loss_fn(policy, demos, ref, cfg):
     chosen_lengths = torch.tensor([demos.chosen_actions.shape[1]], dtype=torch.float64)  # (1,)
     rejected_lengths = torch.tensor([demos.rejected_actions.shape[1]], dtype=torch.float64)
     loss, _ = orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths,
-                        rejected_lengths, beta=cfg.beta_orpo)
+                        rejected_lengths, beta=cfg.orpo_beta)
     return loss
 
 
-# IFT at the trajectory level (PAPER.md section 2: Algorithm 1, eq. 17 and eq. 21).
+# IFT at the trajectory level (the paper's Algorithm 1, eq. 17 and eq. 21; ift.py derives them).
 # The analogy: token = action a_t; the context after t tokens = the state s_t; the token's
 # embedding = the policy's input, the one-hot x(s) (the neural policy's first layer W1 x(s) is an
 # embedding lookup; the tabular policy is the linear map W x(s)). On the optimal route,
@@ -586,7 +562,7 @@ def ift_loss(policy, demos, ref, cfg):
     inputs = ift_inputs(policy, demos, cfg.lam)  # (1, T, S)
     step_losses = -step_logps(policy, inputs, demos.chosen_actions)  # (1, T) l_t
     mask = torch.ones_like(step_losses, dtype=torch.bool)  # (1, T) every move is an answer token
-    weights = relation_weights(step_losses, mask, cfg.gamma, detach=cfg.ift_detach)  # (1, T)
+    weights = relation_weights(step_losses, mask, cfg.gamma, detach=cfg.detach_weights)  # (1, T)
     n_moves = mask.sum(dim=-1)  # (1,) N
     return ((step_losses * weights).sum(dim=-1) / n_moves).mean()
 
@@ -686,7 +662,7 @@ def print_table(summary):
 
 def sweep_variants(cfg):
     """The (method, beta) pairs trained at each lr, in METHODS order."""
-    betas = {"DPO": cfg.sweep_betas_dpo, "ORPO": cfg.sweep_betas_orpo}
+    betas = {"DPO": cfg.sweep_dpo_betas, "ORPO": cfg.sweep_orpo_betas}
     return [(method, beta) for method in METHODS for beta in betas.get(method, [None])]
 
 
@@ -707,9 +683,9 @@ def run_sweep(cfg, env, demos, pi_star):
                 t0 = time.time()
                 run_cfg = replace(cfg, lr=lr)
                 if method == "DPO":
-                    run_cfg = replace(run_cfg, beta_dpo=beta)
+                    run_cfg = replace(run_cfg, dpo_beta=beta)
                 elif method == "ORPO":
-                    run_cfg = replace(run_cfg, beta_orpo=beta)
+                    run_cfg = replace(run_cfg, orpo_beta=beta)
                 mses = []
                 for seed in range(cfg.seeds):
                     policy = starting_policy(family, seed, env.n_states, cfg.hidden)
@@ -729,7 +705,7 @@ def run_sweep(cfg, env, demos, pi_star):
 def print_sweep_table(rows, cfg):
     """One line per (family, method, beta), one column per lr: mean ± std MSE over the seeds."""
     print(f"\nsweep: MSE to pi* after {cfg.steps} steps, mean ± std over {cfg.seeds} seed(s) "
-          f"(main run: lr {cfg.lr:g}, DPO beta {cfg.beta_dpo:g}, ORPO beta {cfg.beta_orpo:g})")
+          f"(main run: lr {cfg.lr:g}, DPO beta {cfg.dpo_beta:g}, ORPO beta {cfg.orpo_beta:g})")
     print(f"{'policy':8s} {'method':16s} | "
           + " | ".join(f"{f'lr {lr:g}':15s}" for lr in cfg.sweep_lrs))
     for family in FAMILIES:
@@ -761,18 +737,18 @@ def sweep_verdicts(rows, cfg):
                   f"{r['method']} {r['mse_mean']:.4f} ({point_label(r)})" for r in oracle)
               + f"  -> {verdict} the paper's order")
         mse = {(r["method"], r["lr"], r["beta"]): r["mse_mean"] for r in rows_f}
-        grid = list(product(cfg.sweep_lrs, cfg.sweep_betas_dpo, cfg.sweep_betas_orpo))
+        grid = list(product(cfg.sweep_lrs, cfg.sweep_dpo_betas, cfg.sweep_orpo_betas))
         holds = []  # (c) the grid points where the paper's order holds
-        for lr, beta_dpo, beta_orpo in grid:
-            beta = {"SFT": None, "DPO": beta_dpo, "ORPO": beta_orpo, "IFT": None}
+        for lr, dpo_beta, orpo_beta in grid:
+            beta = {"SFT": None, "DPO": dpo_beta, "ORPO": orpo_beta, "IFT": None}
             order = sorted(METHODS, key=lambda m: mse[(m, lr, beta[m])])
             if tuple(order) == PAPER_ORDER:
-                holds.append({"lr": lr, "beta_dpo": beta_dpo, "beta_orpo": beta_orpo})
+                holds.append({"lr": lr, "dpo_beta": dpo_beta, "orpo_beta": orpo_beta})
         print(f"sweep {family} paper's order {' > '.join(PAPER_ORDER)} holds at {len(holds)} of "
               f"{len(grid)} grid points (lr x DPO beta x ORPO beta)")
         for h in holds:
-            print(f"    at lr {h['lr']:g}, DPO beta {h['beta_dpo']:g}, "
-                  f"ORPO beta {h['beta_orpo']:g}")
+            print(f"    at lr {h['lr']:g}, DPO beta {h['dpo_beta']:g}, "
+                  f"ORPO beta {h['orpo_beta']:g}")
         verdicts[family] = {"ranking_at_lr": ranking_at_lr, "oracle": oracle,
                             "paper_order_holds_at": holds, "grid_points": len(grid)}
     return verdicts
@@ -948,8 +924,8 @@ def run_experiment(cfg, env, demos, pi_star, on_route):
 
 def main_sweep(cfg, env, demos, pi_star, summary):
     """--sweep: run the grid, print the table and verdicts, write sweep.json / .csv / .png."""
-    print(f"\nsweep over lr {list(cfg.sweep_lrs)}, DPO beta {list(cfg.sweep_betas_dpo)}, "
-          f"ORPO beta {list(cfg.sweep_betas_orpo)}; {cfg.seeds} seed(s), {cfg.steps} steps each")
+    print(f"\nsweep over lr {list(cfg.sweep_lrs)}, DPO beta {list(cfg.sweep_dpo_betas)}, "
+          f"ORPO beta {list(cfg.sweep_orpo_betas)}; {cfg.seeds} seed(s), {cfg.steps} steps each")
     t0 = time.time()
     rows = run_sweep(cfg, env, demos, pi_star)
     print_sweep_table(rows, cfg)
@@ -976,9 +952,6 @@ def write_csv(path, rows):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    error = config_error(cfg)
-    if error:
-        raise SystemExit(f"error: {error}")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:

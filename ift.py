@@ -239,6 +239,45 @@ def shown_config(cfg):
             if not (cfg.compare and k in RECIPE_FIELDS)}
 
 
+def arg(default, help, choices=None):
+    """A config field: its default, and the help text (and allowed values) of its --flag."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (exit status 2), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_flags(cls, argv=None, check=None, skip=(), description=""):
+    """An instance of the config dataclass cls from the command line.
+
+    Every field but those in skip becomes a --flag (underscores become dashes): a bool field is a
+    switch, a tuple field takes several numbers. check(cfg) returns the first problem with the
+    values as one line (printed as the error), or None.
+    """
+    parser = ArgumentParser(description=description)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if isinstance(f.default, bool):
+            kind = {"action": "store_true"}
+        elif isinstance(f.default, tuple):
+            kind = {"type": float, "nargs": "+"}
+        else:
+            kind = {"type": type(f.default), "choices": f.metadata["choices"]}
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                            help=f"{f.metadata['help']} (default: {f.default})", **kind)
+    given = vars(parser.parse_args(argv))
+    cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    problem = check(cfg) if check else None
+    if problem:
+        parser.error(problem)
+    return cfg
+
+
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 1."""
 

@@ -192,7 +192,7 @@ def test_two_routes_map_has_exactly_the_two_claimed_routes(setup):
 
 @pytest.mark.parametrize("family", fl.FAMILIES)
 def test_ift_with_lam_0_and_gamma_0_is_sft(setup, family):
-    """IFT with lam = 0 and gamma = 0 equals SFT in value and gradient (PAPER.md section 2.5)."""
+    """IFT with lam = 0 and gamma = 0 equals SFT in value and gradient (ift.py, ift_loss)."""
     cfg, env, chosen, rejected, pi_star, demos = setup
     cfg = dataclasses.replace(cfg, lam=0.0, gamma=0.0)
     policy = seeded_policy(family, env.n_states)
@@ -249,7 +249,7 @@ def test_dpo_at_reference_is_ln2(setup, family):
          - fl.route_logps(policy, demos.rejected_states, demos.rejected_actions, env.n_states))
     h.sum().backward()
     for g, p in zip(grads, policy.parameters()):
-        torch.testing.assert_close(g, -cfg.beta_dpo / 2 * p.grad)
+        torch.testing.assert_close(g, -cfg.dpo_beta / 2 * p.grad)
 
 
 def test_orpo_matches_closed_form(setup):
@@ -263,7 +263,7 @@ def test_orpo_matches_closed_form(setup):
     p_chosen = math.exp(lc.item() / len(chosen.actions))  # length-normalised probabilities
     p_rejected = math.exp(lr.item() / len(rejected.actions))
     log_odds_ratio = math.log(p_chosen / (1 - p_chosen)) - math.log(p_rejected / (1 - p_rejected))
-    expected = -math.log(p_chosen) + cfg.beta_orpo * math.log(1 + math.exp(-log_odds_ratio))
+    expected = -math.log(p_chosen) + cfg.orpo_beta * math.log(1 + math.exp(-log_odds_ratio))
     assert value == pytest.approx(expected, rel=1e-10)
 
 
@@ -336,7 +336,7 @@ def test_sweep_command_line(tmp_path):
     (["--map", "9x9"], "invalid choice"),
     (["--lam", "1.5"], "--lam must be in [0, 1]"),
     (["--gamma", "-0.1"], "--gamma must be in [0, 1]"),
-    (["--beta-dpo", "0"], "--beta-dpo must be > 0"),
+    (["--dpo-beta", "0"], "--dpo-beta must be > 0"),
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--sweep-lrs", "0.05", "-1"], "--sweep-lrs must all be > 0"),
     (["--out-dir", "/proc/version/out"], "cannot write into --out-dir"),
