@@ -81,7 +81,7 @@ def test_prompt_and_padding_positions_get_zero_gradient(loss):
     model.register_forward_hook(keep_grad)
     if loss == "sft":
         token_logps, _ = ift.sequence_logps(model(x), y, mask)
-        out = ift.sft_loss(token_logps, mask)
+        out, _ = ift.sft_loss(token_logps, mask)
     else:
         out, _ = ift.ift_loss(model, x, y, mask, lam=0.5, gamma=0.95)
     out.backward()
@@ -90,7 +90,7 @@ def test_prompt_and_padding_positions_get_zero_gradient(loss):
     assert grad[mask].abs().max() > 0
 
 
-def test_shifted_predictions_replace_answer_inputs_only():
+def test_mix_replaces_answer_inputs_only():
     """x~ takes the prediction at answer inputs (position after a masked target), x elsewhere."""
     x = torch.tensor([[1, 2, 3, 4, 5, 6]])
     yhat = torch.tensor([[91, 92, 93, 94, 95, 96]])
@@ -107,7 +107,8 @@ def test_sft_loss_is_mean_token_nll_per_sequence_then_mean():
     """sft_loss averages over each answer's tokens, then over sequences (hand computed)."""
     token_logps = torch.tensor([[0.0, -1.0, -3.0], [-2.0, 0.0, 0.0]])
     mask = torch.tensor([[False, True, True], [True, False, False]])
-    assert ift.sft_loss(token_logps, mask).item() == pytest.approx(((1 + 3) / 2 + 2) / 2)
+    loss, metrics = ift.sft_loss(token_logps, mask)
+    assert loss.item() == pytest.approx(((1 + 3) / 2 + 2) / 2) and metrics == {}
 
 
 def test_dpo_is_ln2_at_the_reference_with_closed_form_gradient():
@@ -165,8 +166,10 @@ def test_relation_weights_masks_and_special_cases():
     assert torch.equal(ift.relation_weights(losses, mask, 0.0), mask.float())
 
 
-def test_relation_weights_gradient_matches_paper_example():
-    """Undetached weights give PAPER.md's dL/dl (some negative); detached ones are all positive."""
+def test_relation_weights_gradient_worked_example():
+    """The worked example above relation_weights in ift.py: autograd, finite differences and the
+    closed form dL/dl_j = (S_j + (1/N) sum_{t<=j} gamma^(j-t) (l_t - L)) / S agree, and give its
+    numbers (some negative); detached weights give w / N, all positive."""
     losses = torch.tensor([[2, .1, .1, .1, 3, .1, .1, .1]], requires_grad=True)
     mask = torch.ones(1, 8, dtype=torch.bool)
     ((losses * ift.relation_weights(losses, mask, 0.95)).sum() / 8).backward()
@@ -182,6 +185,15 @@ def test_relation_weights_gradient_matches_paper_example():
         fd.append((f[0] - f[1]) / (2 * eps))
     torch.testing.assert_close(losses.grad[0].double(), torch.tensor(fd, dtype=torch.double),
                                atol=1e-5, rtol=0)
+    # the closed form, term by term in plain Python
+    l, g, N = l0[0].tolist(), 0.95, 8
+    S = [sum(g ** (j - t) * l[j] / N for j in range(t, N)) for t in range(N)]
+    L = sum(lt * St for lt, St in zip(l, S)) / sum(S)
+    assert L == pytest.approx(1.135, abs=5e-4)
+    closed = [(S[j] + sum(g ** (j - t) * (l[t] - L) for t in range(j + 1)) / N) / sum(S)
+              for j in range(N)]
+    torch.testing.assert_close(losses.grad[0].double(), torch.tensor(closed, dtype=torch.double),
+                               atol=1e-6, rtol=0)
     detached = losses.detach().clone().requires_grad_()
     w = ift.relation_weights(detached, mask, 0.95, detach=True)
     ((detached * w).sum() / 8).backward()
@@ -197,7 +209,7 @@ def test_ift_with_lam0_gamma0_is_sft_in_value_and_gradient():
     x, y, mask = toy_batch()
     sft_model, ift_model = tiny_model(), tiny_model()
     token_logps, _ = ift.sequence_logps(sft_model(x), y, mask)
-    sft = ift.sft_loss(token_logps, mask)
+    sft, _ = ift.sft_loss(token_logps, mask)
     sft.backward()
     loss, _ = ift.ift_loss(ift_model, x, y, mask, lam=0.0, gamma=0.0)
     loss.backward()
@@ -211,21 +223,35 @@ def test_ift_differs_from_sft_when_lam_or_gamma_is_positive():
     model = tiny_model()
     x, y, mask = toy_batch()
     token_logps, _ = ift.sequence_logps(model(x), y, mask)
-    sft = ift.sft_loss(token_logps, mask).item()
+    sft = ift.sft_loss(token_logps, mask)[0].item()
     assert ift.ift_loss(model, x, y, mask, lam=0.5, gamma=0.0)[0].item() != pytest.approx(sft)
     assert ift.ift_loss(model, x, y, mask, lam=0.0, gamma=0.95)[0].item() != pytest.approx(sft)
 
 
-def test_first_answer_token_loss_is_unchanged_by_the_mix():
+def test_mix_leaves_the_first_answer_token_loss_unchanged():
     """One answer token per row: IFT equals SFT for any lam and gamma (its context is unmixed)."""
     model = tiny_model()
     x, y, _ = toy_batch()
     mask = torch.zeros_like(x, dtype=torch.bool)
     mask[0, 4] = mask[1, 2] = True  # the first answer target of each row
     token_logps, _ = ift.sequence_logps(model(x), y, mask)
-    sft = ift.sft_loss(token_logps, mask)
+    sft, _ = ift.sft_loss(token_logps, mask)
     loss, _ = ift.ift_loss(model, x, y, mask, lam=1.0, gamma=0.95)
     torch.testing.assert_close(loss, sft)
+
+
+def test_mix_uses_the_models_own_predictions():
+    """lam = 1, gamma = 0: IFT is SFT on the inputs x~ built from the model's greedy predictions,
+    computed here independently of ift_loss."""
+    model = tiny_model()
+    x, y, mask = toy_batch()
+    with torch.no_grad():
+        yhat = model(x).argmax(-1)                                          # (B, T)
+    x_tilde = ift.shifted_predictions(x, yhat, mask)
+    assert not torch.equal(x_tilde, x)  # the untrained model gets some answer tokens wrong
+    want, _ = ift.sft_loss(ift.sequence_logps(model(x_tilde), y, mask)[0], mask)
+    got, _ = ift.ift_loss(model, x, y, mask, lam=1.0, gamma=0.0)
+    torch.testing.assert_close(got, want)
 
 
 def test_lam_schedules():
@@ -264,8 +290,8 @@ def test_batched_cached_generation_equals_one_by_one_full_recompute():
 # tokenizer and data
 
 def test_tokenizer_round_trip_digits_and_special_tokens():
-    """The toy tokenizer round-trips text, splits digits one per token, encodes special tokens."""
-    enc = ift.load_tokenizer("toy", DATA)
+    """The built-in tokenizer round-trips text, one token per digit, and the special tokens."""
+    enc = ift.load_tokenizer(DATA)
     text = "Add 4821 + 3795 step by step. Ann has a red key."
     assert enc.decode(enc.encode_ordinary(text)) == text
     assert len(enc.encode_ordinary("4821")) == 4
@@ -274,17 +300,6 @@ def test_tokenizer_round_trip_digits_and_special_tokens():
     assert ids[prompt_len - 1] == enc.encode_single_token("<|assistant|>")
     assert ids[-1] == enc.eot_token and enc.decode(ids[prompt_len:-1]) == "3"
     assert enc.n_vocab == len((DATA / "tokenizer.tiktoken").read_text().splitlines()) + 3
-
-
-def test_gpt2_tokenizer_offline_is_one_clear_error(monkeypatch):
-    """--tokenizer gpt2 without a network raises a UserError, not a network traceback."""
-    import tiktoken
-
-    def offline(name):
-        raise ConnectionError("no network")
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(ift.UserError, match="gpt2.*--tokenizer toy"):
-        ift.load_tokenizer("gpt2", DATA)
 
 
 def test_committed_splits_are_disjoint_and_well_formed():
@@ -315,7 +330,7 @@ def test_data_errors_name_file_and_line(tmp_path):
 
 def test_rows_longer_than_the_context_are_skipped_and_counted(capsys):
     """Split drops rows that do not fit the context and says how many and why."""
-    enc = ift.load_tokenizer("toy", DATA)
+    enc = ift.load_tokenizer(DATA)
     rows = [{"task": "t", "prompt": "a b", "chosen": "c"},
             {"task": "t", "prompt": "x " * 40, "chosen": "y"}]
     split = ift.Split(rows, enc, block_size=20, name="mine.jsonl")
@@ -347,22 +362,49 @@ def test_cli_every_loss_and_a_sequential_recipe(tmp_path):
 
 
 def test_cli_learns_something_on_its_own_data(tmp_path):
-    """--data with a user's folder (no rejected answers) trains SFT until the answer NLL drops."""
+    """--data with only a user's three JSONL files (no rejected answers, no tokenizer) trains SFT
+    with the built-in tokenizer, says so, and the answer NLL drops."""
     rows = [{"task": "copy", "prompt": f"say {w}", "chosen": w} for w in "abcdefgh"]
     for split in ("train", "val", "test"):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "tokenizer.tiktoken").write_text((DATA / "tokenizer.tiktoken").read_text())
     args = ["--data", str(tmp_path), "--loss", "sft", "--device", "cpu", "--n-layer", "1",
             "--n-embd", "32", "--n-head", "2", "--batch-size", "8", "--eval-interval", "0",
             "--max-new-tokens", "4", "--lr", "1e-2", "--warmup-steps", "5"]
     before = run_cli(*args, "--max-steps", "1", "--out-dir", str(tmp_path / "a"))
     after = run_cli(*args, "--max-steps", "150", "--out-dir", str(tmp_path / "b"))
     assert before.returncode == 0 and after.returncode == 0, after.stderr
+    assert f"note: {tmp_path} has no tokenizer.tiktoken: using the built-in" in after.stdout
     nll = [json.loads((tmp_path / d / "eval.json").read_text())["nll"] for d in "ab"]
     assert nll[1] < 0.5 * nll[0]
     assert json.loads((tmp_path / "b" / "eval.json").read_text())["exact_match"] > 0.5
     r = run_cli(*args, "--loss", "dpo", "--out-dir", str(tmp_path / "c"))
     assert r.returncode == 1 and "train.jsonl line 1: missing text field 'rejected'" in r.stderr
+
+
+def test_prepare_trains_a_tokenizer_on_a_users_rows(tmp_path):
+    """data/prepare.py --tokenizer-for DIR writes DIR/tokenizer.tiktoken from DIR/train.jsonl
+    (any text: accents too), ift.py then uses it, and a second call never overwrites it."""
+    rows = [{"task": "greet", "prompt": f"greet {name}", "chosen": f"bonjour {name}, ça va?"}
+            for name in ("Zoë", "Anaïs", "Jürgen", "Noémie", "Zoltán", "Ève") * 4]
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare = [sys.executable, str(DATA / "prepare.py"), "--tokenizer-for", str(tmp_path)]
+    r = subprocess.run(prepare, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    path = tmp_path / "tokenizer.tiktoken"
+    assert f"wrote {path}" in r.stdout and "256 bytes + " in r.stdout
+    enc = ift.load_tokenizer(tmp_path)
+    assert enc.n_vocab > 256 + 3 and enc.n_vocab != ift.load_tokenizer(DATA).n_vocab
+    text = rows[0]["chosen"]
+    assert enc.decode(enc.encode_ordinary(text)) == text
+    assert len(enc.encode_ordinary(text)) < len(text.encode("utf-8"))  # merges were learned
+    before = path.read_bytes()
+    again = subprocess.run(prepare, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1 and path.read_bytes() == before
+    r = run_cli("--data", str(tmp_path), "--out-dir", str(tmp_path / "out"), *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "no tokenizer.tiktoken" not in r.stdout and f"vocab {enc.n_vocab}" in r.stdout
 
 
 def test_learning_rate_defaults_per_loss():
@@ -372,31 +414,19 @@ def test_learning_rate_defaults_per_loss():
     assert ift.parse_config(["--loss", "dpo", "--lr", "3e-4"]).lr == 3e-4
 
 
-def test_compare_defaults_apply_only_to_flags_left_out():
-    """--compare shrinks the model and steps unless the command line sets them."""
-    plain, compare = ift.parse_config([]), ift.parse_config(["--compare"])
-    assert (plain.n_layer, plain.max_steps) == (3, 2000)
-    assert (compare.n_layer, compare.n_embd, compare.max_steps) == (2, 64, 1000)
-    assert compare.out_dir == str(Path("out") / "compare")
-    given = ift.parse_config(["--compare", "--n-layer", "3", "--max-steps", "2000"])
-    assert (given.n_layer, given.n_embd, given.max_steps) == (3, 64, 2000)
-
-
 @pytest.mark.parametrize("args, message", [
-    (["--loss", "ppo"], "--loss must be one of sft, dpo, orpo, ift"),
+    (["--loss", "ppo"], "argument --loss: invalid choice: 'ppo'"),
+    (["--lam-schedule", "cosine"], "argument --lam-schedule: invalid choice: 'cosine'"),
     (["--lam", "1.5"], "--lam must lie in [0, 1]"),
     (["--gamma", "-0.1"], "--gamma must lie in [0, 1]"),
     (["--dpo-beta", "0"], "--dpo-beta must be > 0"),
     (["--no-such-flag"], "unrecognized arguments"),
-    (["--data", "/nonexistent"], "tokenizer file not found"),
+    (["--data", "/nonexistent"], "train.jsonl: data file not found"),
     (["--init-from", "/nonexistent/ckpt.pt"], "no such checkpoint"),
-    (["--compare", "--loss", "sft"], "--compare trains every recipe"),
-    (["--compare", "--seeds", "0"], "--seeds must be >= 1"),
-    (["--compare", "--lr-sweep", "1,x"], "--lr-sweep must be positive numbers"),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(args, message):
     """Bad flags and paths exit non-zero with one clear line on stderr and no traceback."""
-    r = run_cli(*args)
+    r = run_cli(*args, "--device", "cpu")
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -422,7 +452,7 @@ def test_cli_incompatible_or_corrupt_checkpoint_and_nan_keep_files(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# speed and scale: the benchmark, the output layer on a subset, several processes (DDP)
+# speed and scale: the output layer on a subset, several processes (DDP)
 
 # One thread per process: the torchrun test puts 2 processes on a 2-core machine, and a process
 # whose threads outnumber the free cores can run many times slower (its threads spin-wait).
@@ -436,35 +466,9 @@ def test_logits_only_at_a_mask_equal_the_full_logits_there():
     torch.testing.assert_close(model(x, only_at=mask), model(x)[mask])
 
 
-def test_cli_bench_writes_every_row_and_ratio(tmp_path):
-    """--bench via the real CLI: bench.json has the 4 losses, the LM row and ratios; DPO = ln 2."""
-    r = run_cli("--bench", "--bench-steps", "2", "--out-dir", str(tmp_path), *TINY,
-                env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "bench.json").read_text())
-    assert set(res["rows"]) == {"nanogpt", "sft", "ift", "dpo", "orpo"}
-    assert set(res["ratios"]) == {"ift/sft", "dpo/sft", "orpo/sft", "sft/nanogpt"}
-    assert all(v > 0 for v in res["ratios"].values()) and res["threads"] >= 1
-    rows = res["rows"]
-    assert rows["sft"]["ratio_to_sft"] == 1 and all(r["ms_per_step"] > 0 for r in rows.values())
-    # the reference is the model itself before the first step: DPO's loss is ln 2 there
-    assert rows["dpo"]["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    # IFT's no-grad pass keeps no activations: it saves what SFT saves, plus the embedding mix
-    assert rows["sft"]["saved_mib"] < rows["ift"]["saved_mib"] < 1.1 * rows["sft"]["saved_mib"]
-    assert "IFT/SFT" in r.stdout and "lm (nanoGPT)" in r.stdout
-
-
-def test_rank_slices_split_a_batch_into_equal_consecutive_parts():
-    """rank_slice gives each of the processes an equal, disjoint share that covers the batch."""
-    idx = list(range(100, 112))
-    parts = [ift.rank_slice(idx, rank, 3) for rank in range(3)]
-    assert parts == [idx[0:4], idx[4:8], idx[8:12]]
-    assert ift.rank_slice(idx, 0, 1) == idx
-
-
 def test_batch_not_divisible_by_the_processes_is_one_clear_line(monkeypatch, capsys):
-    """Under torchrun (WORLD_SIZE set) a --batch-size it cannot split evenly fails in one line."""
-    monkeypatch.setenv("WORLD_SIZE", "3")
+    """Under torchrun (3 processes) a --batch-size it cannot split evenly fails in one line."""
+    monkeypatch.setattr(ift, "WORLD", 3)
     with pytest.raises(SystemExit) as exit_info:
         ift.parse_config(["--batch-size", "8"])
     err = capsys.readouterr().err
@@ -475,7 +479,7 @@ def test_batch_not_divisible_by_the_processes_is_one_clear_line(monkeypatch, cap
 
 @pytest.mark.parametrize("loss", ["ift", "dpo"])
 def test_torchrun_two_processes_match_one_process(tmp_path, loss):
-    """torchrun with 2 CPU processes (gloo) logs the same losses and ends with the same weights."""
+    """torchrun with 2 CPU processes (gloo) takes the steps of one process: the same weights."""
     args = ["ift.py", "--loss", loss, *TINY]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           "--standalone", *args, "--out-dir", str(tmp_path / "ddp")],
@@ -489,85 +493,12 @@ def test_torchrun_two_processes_match_one_process(tmp_path, loss):
 
     def read(name):
         with (tmp_path / name / "log.csv").open() as f:
-            losses = [float(row["loss"]) for row in csv.DictReader(f)]
-        return losses, torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"]
-    (ddp_losses, ddp_weights), (losses, weights) = read("ddp"), read("one")
-    assert len(losses) == 3 and ddp_losses == pytest.approx(losses, rel=1e-5)
+            steps = [int(row["step"]) for row in csv.DictReader(f)]
+        evals = json.loads((tmp_path / name / "eval.json").read_text())
+        return steps, evals, torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"]
+    (ddp_steps, ddp_eval, ddp_weights), (steps, evals, weights) = read("ddp"), read("one")
+    assert ddp_steps == steps == [0, 1, 2]
     assert ddp_weights.keys() == weights.keys()  # the unwrapped model's names, no "module."
     for name, w in weights.items():
         torch.testing.assert_close(ddp_weights[name], w, rtol=0, atol=1e-5, msg=name)
-
-
-# -----------------------------------------------------------------------------
-# the comparison (--compare)
-
-def test_paired_verdicts_from_the_t_interval():
-    """Mean, sample std and 95% t half-width of paired differences decide the verdict."""
-    p = ift.paired([0.10, 0.11, 0.12, 0.13, 0.14])
-    assert p["mean"] == pytest.approx(0.12) and p["std"] == pytest.approx(math.sqrt(2.5e-4))
-    assert p["ci95"] == pytest.approx(2.78 * math.sqrt(2.5e-4) / math.sqrt(5))
-    assert p["verdict"] == "reproduced"
-    assert ift.paired([-0.10, -0.11, -0.12, -0.13, -0.14])["verdict"] == "not reproduced"
-    # mean 0.2 but t(2) = 4.30: half-width 4.30 * 0.1 / sqrt(3) = 0.248 > 0.2
-    assert ift.paired([0.1, 0.2, 0.3])["verdict"] == "within noise"
-    assert ift.paired([0.05])["std"] is None and "no spread" in ift.paired([0.05])["verdict"]
-
-
-def test_compare_recipes_share_the_step_budget():
-    """Both sequential stages add up to one single-stage run; IFT at SFT's FLOPs gets 3/4 of it."""
-    recipes = {r["name"]: r for r in ift.compare_recipes(1000)}
-    assert len(recipes) == 14
-    assert recipes["sft (stage 1)"]["steps"] + recipes["sft then ift"]["steps"] == 1000
-    assert recipes["ift at sft's flops"]["steps"] * ift.IFT_COST == pytest.approx(1000)
-    assert recipes["sft then dpo"]["start"] == "sft (stage 1)"
-    assert {recipes[n]["data"] for n in ("sft (stage 1)", "sft then sft")} == {"train_a", "train_b"}
-    assert recipes["ift, lam 0"]["overrides"] == {"lam": 0.0}
-    assert recipes["ift, lam 0"]["lr_of"] == "ift"
-
-
-def test_cli_compare_end_to_end(tmp_path):
-    """A tiny --compare over two seeds: every recipe, the sweep, paired claims and all outputs."""
-    out = tmp_path / "cmp"
-    args = ["--compare", "--seeds", "2", "--max-steps", "4", "--lr-sweep", "0.5,1",
-            "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "8",
-            "--eval-interval", "2", "--limit-rows", "32", "--max-new-tokens", "8",
-            "--device", "cpu", "--out-dir", str(out)]
-    r = run_cli(*args)
-    assert r.returncode == 0, r.stderr
-    assert "(sweep)" in r.stdout and "left" in r.stdout and "compare.png" in r.stdout
-    res = json.loads((out / "compare.json").read_text())
-    names = [row["recipe"] for row in res["summary"]]
-    assert names == [r["name"] for r in ift.compare_recipes(4)]
-    runs = {(run["recipe"], run["seed"]): run for run in res["runs"]}
-    assert len(runs) == 14 * 2 and res["seeds"] == [1337, 1338]
-    assert not {"loss", "lr", "init_from"} & set(res["config"])  # each recipe sets its own
-    # the sweep: two lrs per swept recipe on the first seed, the best validation score chosen
-    swept = {s["recipe"] for s in res["sweep"]}
-    assert len(swept) == 8 and len(res["sweep"]) == 16
-    for name in swept:
-        tried = [s for s in res["sweep"] if s["recipe"] == name]
-        best = max(tried, key=lambda s: (s["val_exact_match"], -s["val_nll"]))
-        assert [s["chosen"] for s in tried].count(True) == 1 and best["chosen"]
-        assert runs[(name, 1338)]["lr"] == best["lr"]
-    lr = {row["recipe"]: row["lr"] for row in res["summary"]}
-    assert lr["ift, noisy lam"] == lr["ift at sft's flops"] == lr["ift"]
-    assert lr["sft (stage 1)"] == lr["sft"]
-    # stage 2 starts from the same seed's stage-1 checkpoint; DPO then uses it as reference
-    stage2 = Path(runs[("sft then dpo", 1338)]["ckpt"]).parent
-    init = json.loads((stage2 / "config.json").read_text())["init_from"]
-    assert init == runs[("sft (stage 1)", 1338)]["ckpt"]
-    assert "reference is the random initial model" not in (stage2 / "train.log").read_text()
-    # claims are the paired differences of the test metrics, seed by seed
-    claim = next(c for c in res["claims"] if c["claim"] == "d")
-    want = [runs[("sft then ift", s)]["test"]["exact_match"]
-            - runs[("sft then sft", s)]["test"]["exact_match"] for s in (1337, 1338)]
-    assert claim["diffs"] == pytest.approx(want)
-    assert {c["claim"] for c in res["claims"]} == {"a", "a'", "b", "c", "d"}
-    md = (out / "compare.md").read_text()
-    assert "python ift.py --compare --seeds 2" in md and "| ift, gamma 0 |" in md
-    lines = md.splitlines()
-    for i, line in enumerate(lines):  # every markdown table: header, delimiter, rows alike
-        if line.startswith("|---"):
-            assert {lines[j].count("|") for j in range(i - 1, i + 2)} == {line.count("|")}
-    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
-
+    assert ddp_eval["nll"] == pytest.approx(evals["nll"], rel=1e-4)

@@ -9,6 +9,7 @@ What it writes (byte-identical on every run with the same flags, in a few second
 Command (from any working directory; standard library plus tiktoken for the final self-check):
     python data/prepare.py                      # defaults: --seed 1337 --merges 200
     python data/prepare.py --help               # sizes per family, seed, output folder
+    python data/prepare.py --tokenizer-for DIR  # only a tokenizer, learned on DIR/train.jsonl
 
 Schema: one JSON object per line, keys in this order,
     {"task": ..., "prompt": ..., "chosen": ..., "rejected": ...}
@@ -54,7 +55,6 @@ The script ends with a self-check against tiktoken and prints the vocabulary siz
 token counts per family, and file sizes.
 """
 
-import argparse
 import base64
 import json
 import math
@@ -69,7 +69,7 @@ import tiktoken
 
 DATA_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(DATA_DIR.parent))  # the repository root, where ift.py lives
-from ift import PAT_STR, SPECIAL_TOKENS  # noqa: E402
+from ift import PAT_STR, SPECIAL_TOKENS, ArgumentParser, UserError, load_rows  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Task families: each maker returns one row from the rng (and the row's index in its family)
@@ -343,15 +343,46 @@ def print_report(out_dir, splits, enc, lengths):
 # main
 
 
+def tokenizer_for(folder, n_merges):
+    """--tokenizer-for: learn the BPE on a user's train.jsonl and write its tokenizer.tiktoken."""
+    folder = Path(folder)
+    path = folder / "tokenizer.tiktoken"
+    if path.exists():  # a checkpoint trained with it would no longer decode: never overwrite
+        raise UserError(f"{path} already exists; delete it first to train a new one (models "
+                        f"trained with it need it)")
+    rows = load_rows(folder / "train.jsonl")
+    texts = [row[field] for row in rows for field in ("prompt", "chosen")]
+    ranks = train_bpe(texts, n_merges)
+    write_ranks(str(path) + ".tmp", ranks)
+    enc = tiktoken.Encoding(name="ift-bpe", pat_str=PAT_STR, mergeable_ranks=read_ranks(
+        str(path) + ".tmp"), special_tokens={})
+    for text in texts:  # a byte-level BPE decodes back to exactly the text it encoded
+        assert enc.decode(enc.encode_ordinary(text)) == text, text
+    Path(str(path) + ".tmp").replace(path)
+    tokens = sum(len(enc.encode_ordinary(text)) for text in texts)
+    print(f"wrote {path}: {len(ranks)} ranks (256 bytes + {len(ranks) - 256} merges) from "
+          f"{len(rows)} rows of {folder / 'train.jsonl'}; {tokens / len(rows):.1f} tokens per "
+          f"row (prompt + chosen), {sum(len(t) for t in texts) / tokens:.2f} characters a token")
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1337, help="seed of the one random.Random")
     parser.add_argument("--out-dir", type=Path, default=DATA_DIR, help="where the files go")
     parser.add_argument("--train", type=int, default=2500, help="train rows per family")
     parser.add_argument("--val", type=int, default=100, help="validation rows per family")
     parser.add_argument("--test", type=int, default=200, help="test rows per family")
     parser.add_argument("--merges", type=int, default=200, help="BPE merges on top of 256 bytes")
+    parser.add_argument("--tokenizer-for", metavar="DIR", help="instead of making the toy data, "
+                        "learn the BPE on DIR/train.jsonl (your own rows) and write "
+                        "DIR/tokenizer.tiktoken, which ift.py --data DIR then uses")
     args = parser.parse_args()
+    if args.tokenizer_for:
+        try:
+            tokenizer_for(args.tokenizer_for, args.merges)
+        except UserError as e:
+            sys.exit(f"error: {e}")
+        return
 
     rng = random.Random(args.seed)
     splits = make_splits(rng, {"train": args.train, "val": args.val, "test": args.test})

@@ -1,0 +1,115 @@
+"""Tests of compare.py: the verdicts, the recipes, the defaults and one tiny end-to-end run.
+Run: pytest -q"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import compare
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(HERE / "compare.py"), *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_compare_defaults_are_smaller_and_yield_to_flags():
+    """compare.py shrinks the model and steps unless the command line sets them."""
+    cfg = compare.parse_config([])
+    assert (cfg.n_layer, cfg.n_embd, cfg.max_steps, cfg.compile) == (2, 64, 1000, "off")
+    assert cfg.out_dir == "out/compare" and cfg.lr_sweep == (0.33, 1.0, 3.0)
+    given = compare.parse_config(["--n-layer", "3", "--max-steps", "2000", "--lr-sweep", "2"])
+    assert (given.n_layer, given.n_embd, given.max_steps, given.lr_sweep) == (3, 64, 2000, (2.0,))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--loss", "sft"], "unrecognized arguments: --loss sft"),
+    (["--lr", "1e-3"], "unrecognized arguments: --lr"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--lr-sweep", "1", "-2"], "--lr-sweep must be positive numbers"),
+    (["--lr-sweep", "1", "x"], "invalid float value: 'x'"),
+    (["--lam", "1.5"], "--lam must lie in [0, 1]"),
+])
+def test_compare_bad_input_is_one_line(args, message):
+    """Bad flags exit with status 2 and one line naming the problem, no traceback."""
+    r = run_cli(*args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_paired_verdicts_from_the_t_interval():
+    """Mean, sample std and 95% t half-width of paired differences decide the verdict."""
+    p = compare.paired([0.10, 0.11, 0.12, 0.13, 0.14])
+    assert p["mean"] == pytest.approx(0.12) and p["std"] == pytest.approx(math.sqrt(2.5e-4))
+    assert p["ci95"] == pytest.approx(2.78 * math.sqrt(2.5e-4) / math.sqrt(5))
+    assert p["verdict"] == "reproduced"
+    assert compare.paired([-0.10, -0.11, -0.12, -0.13, -0.14])["verdict"] == "not reproduced"
+    # mean 0.2 but t(2) = 4.30: half-width 4.30 * 0.1 / sqrt(3) = 0.248 > 0.2
+    assert compare.paired([0.1, 0.2, 0.3])["verdict"] == "within noise"
+    one = compare.paired([0.05])
+    assert one["std"] is None and "no spread" in one["verdict"]
+
+
+def test_compare_recipes_share_the_step_budget():
+    """Both sequential stages add up to one single-stage run; IFT at SFT's FLOPs gets 3/4 of it."""
+    recipes = {r["name"]: r for r in compare.compare_recipes(1000)}
+    assert len(recipes) == 14
+    assert recipes["sft (stage 1)"]["steps"] + recipes["sft then ift"]["steps"] == 1000
+    assert recipes["ift at sft's flops"]["steps"] * compare.IFT_COST == pytest.approx(1000)
+    assert recipes["sft then dpo"]["start"] == "sft (stage 1)"
+    assert {recipes[n]["data"] for n in ("sft (stage 1)", "sft then sft")} == {"train_a", "train_b"}
+    assert recipes["ift, lam 0"]["overrides"] == {"lam": 0.0}
+    assert recipes["ift, lam 0"]["lr_of"] == "ift"
+
+
+def test_cli_compare_end_to_end(tmp_path):
+    """A tiny compare.py over two seeds: every recipe, the sweep, paired claims and all outputs."""
+    out = tmp_path / "cmp"
+    args = ["--seeds", "2", "--max-steps", "4", "--lr-sweep", "0.5", "1",
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "8",
+            "--eval-interval", "2", "--limit-rows", "32", "--max-new-tokens", "8",
+            "--device", "cpu", "--out-dir", str(out)]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "(sweep)" in r.stdout and "left" in r.stdout and "compare.png" in r.stdout
+    res = json.loads((out / "compare.json").read_text())
+    names = [row["recipe"] for row in res["summary"]]
+    assert names == [r["name"] for r in compare.compare_recipes(4)]
+    runs = {(run["recipe"], run["seed"]): run for run in res["runs"]}
+    assert len(runs) == 14 * 2 and res["seeds"] == [1337, 1338]
+    assert not {"loss", "lr", "init_from"} & set(res["config"])  # each recipe sets its own
+    # the sweep: two lrs per swept recipe on the first seed, the best validation score chosen
+    swept = {s["recipe"] for s in res["sweep"]}
+    assert len(swept) == 8 and len(res["sweep"]) == 16
+    for name in swept:
+        tried = [s for s in res["sweep"] if s["recipe"] == name]
+        best = max(tried, key=lambda s: (s["val_exact_match"], -s["val_nll"]))
+        assert [s["chosen"] for s in tried].count(True) == 1 and best["chosen"]
+        assert runs[(name, 1338)]["lr"] == best["lr"]
+    lr = {row["recipe"]: row["lr"] for row in res["summary"]}
+    assert lr["ift, noisy lam"] == lr["ift at sft's flops"] == lr["ift"]
+    assert lr["sft (stage 1)"] == lr["sft"]
+    # stage 2 starts from the same seed's stage-1 checkpoint; DPO then uses it as reference
+    stage2 = Path(runs[("sft then dpo", 1338)]["ckpt"]).parent
+    init = json.loads((stage2 / "config.json").read_text())["init_from"]
+    assert init == runs[("sft (stage 1)", 1338)]["ckpt"]
+    assert "reference is the random initial model" not in (stage2 / "train.log").read_text()
+    # claims are the paired differences of the test metrics, seed by seed
+    claim = next(c for c in res["claims"] if c["claim"] == "d")
+    want = [runs[("sft then ift", s)]["test"]["exact_match"]
+            - runs[("sft then sft", s)]["test"]["exact_match"] for s in (1337, 1338)]
+    assert claim["diffs"] == pytest.approx(want)
+    assert {c["claim"] for c in res["claims"]} == {"a", "a'", "b", "c", "d"}
+    md = (out / "compare.md").read_text()
+    assert "python compare.py --seeds 2" in md and "| ift, gamma 0 |" in md
+    lines = md.splitlines()
+    for i, line in enumerate(lines):  # every markdown table: header, delimiter, rows alike
+        if line.startswith("|---"):
+            assert {lines[j].count("|") for j in range(i - 1, i + 2)} == {line.count("|")}
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
