@@ -139,7 +139,8 @@ MAPS = {
     "8x8": ["SFFFFFFF", "FFFFFFFF", "FFFHFFFF", "FFFFFHFF",
             "FFFHFFFF", "FHHFFFHF", "FHFFHFHF", "FFFHFFFG"],
 }
-TIME_LIMITS = {"two-routes": 100, "dead-end": 100, "4x4": 100, "8x8": 200}  # as Gymnasium's
+# Time limits in steps (choice 1): 4x4 and 8x8 as Gymnasium registers them, 100 on our designs
+TIME_LIMITS = {"two-routes": 100, "dead-end": 100, "4x4": 100, "8x8": 200}
 # The sub-optimal route where the map's design fixes it, as intended moves from S (choice 3);
 # on every other map it is searched for.
 REJECTED_ROUTES = {"dead-end": "RRRRDDD"}  # along the top, down the right column into the hole
