@@ -7,13 +7,15 @@ an exact answer: the mean squared error (MSE) between the learned and the optima
 state x action probability matrices, the paper's metric. Lower is better.
 
     python frozen_lake.py                      # the defaults: about 20 s on a 2-core CPU
+    python frozen_lake.py --map dead-end       # the second design: a really bad rejected route
     python frozen_lake.py --slippery           # the same on slippery ice
     python frozen_lake.py --map 8x8 --seeds 3  # one of Gymnasium's own maps
     python frozen_lake.py --sweep              # + every method on an lr x beta grid: about 2 min
     python frozen_lake.py --help               # every option
 
-It prints one line per run, a table (mean +- std over the seeds) and the ranking of the methods
-per policy family next to the paper's (DPO > IFT > ORPO > SFT), and writes into --out-dir:
+It prints one line per run, a table (mean +- std over the seeds), the ranking of the methods per
+policy family next to the paper's (DPO > IFT > ORPO > SFT) and whether DPO, ORPO and IFT visit more
+cells than SFT (the paper's second statement), and writes into --out-dir:
 config.json, results.json and results.csv (the numbers), curves.csv (loss and MSE per step),
 frozen_lake.png (the policies on the map) and frozen_lake_curves.png (MSE and loss vs step).
 --sweep then reruns the comparison on a grid of learning rates and betas (the section
@@ -30,6 +32,16 @@ The experiment's own map (the default, "two-routes"), S start, F frozen, H hole,
         row 4   F F G F F        10 moves
                                Every other path falls into a hole or walks in circles.
 
+A second design ("dead-end", --map dead-end): the same map with one more hole, at row 3 col 4.
+The right-hand way to G is cut, and the rejected route is the walk into that dead end (choice 3):
+
+          col 0 1 2 3 4
+        row 0   S F F F F      optimal route (chosen): the same 6 moves
+        row 1   F H H H F      sub-optimal route (rejected): S, right along the top, down the
+        row 2   F H H H F        right column into the hole at row 3 col 4: 7 moves, return 0.
+        row 3   F H H H H        pi* takes none of them: from every cell of it, pi* turns back.
+        row 4   F F G F F
+
 The experiment in four steps: (1) value iteration gives pi* exactly; (2) the two routes are the
 data; (3) each method trains a tabular and a neural policy from the same random start; (4) the
 learned policies are compared with pi* (MSE), and their goal and visit probabilities are
@@ -37,7 +49,8 @@ computed exactly from the transition table, with the time limit.
 
 Choices made where the paper is silent (numbered; the comments below cite them as "choice N"):
  1. Map: the two-routes map above, deterministic by default (the trajectories are the data);
-    Gymnasium's "4x4" and "8x8" maps are options. Time limit 100 steps (200 for 8x8, as
+    the dead-end map above is a second design, where the rejected route is as bad as it can be
+    (choice 3); Gymnasium's "4x4" and "8x8" maps are options. Time limit 100 steps (200 for 8x8, as
     Gymnasium registers them). Dynamics, rewards and the transition table follow Gymnasium's
     FrozenLake-v1 exactly (actions, state numbering, walls, slips, rewards, time limit).
  2. pi* comes from value iteration with discount 0.95, so a shorter route is strictly better.
@@ -45,11 +58,21 @@ Choices made where the paper is silent (numbered; the comments below cite them a
     the uniform distribution on holes and the goal (every action is worth 0 there) and on
     states that cannot reach the goal. The MSE is the mean over the non-terminal states' 4
     actions: on a hole or the goal the policy decides nothing. On the two-routes map one tie
-    exists, at row 0 col 2, where going back and going on are both 8 moves from the goal.
+    exists, at row 0 col 2, where going back and going on are both 8 moves from the goal; on
+    dead-end there is none.
  3. The routes: the optimal one is the shortest path of intended moves (ties: lower action
-    index first); the sub-optimal one is the shortest path whose first move differs and which
-    never comes back to the start. On 4x4 and 8x8 the "sub-optimal" route can be just as short;
-    the script prints both returns.
+    index first). The sub-optimal one, on two-routes, 4x4 and 8x8, is the shortest path whose
+    first move differs and which never comes back to the start (on 4x4 and 8x8 it can be just
+    as short; the script prints both returns). On two-routes pi* takes 8 of its 10 moves, and
+    no route to the goal can disagree with pi* on most of its moves: on a deterministic grid
+    every move changes the distance to G (in moves, around the holes) by one, or by zero when
+    it bumps into a wall, and pi* takes exactly the moves that shorten it. So a route of T
+    moves from S to G without wall bumps disagrees with pi* on (T - d(S)) / 2 of them, d(S)
+    the start's distance: fewer than half (two-routes: (10 - 6) / 2 = 2). A sub-optimal route
+    that pi* rejects move after move must end elsewhere. On dead-end it is therefore fixed by
+    the design (REJECTED_ROUTES), not searched for: RRRRDDD, away from G and into a hole, 7
+    moves of which pi* takes none. The paper's two trajectories go "from start to goal"; this
+    one does not, which is the point of the second design.
  4. --slippery changes the dynamics behind pi*, the goal and the visit probabilities. The data
     stay the two routes walked with intended moves, so on slippery ice pi* may disagree with the
     demonstrated actions (the script prints on how many moves).
@@ -76,7 +99,9 @@ Choices made where the paper is silent (numbered; the comments below cite them a
  9. Extra metrics: the probability of reaching the goal within the time limit when actions are
     sampled from the learned policy, and the states it enters with probability >= 0.05 within
     the time limit ("visited"), both computed exactly. The MSE is also split into the optimal
-    route's states and the other non-terminal states, which explains most of the ranking.
+    route's states and the other non-terminal states, which explains most of the ranking. The
+    paper's "DPO, ORPO and IFT explore more grids than SFT" is checked per policy family on the
+    mean number of visited cells over the seeds: a method explores more if its mean is larger.
 
 References: Hua et al., arXiv:2405.11870 (v3: section 5.3, appendix B.2, figure 3; Algorithm 1,
 eq. 17 and eq. 21 for IFT); ift.py (relation_weights, dpo_loss and orpo_loss, shared with the
@@ -109,19 +134,26 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 
 MAPS = {
     "two-routes": ["SFFFF", "FHHHF", "FHHHF", "FHHHF", "FFGFF"],
+    "dead-end": ["SFFFF", "FHHHF", "FHHHF", "FHHHH", "FFGFF"],  # two-routes, right-hand way cut
     "4x4": ["SFFF", "FHFH", "FFFH", "HFFG"],
     "8x8": ["SFFFFFFF", "FFFFFFFF", "FFFHFFFF", "FFFFFHFF",
             "FFFHFFFF", "FHHFFFHF", "FHFFHFHF", "FFFHFFFG"],
 }
-TIME_LIMITS = {"two-routes": 100, "4x4": 100, "8x8": 200}  # steps, as Gymnasium registers them
+# Time limits in steps (choice 1): 4x4 and 8x8 as Gymnasium registers them, 100 on our designs
+TIME_LIMITS = {"two-routes": 100, "dead-end": 100, "4x4": 100, "8x8": 200}
+# The sub-optimal route where the map's design fixes it, as intended moves from S (choice 3);
+# on every other map it is searched for.
+REJECTED_ROUTES = {"dead-end": "RRRRDDD"}  # along the top, down the right column into the hole
 FAMILIES = ("tabular", "neural")
 METHODS = ("SFT", "DPO", "ORPO", "IFT")
 PAPER_ORDER = ("DPO", "IFT", "ORPO", "SFT")  # the paper's ranking, best (lowest MSE) first
+PAPER_EXPLORERS = ("DPO", "ORPO", "IFT")  # the paper: they "explore more grids" than SFT
 
 
 @dataclass
 class Config:
-    map: str = arg("two-routes", "map: the experiment's own, or Gymnasium's", choices=list(MAPS))
+    map: str = arg("two-routes", "map: the experiment's two designs, or Gymnasium's",
+                   choices=list(MAPS))
     slippery: bool = arg(False, "slippery ice: intended or either perpendicular move, 1/3 each")
     seeds: int = arg(5, "number of seeds 0..seeds-1; a seed fixes the policies' starting weights")
     steps: int = arg(300, "optimiser steps per run (every method, both policy families)")
@@ -346,7 +378,7 @@ def visit_probabilities(env, pi, horizon):
 
 @dataclass
 class Route:
-    states: list  # s_0 .. s_T: the start, ..., the goal (T + 1 states)
+    states: list  # s_0 .. s_T: the start, ..., the goal or, on dead-end, a hole (T + 1 states)
     actions: list  # a_0 .. a_{T-1}: the intended moves (T actions)
 
 
@@ -375,11 +407,25 @@ def shortest_route(env, start, banned=()):
     return None
 
 
-def two_routes(env):
-    """(optimal, sub-optimal) routes from the start (choice 3); ValueError if either is missing."""
+def walk(env, moves):
+    """The route of the intended moves `moves` (letters of ACTION_LETTERS) from the start."""
+    states, actions = [env.start], []
+    for letter in moves:
+        actions.append(ACTION_LETTERS.index(letter))
+        states.append(env.move(states[-1], actions[-1]))
+    return Route(states, actions)
+
+
+def two_routes(env, rejected_moves=None):
+    """(optimal, sub-optimal) routes from the start (choice 3); ValueError if either is missing.
+
+    rejected_moves (e.g. "RRRRDDD") fixes the sub-optimal route; without it, it is searched for.
+    """
     best = shortest_route(env, env.start)
     if best is None:
         raise ValueError("the goal cannot be reached from the start")
+    if rejected_moves is not None:
+        return best, walk(env, rejected_moves)
     second = None
     for a in range(env.n_actions):
         first = env.move(env.start, a)
@@ -393,13 +439,15 @@ def two_routes(env):
     return best, second
 
 
-def route_return(route, discount):
-    """Discounted return of walking a route: reward 1 on its last move, 0 before."""
-    return discount ** (len(route.actions) - 1)
+def route_return(route, discount, env):
+    """Discounted return of walking a route: reward 1 on its last move if that enters G, else 0."""
+    return discount ** (len(route.actions) - 1) * (env.letter(route.states[-1]) == "G")
 
 
 def describe_route(route, env):
     cells = " ".join(f"({s // env.ncol},{s % env.ncol})" for s in route.states)
+    if env.letter(route.states[-1]) == "H":
+        cells += " = a hole"
     moves = "".join(ACTION_LETTERS[a] for a in route.actions)
     return f"{len(route.actions)} moves {moves}: {cells}"
 
@@ -630,6 +678,14 @@ def summarize(runs):
 def ranking(summary, family):
     """The four methods of a family, best (lowest mean MSE) first."""
     return sorted(METHODS, key=lambda m: summary[f"{family}/{m}"]["mse"]["mean"])
+
+
+def visits_verdict(summary, family):
+    """Mean visited cells per method; which of PAPER_EXPLORERS visit more than SFT (choice 9)."""
+    visited = {m: summary[f"{family}/{m}"]["n_visited"]["mean"] for m in METHODS}
+    more = [m for m in PAPER_EXPLORERS if visited[m] > visited["SFT"]]
+    return {"visited": visited, "more_than_sft": more,
+            "holds": len(more) == len(PAPER_EXPLORERS)}
 
 
 def print_table(summary):
@@ -964,7 +1020,7 @@ def main(argv=None):
 
     env = make_env(cfg)
     try:
-        chosen, rejected = two_routes(env)
+        chosen, rejected = two_routes(env, REJECTED_ROUTES.get(cfg.map))
     except ValueError as e:
         raise SystemExit(f"error: map {cfg.map!r}: {e}")
     V, Q = value_iteration(env, cfg.discount)  # (S,), (S, A)
@@ -977,7 +1033,7 @@ def main(argv=None):
     for name, route in (("optimal route (chosen)", chosen), ("sub-optimal (rejected)", rejected)):
         agree = sum(pi_star[s, a] > 0 for s, a in zip(route.states, route.actions))
         print(f"{name:23s}: {describe_route(route, env)}\n{'':25s}return "
-              f"{route_return(route, cfg.discount):.4f}; pi* takes {agree} of its "
+              f"{route_return(route, cfg.discount, env):.4f}; pi* takes {agree} of its "
               f"{len(route.actions)} moves")
     print(f"V*(start) = {V[env.start]:.4f}; optimal P(goal) within the time limit = "
           f"{goal_probability(env, pi_star, env.max_episode_steps):.3f}")
@@ -997,17 +1053,25 @@ def main(argv=None):
         scores = " < ".join(f"{m} {summary[f'{family}/{m}']['mse']['mean']:.4f}" for m in order)
         print(f"{family} ranking by MSE: {scores}  -> {verdict} the paper's "
               f"{' > '.join(PAPER_ORDER)}")
+    explorers = {family: visits_verdict(summary, family) for family in FAMILIES}
+    for family, v in explorers.items():
+        counts = ", ".join(f"{m} {v['visited'][m]:.1f}" for m in PAPER_EXPLORERS)
+        verdict = "holds" if v["holds"] else "does NOT hold"
+        print(f"{family} visited cells: {counts} vs SFT {v['visited']['SFT']:.1f} -> more than "
+              f"SFT: {', '.join(v['more_than_sft']) or 'none'} -> the paper's "
+              f"'{', '.join(PAPER_EXPLORERS)} explore more than SFT' {verdict}")
 
     results = {
         "config": asdict(cfg),
         "map": env.desc,
-        "routes": {name: {**asdict(route), "return": route_return(route, cfg.discount)}
+        "routes": {name: {**asdict(route), "return": route_return(route, cfg.discount, env)}
                    for name, route in (("optimal", chosen), ("suboptimal", rejected))},
         "optimal_value_at_start": float(V[env.start]),
         "pi_star": pi_star.tolist(),
         "summary": summary,
         "ranking": rankings,
         "paper_order": list(PAPER_ORDER),
+        "visits_verdict": explorers,
         "runs": [{**r, "pi": r["pi"].tolist(), "visits": r["visits"].tolist()} for r in runs],
     }
     out = cfg.out_dir

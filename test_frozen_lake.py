@@ -25,15 +25,25 @@ def four_by_four(slippery):
     return fl.FrozenLake(fl.MAPS["4x4"], slippery=slippery, max_episode_steps=100)
 
 
-@pytest.fixture
-def setup():
-    """The default experiment: config, env, routes, pi*, demonstrations."""
-    cfg = fl.Config()
+def experiment(map_name):
+    """A map's experiment as main() builds it: config, env, routes, pi*, demonstrations."""
+    cfg = fl.Config(map=map_name)
     env = fl.make_env(cfg)
-    chosen, rejected = fl.two_routes(env)
+    chosen, rejected = fl.two_routes(env, fl.REJECTED_ROUTES.get(map_name))
     _, Q = fl.value_iteration(env, cfg.discount)
     demos = fl.make_demonstrations(env, chosen, rejected)
     return cfg, env, chosen, rejected, fl.optimal_policy_matrix(Q), demos
+
+
+@pytest.fixture
+def setup():
+    """The default experiment: config, env, routes, pi*, demonstrations."""
+    return experiment("two-routes")
+
+
+def disagreements(route, pi_star):
+    """How many of a route's moves pi* never takes."""
+    return sum(pi_star[s, a] == 0 for s, a in zip(route.states, route.actions))
 
 
 def seeded_policy(family, n_states, seed=0):
@@ -178,12 +188,51 @@ def test_two_routes_map_has_exactly_the_two_claimed_routes(setup):
     assert [env.move(s, a) for s, a in zip(chosen.states, chosen.actions)] == chosen.states[1:]
     assert chosen.actions == [DOWN] * 4 + [RIGHT] * 2
     assert rejected.actions == [RIGHT] * 4 + [DOWN] * 4 + [LEFT] * 2
-    assert fl.route_return(chosen, 0.95) == pytest.approx(0.95**5)
-    assert fl.route_return(rejected, 0.95) == pytest.approx(0.95**9)
+    assert fl.route_return(chosen, 0.95, env) == pytest.approx(0.95**5)
+    assert fl.route_return(rejected, 0.95, env) == pytest.approx(0.95**9)
     V, _ = fl.value_iteration(env, cfg.discount)
     assert V[env.start] == pytest.approx(0.95**5)
     assert [pi_star[s, a] for s, a in zip(chosen.states, chosen.actions)] == [1.0] * 6
     assert fl.goal_probability(env, pi_star, env.max_episode_steps) == pytest.approx(1.0)
+    assert disagreements(rejected, pi_star) == 2  # 8 of its 10 moves are optimal
+
+
+def test_dead_end_routes_reach_the_goal_and_a_hole():
+    """dead-end: chosen = two-routes' optimal route to G; rejected walks RRRRDDD into the hole."""
+    cfg, env, chosen, rejected, pi_star, demos = experiment("dead-end")
+    assert chosen.actions == [DOWN] * 4 + [RIGHT] * 2 and env.letter(chosen.states[-1]) == "G"
+    assert rejected.actions == [RIGHT] * 4 + [DOWN] * 3
+    assert rejected.states == [0, 1, 2, 3, 4, 9, 14, 19]  # row 0, then column 4 down to row 3
+    assert len(set(rejected.states)) == 8  # no wall bump, no state twice
+    assert [env.letter(s) for s in rejected.states] == list("SFFFFFF") + ["H"]
+    assert fl.route_return(chosen, 0.95, env) == pytest.approx(0.95**5)
+    assert fl.route_return(rejected, 0.95, env) == 0.0
+    two_routes_cells = "".join(fl.MAPS["two-routes"])
+    differ = [s for s in range(env.n_states) if env.letter(s) != two_routes_cells[s]]
+    assert differ == [19]  # one cell apart from two-routes: the hole at row 3 col 4
+
+
+def test_dead_end_rejected_route_disagrees_with_pi_star_on_every_move():
+    """dead-end: pi* takes every chosen move and none of the 7 rejected ones (turns back)."""
+    cfg, env, chosen, rejected, pi_star, demos = experiment("dead-end")
+    assert disagreements(chosen, pi_star) == 0
+    assert disagreements(rejected, pi_star) == 7
+    assert [int(pi_star[s].argmax()) for s in rejected.states[1:-1]] == [LEFT] * 4 + [UP] * 2
+
+
+def test_routes_to_the_goal_disagree_with_pi_star_on_fewer_than_half():
+    """Deterministic 4x4: every simple S-G route disagrees with pi* on (T - d(S)) / 2 moves."""
+    env = four_by_four(slippery=False)
+    _, Q = fl.value_iteration(env, discount=0.95)
+    pi_star = fl.optimal_policy_matrix(Q)
+    d_start = len(fl.shortest_route(env, env.start).actions)
+    routes = all_simple_routes(env, env.start, [env.start])
+    assert len(routes) > 2
+    for states in routes:
+        actions = [next(a for a in range(4) if env.move(s, a) == t)
+                   for s, t in zip(states, states[1:])]
+        route = fl.Route(states, actions)
+        assert disagreements(route, pi_star) == (len(actions) - d_start) / 2
 
 
 # -----------------------------------------------------------------------------------------------
@@ -303,6 +352,35 @@ def test_end_to_end_command_line(tmp_path):
     assert set(results["ranking"]["tabular"]) == set(fl.METHODS)
     curves = (tmp_path / "curves.csv").read_text().splitlines()
     assert len(curves) == 1 + len(fl.FAMILIES) * len(fl.METHODS) * 6  # header + steps 0..5
+
+
+def test_end_to_end_dead_end_map(tmp_path):
+    """A tiny run on dead-end: its routes, rankings and visit verdicts printed, results saved."""
+    result = run_cli("--map", "dead-end", "--seeds", "1", "--steps", "5",
+                     "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "sub-optimal (rejected) : 7 moves RRRRDDD:" in result.stdout
+    assert "(3,4) = a hole" in result.stdout
+    assert "return 0.0000; pi* takes 0 of its 7 moves" in result.stdout
+    for family in fl.FAMILIES:
+        assert f"{family} ranking by MSE:" in result.stdout
+        assert f"{family} visited cells: DPO " in result.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["map"] == fl.MAPS["dead-end"]
+    assert results["routes"]["suboptimal"]["return"] == 0.0
+    assert set(results["visits_verdict"]) == set(fl.FAMILIES)
+    assert (tmp_path / "frozen_lake.png").stat().st_size > 0
+
+
+def test_visits_verdict_needs_all_three_above_sft():
+    """visits_verdict: the paper's statement holds only if DPO, ORPO and IFT all beat SFT."""
+    def summary(visited):
+        return {f"tabular/{m}": {"n_visited": {"mean": v, "std": 0.0}}
+                for m, v in zip(fl.METHODS, visited)}  # METHODS: SFT, DPO, ORPO, IFT
+
+    verdict = fl.visits_verdict(summary([7.0, 9.2, 7.0, 7.2]), "tabular")
+    assert verdict["more_than_sft"] == ["DPO", "IFT"] and not verdict["holds"]
+    assert fl.visits_verdict(summary([7.0, 8.0, 7.4, 7.2]), "tabular")["holds"]
 
 
 def test_sweep_command_line(tmp_path):
