@@ -5,9 +5,10 @@ A tiny GPT is fine-tuned on a toy instruction set (arithmetic, letter reversal, 
 prompt, long step-by-step additions) with one of four losses, then tested on a held-out split by
 greedy exact match, preference accuracy and answer NLL.
 
-    python ift.py --loss ift                 # ~3 min on a 2-core laptop CPU, testing included
+    python ift.py --loss ift                 # 2-5 min on a 2-core laptop CPU, testing included
     python ift.py --loss sft                 # the baseline IFT generalises
     python ift.py --loss dpo --init-from out/sft/ckpt.pt    # a sequential recipe: SFT then DPO
+    python ift.py --data DIR --loss ift      # your own train/val/test.jsonl (see README.md)
     torchrun --nproc_per_node=2 ift.py --loss ift           # data parallel (DDP), same steps
     python ift.py --help                     # every setting, with its meaning
 
@@ -157,6 +158,8 @@ def load_tokenizer(data_dir):
         except ValueError:
             raise UserError(f"{path} line {lineno}: expected 'base64 rank', got "
                             f"'{line[:40]}'") from None
+    if not ranks:
+        raise UserError(f"{path}: the file holds no tokens; run python data/prepare.py")
     n = max(ranks.values()) + 1
     return tiktoken.Encoding(name="ift-bpe", pat_str=PAT_STR, mergeable_ranks=ranks,
                              special_tokens={t: n + i for i, t in enumerate(SPECIAL_TOKENS)})
@@ -927,7 +930,10 @@ def config_problem(cfg):
         (min(cfg.max_steps, cfg.batch_size, cfg.n_layer, cfg.n_head, cfg.block_size,
              cfg.log_interval, cfg.max_new_tokens) < 1, "--max-steps, --batch-size, --n-layer, "
          "--n-head, --block-size, --log-interval and --max-new-tokens must be >= 1"),
-        (cfg.n_embd % max(cfg.n_head, 1), f"--n-embd {cfg.n_embd} must be divisible by --n-head"),
+        (min(cfg.eval_interval, cfg.warmup_steps, cfg.limit_rows) < 0,
+         "--eval-interval, --warmup-steps and --limit-rows must be >= 0"),
+        (cfg.n_embd % max(cfg.n_head, 1), f"--n-embd {cfg.n_embd} must be divisible by --n-head "
+                                          f"{cfg.n_head}"),
         (cfg.batch_size % WORLD, f"--batch-size {cfg.batch_size} must be divisible by the "
                                  f"{WORLD} processes torchrun started: each takes an equal slice"),
     ]

@@ -412,8 +412,8 @@ def test_sweep_command_line(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--map", "9x9"], "invalid choice"),
-    (["--lam", "1.5"], "--lam must be in [0, 1]"),
-    (["--gamma", "-0.1"], "--gamma must be in [0, 1]"),
+    (["--lam", "1.5"], "--lam must lie in [0, 1]"),
+    (["--gamma", "-0.1"], "--gamma must lie in [0, 1]"),
     (["--dpo-beta", "0"], "--dpo-beta must be > 0"),
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--sweep-lrs", "0.05", "-1"], "--sweep-lrs must all be > 0"),
