@@ -3,7 +3,7 @@ The paper's comparison at toy scale: every recipe of its Table 2 and IFT's ablat
 from the same initial model and batch order seed by seed, tested, and judged on paired
 differences.
 
-    python compare.py                     # 14 recipes x 5 seeds + an lr sweep: ~50 min, 2-core CPU
+    python compare.py                     # 14 recipes x 5 seeds + an lr sweep: 37-54 min, 2 cores
     python compare.py --seeds 1           # one seed and the sweep: ~16 min, no spread
     python compare.py --help              # every setting (the model flags are ift.py's)
 
@@ -419,7 +419,7 @@ def main(argv=None):
     print("config: " + json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
                                    if k not in RECIPE_FIELDS}), flush=True)
     try:
-        compare(cfg, "python compare.py " + shlex.join(argv))
+        compare(cfg, shlex.join(["python", "compare.py", *argv]))
     except ift.UserError as e:
         sys.exit(f"error: {e}")
 
