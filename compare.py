@@ -5,6 +5,7 @@ differences.
 
     python compare.py                     # 14 recipes x 5 seeds + an lr sweep: 37-54 min, 2 cores
     python compare.py --seeds 1           # one seed and the sweep: ~16 min, no spread
+    python compare.py --mechanism         # then: do the models recover from their own mistakes?
     python compare.py --help              # every setting (the model flags are ift.py's)
 
 It imports the lesson, ift.py, and trains each recipe with ift.train() exactly as
@@ -13,7 +14,8 @@ It imports the lesson, ift.py, and trains each recipe with ift.train() exactly a
 command line win. It writes to --out-dir (default out/compare): compare.md (the tables, the
 claims, the sweep, machine, runtime and this command), compare.json (every run, every seed, the
 validation curves), compare.png, and each run's config.json, train.log, log.csv and ckpt.pt
-under runs/. RESULTS.md shows and discusses its numbers.
+under runs/; --mechanism adds mechanism.md, mechanism.json and mechanism.png (see the section
+"IFT's mechanism" below). RESULTS.md shows and discusses the numbers.
 """
 
 import contextlib
@@ -25,6 +27,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -53,6 +56,8 @@ class CompareConfig(ift.Config):
                          "initial model and batch order, so recipes are compared seed by seed")
     lr_sweep: tuple = ift.arg((0.33, 1.0, 3.0), "multipliers of each recipe's DEFAULT_LR tried "
                               "on the first seed; each keeps the best on validation exact match")
+    mechanism: bool = ift.arg(False, "instead of training, measure how the checkpoints of the "
+                              "comparison in --out-dir recover from their own mistakes")
 
 
 def compare_problem(cfg):
@@ -405,6 +410,167 @@ def plot_compare(summary, runs, recipes, seeds, tasks, path):
 
 
 # -----------------------------------------------------------------------------
+# IFT's mechanism: does a model recover from its own mistakes? (python compare.py --mechanism)
+#
+# The paper's thesis (sec. 3): SFT scores token t only after a ground-truth prefix, so it never
+# learns what to do after a mistake of its own; IFT's temporal residual connection trains the
+# model on its own predictions. We measure it on the checkpoints of a finished comparison, on the
+# families whose correct continuation is fixed by the prompt whatever came before it in the
+# answer (add: the digits of the sum; reverse: the letters). For every test row of them and every
+# answer position m but the last:
+#   clean      greedy accuracy of each later answer token t > m after the ground-truth prefix;
+#   corrupted  the same after the ground-truth prefix with token m replaced by the model's own
+#              likeliest WRONG token there (argmax of its logits without the right token).
+# Both are scored against the ground truth, by distance d = t - m after the mistake. The gap
+# clean - corrupted is what one own mistake costs the tokens after it: the smaller, the better
+# the model recovers. Each recipe's gap is paired with SFT's seed by seed (same initial model
+# and batches) as sft gap - recipe gap, so "reproduced" means: recovers better than SFT.
+
+MECHANISM_TASKS = ("add", "reverse")
+MECHANISM_RECIPES = ("sft", "ift", "ift, lam 0", "ift, gamma 0", "ift, detached weights",
+                     "ift, noisy lam")
+MAX_DISTANCE = 4  # distances d = 1 .. 4 after the mistake (an add answer: 3-4 digits + eot)
+
+
+@torch.no_grad()
+def recovery_counts(model, seqs, pad_id, device):
+    """Counts (MAX_DISTANCE, 3): for d = 1.., the later answer tokens scored, right after a clean
+    prefix, right after a prefix holding the model's likeliest mistake at distance d before."""
+    x, y, mask = (t.to(device) for t in ift.collate(seqs, pad_id))        # (B, T) each
+    logits = model(x).float()                                              # (B, T, V)
+    clean = (logits.argmax(-1) == y) & mask                                # (B, T)
+    wrong = logits.scatter(-1, y[..., None], -math.inf).argmax(-1)         # (B, T)
+    counts = torch.zeros(MAX_DISTANCE, 3, dtype=torch.long)
+    first = torch.tensor([p - 1 for _, p in seqs], device=device)          # (B,) 1st answer target
+    n_answer = mask.sum(-1)                                                # (B,)
+    rows = torch.arange(len(seqs), device=device)
+    for m in range(int(n_answer.max()) - 1):
+        hit = n_answer > m + 1                                             # (B,) rows with a t > m
+        j = (first + m).clamp(max=x.shape[1] - 2)                          # (B,) target index
+        x_bad = x.clone()
+        x_bad[rows, j + 1] = torch.where(hit, wrong[rows, j], x[rows, j + 1])  # y[j] is x[j + 1]
+        corrupted = (model(x_bad).argmax(-1) == y) & mask                  # (B, T)
+        for d in range(1, MAX_DISTANCE + 1):
+            t = j + d
+            ok = hit & (m + d < n_answer) & (t < x.shape[1])               # (B,) token t exists
+            t = t.clamp(max=x.shape[1] - 1)
+            counts[d - 1] += torch.stack([ok.sum(), (clean[rows, t] & ok).sum(),
+                                          (corrupted[rows, t] & ok).sum()]).cpu()
+    return counts
+
+
+def mechanism(cfg):
+    """Recovery from own mistakes of every MECHANISM_RECIPES checkpoint of the comparison in
+    --out-dir; writes mechanism.md, mechanism.json and mechanism.png there."""
+    path = Path(cfg.out_dir) / "compare.json"
+    if not path.is_file():
+        raise ift.UserError(f"{path}: no comparison there; run python compare.py first (with the "
+                            f"same --out-dir)")
+    saved = json.loads(path.read_text())
+    run_cfg = dataclasses.replace(cfg, **{k: saved["config"][k] for k in
+                                          ("data", "limit_rows", "block_size")})
+    device, out_dir = ift.start(run_cfg)
+    enc = ift.load_tokenizer(run_cfg.data)
+    test_path = Path(run_cfg.data) / "test.jsonl"
+    test = ift.Split(ift.load_rows(test_path, limit=run_cfg.limit_rows), enc,
+                     run_cfg.block_size, str(test_path))
+    seqs = [s for s, r in zip(test.chosen, test.rows) if r["task"] in MECHANISM_TASKS]
+    if not seqs:
+        raise ift.UserError(f"{test_path}: no rows of {', '.join(MECHANISM_TASKS)}")
+    runs = {(r["recipe"], r["seed"]): r for r in saved["runs"]}
+    gaps = {}  # recipe -> per seed: [clean, corrupted, gap] per distance, and pooled (last row)
+    scored = 0  # answer tokens scored per model (the same for every model)
+    for name in MECHANISM_RECIPES:
+        for seed in saved["seeds"]:
+            ckpt = torch.load(runs[(name, seed)]["ckpt"], map_location="cpu", weights_only=True)
+            model = ift.GPT(**ckpt["model_args"])
+            model.load_state_dict(ckpt["model"])
+            model.to(device).eval()
+            c = recovery_counts(model, seqs, enc.eot_token, device).double()
+            c = torch.cat([c, c.sum(0, keepdim=True)])                     # + all distances
+            scored = int(c[-1, 0])
+            acc = c[:, 1:] / c[:, :1].clamp(min=1)                         # (D + 1, 2)
+            gaps.setdefault(name, []).append(torch.cat([acc, acc[:, :1] - acc[:, 1:]], 1))
+    table = {name: torch.stack(per_seed) for name, per_seed in gaps.items()}  # (S, D + 1, 3)
+    verdicts = [{"recipe": name, **paired(
+        (table["sft"][:, -1, 2] - table[name][:, -1, 2]).tolist())}
+        for name in MECHANISM_RECIPES if name != "sft"]
+    info = {"command": shlex.join(["python", "compare.py", "--mechanism", "--out-dir",
+                                   cfg.out_dir]),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "device_name": device_name(device),
+            "comparison": saved["command"].strip(), "seeds": saved["seeds"],
+            "tasks": MECHANISM_TASKS,
+            "rows": len(seqs), "tokens_scored": scored}
+    paths = [out_dir / "mechanism.json", out_dir / "mechanism.md", out_dir / "mechanism.png"]
+    paths[0].write_text(json.dumps({**info, "verdicts": verdicts, "recipes": {
+        name: {"clean": t[:, :, 0].tolist(), "corrupted": t[:, :, 1].tolist(),
+               "gap": t[:, :, 2].tolist()} for name, t in table.items()}}, indent=2))
+    report = mechanism_report(info, table, verdicts)
+    paths[1].write_text(report)
+    plot_mechanism(table, info, paths[2])
+    print(report)
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def mechanism_report(info, table, verdicts):
+    """mechanism.md: accuracies and gaps by distance (mean ± std over seeds), then the verdicts."""
+    def cell(t, d, k):
+        return pm((t[:, d, k].mean().item(), t[:, d, k].std().item() if len(t) > 1 else 0.0))
+    dists = [f"d = {d}" for d in range(1, MAX_DISTANCE + 1)] + ["all d"]
+    lines = [
+        "# Recovery from one's own mistakes (`" + info["command"] + "`)", "",
+        f"Checkpoints of `{info['comparison']}`, seeds {', '.join(map(str, info['seeds']))}; "
+        f"test rows of {' and '.join(info['tasks'])} ({info['rows']} rows, "
+        f"{info['tokens_scored']} scored tokens per model); {info['device_name']}, "
+        f"{info['date']}.", "",
+        "Gap = clean accuracy - accuracy after the model's likeliest mistake d tokens earlier "
+        "(mean ± std over seeds; smaller = better recovery):", "",
+        "| recipe | clean, all d | " + " | ".join(f"gap, {d}" for d in dists) + " |",
+        "|---" * (len(dists) + 2) + "|"]
+    for name, t in table.items():
+        lines.append(f"| {name} | {cell(t, -1, 0)} | " + " | ".join(
+            cell(t, d, 2) for d in range(len(dists))) + " |")
+    lines += ["", "Paired by seed: SFT's gap - the recipe's gap (all d); above 0 = recovers "
+              "better than SFT.", "",
+              "| recipe | per-seed differences | mean ± std | 95% interval | verdict |",
+              "|---|---|---|---|---|"]
+    for v in verdicts:
+        diffs = ", ".join(f"{d:+.3f}" for d in v["diffs"])
+        spread = (f"{v['mean']:+.3f} ± {v['std']:.3f}" if v["std"] is not None
+                  else f"{v['mean']:+.3f}")
+        interval = (f"[{v['mean'] - v['ci95']:+.3f}, {v['mean'] + v['ci95']:+.3f}]"
+                    if v["ci95"] is not None else "-")
+        lines.append(f"| {v['recipe']} | {diffs} | {spread} | {interval} | **{v['verdict']}** |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_mechanism(table, info, path):
+    """Accuracy after one's own mistake, and the gap to the clean prefix, against the distance
+    after the mistake: mean ± std over seeds, one line per recipe."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    d = list(range(1, MAX_DISTANCE + 1))
+    for name, t in table.items():
+        for ax, k in zip(axes, (1, 2)):
+            values = t[:, :MAX_DISTANCE, k]                                 # (S, D)
+            spread = values.std(0) if len(values) > 1 else torch.zeros(MAX_DISTANCE)
+            ax.errorbar(d, values.mean(0), yerr=spread, marker="o", capsize=2, label=name)
+    axes[0].set_ylabel("accuracy after the model's own mistake")
+    axes[1].set_ylabel("gap: clean - after the mistake")
+    for ax in axes:
+        ax.set_xlabel("distance after the mistake (tokens)")
+        ax.set_xticks(d)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{info['command']}: {' and '.join(info['tasks'])}, "
+                 f"mean ± std over {len(info['seeds'])} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
 # main
 
 def parse_config(argv):
@@ -419,7 +585,10 @@ def main(argv=None):
     print("config: " + json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
                                    if k not in RECIPE_FIELDS}), flush=True)
     try:
-        compare(cfg, shlex.join(["python", "compare.py", *argv]))
+        if cfg.mechanism:
+            mechanism(cfg)
+        else:
+            compare(cfg, shlex.join(["python", "compare.py", *argv]))
     except ift.UserError as e:
         sys.exit(f"error: {e}")
 

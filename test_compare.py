@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import compare
 
@@ -68,6 +70,31 @@ def test_compare_recipes_share_the_step_budget():
     assert recipes["ift, lam 0"]["lr_of"] == "ift"
 
 
+class RuleModel(torch.nn.Module):
+    """A stand-in for the GPT whose greedy prediction is a rule: "copy" predicts the input token
+    itself, "constant" always predicts token 5, whatever the input."""
+
+    def __init__(self, rule, vocab=8):
+        super().__init__()
+        self.rule, self.vocab = rule, vocab
+
+    def forward(self, x):
+        pred = x if self.rule == "copy" else torch.full_like(x, 5)
+        return F.one_hot(pred, self.vocab).float()                          # (B, T, V)
+
+
+def test_recovery_counts_against_hand_counts():
+    """Answers of 5s: a model that copies its input gets the token right after its own mistake
+    wrong and every later one right; a model blind to its input is never hurt. Counts by hand:
+    row 1 has 5 answer targets (mistakes at m = 0..3), row 2 has 2 (m = 0), padded."""
+    seqs = [([1, 5, 5, 5, 5, 5, 5], 2), ([1, 1, 5, 5, 5], 3)]  # (ids, prompt length)
+    copy = compare.recovery_counts(RuleModel("copy"), seqs, pad_id=0, device="cpu")
+    # per distance d = 1..4: [tokens scored, right after a clean prefix, right after the mistake]
+    assert copy.tolist() == [[5, 5, 0], [3, 3, 3], [2, 2, 2], [1, 1, 1]]
+    blind = compare.recovery_counts(RuleModel("constant"), seqs, pad_id=0, device="cpu")
+    assert blind.tolist() == [[5, 5, 5], [3, 3, 3], [2, 2, 2], [1, 1, 1]]
+
+
 def test_cli_compare_end_to_end(tmp_path):
     """A tiny compare.py over two seeds: every recipe, the sweep, paired claims and all outputs."""
     out = tmp_path / "cmp"
@@ -113,3 +140,17 @@ def test_cli_compare_end_to_end(tmp_path):
         if line.startswith("|---"):
             assert {lines[j].count("|") for j in range(i - 1, i + 2)} == {line.count("|")}
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    # the mechanism, measured on these checkpoints: one row per recipe, verdicts against SFT
+    r = run_cli("--mechanism", "--out-dir", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    mech = json.loads((out / "mechanism.json").read_text())
+    assert list(mech["recipes"]) == list(compare.MECHANISM_RECIPES)
+    assert [v["recipe"] for v in mech["verdicts"]] == list(compare.MECHANISM_RECIPES[1:])
+    gap = mech["recipes"]["ift"]["gap"]  # per seed, per distance (+ all distances)
+    assert len(gap) == 2 and len(gap[0]) == compare.MAX_DISTANCE + 1
+    sft, ift = mech["recipes"]["sft"]["gap"], gap
+    assert mech["verdicts"][0]["diffs"] == pytest.approx([s[-1] - i[-1] for s, i in zip(sft, ift)])
+    assert (out / "mechanism.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| ift, noisy lam |" in (out / "mechanism.md").read_text()
+    r = run_cli("--mechanism", "--out-dir", str(tmp_path / "nothing"))
+    assert r.returncode == 1 and "no comparison there; run python compare.py first" in r.stderr
