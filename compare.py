@@ -13,9 +13,10 @@ It imports the lesson, ift.py, and trains each recipe with ift.train() exactly a
 1000 steps, compile off), so that 5 seeds fit in under an hour on a laptop; flags given on the
 command line win. It writes to --out-dir (default out/compare): compare.md (the tables, the
 claims, the sweep, machine, runtime and this command), compare.json (every run, every seed, the
-validation curves), compare.png, and each run's config.json, train.log, log.csv and ckpt.pt
-under runs/; --mechanism adds mechanism.md, mechanism.json and mechanism.png (see the section
-"IFT's mechanism" below). RESULTS.md shows and discusses the numbers.
+validation curves), compare.png, summary.json (the tables' numbers, small enough to commit), and
+each run's config.json, train.log, log.csv and ckpt.pt under runs/; --mechanism adds
+mechanism.md, mechanism.json and mechanism.png (see the section "IFT's mechanism" below).
+RESULTS.md shows and discusses the numbers.
 """
 
 import contextlib
@@ -286,16 +287,34 @@ def compare(cfg, command):
             "params": sum(p.numel() for p in model.parameters()), "seeds": seeds,
             "tasks": tasks,
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RECIPE_FIELDS}}
-    paths = [out_dir / "compare.json", out_dir / "compare.md", out_dir / "compare.png"]
+    paths = [out_dir / "compare.json", out_dir / "compare.md", out_dir / "compare.png",
+             out_dir / "summary.json"]
     paths[0].write_text(json.dumps({**info, "summary": summary, "claims": claims, "sweep": sweep,
                                     "runs": [runs[(r["name"], s)] for s in seeds
                                              for r in recipes]}, indent=2))
     report = compare_report(info, summary, claims, sweep, cfg)
     paths[1].write_text(report)
     plot_compare(summary, runs, recipes, seeds, tasks, paths[2])
+    paths[3].write_text(json.dumps(summary_file(info, summary, claims), indent=1))
     print("\n" + report)
     print("wrote " + ", ".join(str(p) for p in paths))
     return summary, claims
+
+
+def summary_file(info, summary, claims):
+    """summary.json: the numbers behind compare.md's tables, small enough to commit (RESULTS.md
+    keeps a copy in assets/): per recipe, each metric's mean and std over the seeds; per claim,
+    the paired differences, their mean, the 95% half-width and the verdict."""
+    metrics = info["tasks"] + ["exact_match", "preference_accuracy", "nll"]
+    return {
+        "regenerate": info["command"], "date": info["date"],
+        "machine": f"{info['device_name']} ({info['device']}, {info['threads']} threads), torch "
+                   f"{info['torch']}", "seeds": info["seeds"],
+        "recipes": {row["recipe"]: {"lr": row["lr"], "steps": row["steps"],
+                                    **{k: {"mean": row[k][0], "std": row[k][1]}
+                                       for k in metrics}} for row in summary},
+        "claims": [{k: c[k] for k in ("claim", "text", "recipe", "other", "metric", "diffs",
+                                      "mean", "ci95", "verdict")} for c in claims]}
 
 
 def pm(pair):

@@ -140,6 +140,14 @@ def test_cli_compare_end_to_end(tmp_path):
         if line.startswith("|---"):
             assert {lines[j].count("|") for j in range(i - 1, i + 2)} == {line.count("|")}
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    # summary.json: the tables' numbers, as compare.json has them
+    small = json.loads((out / "summary.json").read_text())
+    assert small["regenerate"].startswith("python compare.py --seeds 2")
+    row = next(row for row in res["summary"] if row["recipe"] == "ift, gamma 0")
+    assert small["recipes"]["ift, gamma 0"]["exact_match"] == {"mean": row["exact_match"][0],
+                                                             "std": row["exact_match"][1]}
+    assert [c["diffs"] for c in small["claims"]] == [c["diffs"] for c in res["claims"]]
+    assert small["claims"][0]["ci95"] == res["claims"][0]["ci95"]
     # the mechanism, measured on these checkpoints: one row per recipe, verdicts against SFT
     r = run_cli("--mechanism", "--out-dir", str(out), "--device", "cpu")
     assert r.returncode == 0, r.stderr
