@@ -84,9 +84,10 @@ class RuleModel(torch.nn.Module):
 
 
 def test_recovery_counts_against_hand_counts():
-    """Answers of 5s: a model that copies its input gets the token right after its own mistake
-    wrong and every later one right; a model blind to its input is never hurt. Counts by hand:
-    row 1 has 5 answer targets (mistakes at m = 0..3), row 2 has 2 (m = 0), padded."""
+    """recovery_counts equals counts by hand for a model that copies its input and a blind one."""
+    # Answers of 5s: the copying model gets the token right after its own mistake wrong and every
+    # later one right; the blind one is never hurt. Row 1 has 5 answer targets (mistakes at
+    # m = 0..3), row 2 has 2 (m = 0) and is padded.
     seqs = [([1, 5, 5, 5, 5, 5, 5], 2), ([1, 1, 5, 5, 5], 3)]  # (ids, prompt length)
     copy = compare.recovery_counts(RuleModel("copy"), seqs, pad_id=0, device="cpu")
     # per distance d = 1..4: [tokens scored, right after a clean prefix, right after the mistake]

@@ -167,9 +167,9 @@ def test_relation_weights_masks_and_special_cases():
 
 
 def test_relation_weights_gradient_worked_example():
-    """The worked example above relation_weights in ift.py: autograd, finite differences and the
-    closed form dL/dl_j = (S_j + (1/N) sum_{t<=j} gamma^(j-t) (l_t - L)) / S agree, and give its
-    numbers (some negative); detached weights give w / N, all positive."""
+    """ift.py's worked gradient example: autograd = finite differences = its closed form."""
+    # the closed form: dL/dl_j = (S_j + (1/N) sum_{t<=j} gamma^(j-t) (l_t - L)) / S, some of its
+    # coefficients negative; with detached weights every coefficient is w_j / N > 0
     losses = torch.tensor([[2, .1, .1, .1, 3, .1, .1, .1]], requires_grad=True)
     mask = torch.ones(1, 8, dtype=torch.bool)
     ((losses * ift.relation_weights(losses, mask, 0.95)).sum() / 8).backward()
@@ -241,8 +241,7 @@ def test_mix_leaves_the_first_answer_token_loss_unchanged():
 
 
 def test_mix_uses_the_models_own_predictions():
-    """lam = 1, gamma = 0: IFT is SFT on the inputs x~ built from the model's greedy predictions,
-    computed here independently of ift_loss."""
+    """lam = 1, gamma = 0: IFT is SFT on inputs x~ rebuilt here from the model's own predictions."""
     model = tiny_model()
     x, y, mask = toy_batch()
     with torch.no_grad():
@@ -362,8 +361,7 @@ def test_cli_every_loss_and_a_sequential_recipe(tmp_path):
 
 
 def test_cli_learns_something_on_its_own_data(tmp_path):
-    """--data with only a user's three JSONL files (no rejected answers, no tokenizer) trains SFT
-    with the built-in tokenizer, says so, and the answer NLL drops."""
+    """--data with only three JSONL files (no tokenizer, no rejected) trains; the NLL drops."""
     rows = [{"task": "copy", "prompt": f"say {w}", "chosen": w} for w in "abcdefgh"]
     for split in ("train", "val", "test"):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -382,8 +380,7 @@ def test_cli_learns_something_on_its_own_data(tmp_path):
 
 
 def test_prepare_trains_a_tokenizer_on_a_users_rows(tmp_path):
-    """data/prepare.py --tokenizer-for DIR writes DIR/tokenizer.tiktoken from DIR/train.jsonl
-    (any text: accents too), ift.py then uses it, and a second call never overwrites it."""
+    """prepare.py --tokenizer-for DIR learns a BPE on any text; ift.py uses it; no overwrite."""
     rows = [{"task": "greet", "prompt": f"greet {name}", "chosen": f"bonjour {name}, ça va?"}
             for name in ("Zoë", "Anaïs", "Jürgen", "Noémie", "Zoltán", "Ève") * 4]
     for split in ("train", "val", "test"):
