@@ -317,6 +317,15 @@ def summary_file(info, summary, claims):
                                       "mean", "ci95", "verdict")} for c in claims]}
 
 
+def paired_cells(p):
+    """The table cells of a paired() result: differences | mean ± std | 95% interval | verdict."""
+    diffs = ", ".join(f"{d:+.3f}" for d in p["diffs"])
+    spread = f"{p['mean']:+.3f}" + (f" ± {p['std']:.3f}" if p["std"] is not None else "")
+    interval = (f"[{p['mean'] - p['ci95']:+.3f}, {p['mean'] + p['ci95']:+.3f}]"
+                if p["ci95"] is not None else "-")
+    return f"{diffs} | {spread} | {interval} | **{p['verdict']}**"
+
+
 def pm(pair):
     """'0.123 ± 0.045' from a (mean, std) pair."""
     return f"{pair[0]:.3f} ± {pair[1]:.3f}"
@@ -361,13 +370,8 @@ def compare_report(info, summary, claims, sweep, cfg):
         "| claim | recipe - other | per-seed differences | mean ± std | 95% interval | verdict |",
         "|---|---|---|---|---|---|"]
     for c in claims:
-        diffs = ", ".join(f"{d:+.3f}" for d in c["diffs"])
-        spread = f"{c['mean']:+.3f} ± {c['std']:.3f}" if c["std"] is not None else \
-            f"{c['mean']:+.3f}"
-        interval = (f"[{c['mean'] - c['ci95']:+.3f}, {c['mean'] + c['ci95']:+.3f}]"
-                    if c["ci95"] is not None else "-")
         lines.append(f"| ({c['claim']}) {c['text']} | {c['recipe']} - {c['other']} "
-                     f"({c['metric']}) | {diffs} | {spread} | {interval} | **{c['verdict']}** |")
+                     f"({c['metric']}) | {paired_cells(c)} |")
     lines += ["", f"## Learning-rate sweep (seed {info['seeds'][0]}, validation split, last "
               "step)", "", "| recipe | lr | val exact | val NLL | chosen |",
               "|---|---|---|---|---|"]
@@ -486,8 +490,8 @@ def mechanism(cfg):
         raise ift.UserError(f"{path}: no comparison there; run python compare.py first (with the "
                             f"same --out-dir)")
     saved = json.loads(path.read_text())
-    run_cfg = dataclasses.replace(cfg, **{k: saved["config"][k] for k in
-                                          ("data", "limit_rows", "block_size")})
+    run_cfg = dataclasses.replace(cfg, **{k: saved["config"][k] for k in (
+        "data", "limit_rows", "block_size", "n_layer", "n_head", "n_embd")})
     device, out_dir = ift.start(run_cfg)
     enc = ift.load_tokenizer(run_cfg.data)
     test_path = Path(run_cfg.data) / "test.jsonl"
@@ -501,10 +505,8 @@ def mechanism(cfg):
     scored = 0  # answer tokens scored per model (the same for every model)
     for name in MECHANISM_RECIPES:
         for seed in saved["seeds"]:
-            ckpt = torch.load(runs[(name, seed)]["ckpt"], map_location="cpu", weights_only=True)
-            model = ift.GPT(**ckpt["model_args"])
-            model.load_state_dict(ckpt["model"])
-            model.to(device).eval()
+            init = dataclasses.replace(run_cfg, init_from=runs[(name, seed)]["ckpt"])
+            model = ift.build_model(init, enc, device).eval()  # checked against the config
             c = recovery_counts(model, seqs, enc.eot_token, device).double()
             c = torch.cat([c, c.sum(0, keepdim=True)])                     # + all distances
             scored = int(c[-1, 0])
@@ -554,12 +556,7 @@ def mechanism_report(info, table, verdicts):
               "| recipe | per-seed differences | mean ± std | 95% interval | verdict |",
               "|---|---|---|---|---|"]
     for v in verdicts:
-        diffs = ", ".join(f"{d:+.3f}" for d in v["diffs"])
-        spread = (f"{v['mean']:+.3f} ± {v['std']:.3f}" if v["std"] is not None
-                  else f"{v['mean']:+.3f}")
-        interval = (f"[{v['mean'] - v['ci95']:+.3f}, {v['mean'] + v['ci95']:+.3f}]"
-                    if v["ci95"] is not None else "-")
-        lines.append(f"| {v['recipe']} | {diffs} | {spread} | {interval} | **{v['verdict']}** |")
+        lines.append(f"| {v['recipe']} | {paired_cells(v)} |")
     return "\n".join(lines) + "\n"
 
 
