@@ -250,6 +250,7 @@ def collate(seqs, pad_id):
     THE SHIFT BY ONE happens here, once: x = seq[:-1] and y = seq[1:], so the logits at position t
     predict y[t] = seq[t+1]. mask[t] is True when y[t] is an answer token (the answer and its
     <|endoftext|>), False on the prompt and on padding. Every loss below reads x, y, mask.
+    Padding is pad_id; see make_batch for how training finds it and skips it.
     """
     T = max(len(ids) for ids, _ in seqs) - 1
     x = torch.full((len(seqs), T), pad_id, dtype=torch.long)     # (B, T)
@@ -263,9 +264,38 @@ def collate(seqs, pad_id):
     return x, y, mask
 
 
+def make_batch(seqs, pad_id, device):
+    """collate() on device, plus real (B, T): True at the real input tokens, False on padding.
+
+    Training and evaluation pad with pad_id = <|endoftext|>, and x = seq[:-1] holds no real one
+    (a sequence's only <|endoftext|> is its last token, which x leaves out; encode_ordinary never
+    makes one), so the padding is exactly where x == pad_id. GPT(x, real=real) skips it.
+    """
+    x, y, mask = collate(seqs, pad_id)
+    return tuple(t.to(device) for t in (x, y, mask, x != pad_id))     # (B, T) each
+
+
 # -----------------------------------------------------------------------------
 # Model: a tiny GPT (nanoGPT's shape) that can also take input embeddings directly
-# B = batch, T = time (tokens), C = channels (n_embd), V = vocabulary, H = heads
+# B = batch, T = time (tokens), C = channels (n_embd), V = vocabulary, H = heads,
+# M = the real (non-padding) tokens of a batch
+#
+# Unpadding. A training batch mixes rows of 17 to 75 tokens right-padded to the longest, so only
+# about half of its B x T positions hold real tokens. Given real, the (B, T) mask of those,
+# GPT.forward gathers the M real tokens into one (M, C) tensor after the embeddings and runs the
+# per-token layers on them alone: LayerNorms, the qkv and proj linears, MLPs, the output layer.
+# Attention, the one layer that mixes positions, scatters q, k, v back into the padded layout
+# (zeros at padding) for scaled_dot_product_attention and gathers its output again. It is exact:
+# each per-token layer computes each real token as before, and with causal attention and right
+# padding a real token never attends to padding (padding only comes after it). The logits go
+# back to (B, T, V), zeros at padding, so sequence_logps and the losses are unchanged. What it
+# reclaims: every layer but attention skips the padding, about a third of a step (bench.py).
+
+
+def pad_rows(rows, real):
+    """The inverse of rows = t[real]: (M, D) -> (B, T, D), zeros at the padding."""
+    return rows.new_zeros(*real.shape, rows.shape[-1]).index_put((real,), rows)
+
 
 class SelfAttention(nn.Module):
     def __init__(self, n_embd, n_head):
@@ -274,9 +304,14 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
 
-    def forward(self, x, attn_mask=None, cache=None):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)                            # 3 x (B, T, C)
+    def forward(self, x, attn_mask=None, cache=None, real=None):
+        """x (B, T, C); or unpadded, x (M, C) and real (B, T) marking where its rows belong."""
+        C = x.shape[-1]
+        qkv = self.qkv(x)                                                # (B, T, 3C) or (M, 3C)
+        if real is not None:
+            qkv = pad_rows(qkv, real)                                    # (B, T, 3C)
+        B, T = qkv.shape[:2]
+        q, k, v = qkv.split(C, dim=2)                                    # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in (q, k, v))                                   # 3 x (B, H, T, C/H)
         if cache is not None:  # generation: prepend the keys and values of earlier tokens
@@ -288,7 +323,8 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))            # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C)                           # (B, T, C)
+        return self.proj(y if real is None else y[real])                 # (B, T, C) or (M, C)
 
 
 class Block(nn.Module):
@@ -300,8 +336,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
                                  nn.Linear(4 * n_embd, n_embd))
 
-    def forward(self, x, attn_mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache)  # pre-LayerNorm residual blocks
+    def forward(self, x, attn_mask=None, cache=None, real=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, real)  # pre-LayerNorm residual blocks
         return x + self.mlp(self.ln_2(x))
 
 
@@ -323,24 +359,32 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx=None, tok_emb=None, pos=None, attn_mask=None, caches=None,
-                only_at=None):
+                only_at=None, real=None):
         """Logits (B, T, V) for token ids idx (B, T) or for given token embeddings (B, T, C).
 
         IFT passes tok_emb: a mix of rows of self.wte, so the positional embedding is added here,
         after the mix, exactly as for ordinary tokens. pos (B, T) defaults to 0..T-1.
-        only_at, a (B, T) bool mask, returns the logits (M, V) of its M True positions only.
+        real, the (B, T) bool mask of the real tokens of a right-padded batch (make_batch), skips
+        the padding (see Unpadding above); its logits are zeros. Generation passes none.
+        only_at, a (B, T) bool mask (within real, if given), returns the logits (K, V) of its K
+        True positions only.
         """
         x = self.wte(idx) if tok_emb is None else tok_emb                  # (B, T, C)
         if pos is None:
             pos = torch.arange(x.shape[1], device=x.device)                # (T,)
         x = x + self.wpe(pos)                                              # (B, T, C)
+        if real is not None:
+            x = x[real]                                                    # (M, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, attn_mask, None if caches is None else caches[i])
-        x = self.ln_f(x)                                                   # (B, T, C)
-        if only_at is not None:
-            x = x[only_at]                                                 # (M, C)
+            x = block(x, attn_mask, None if caches is None else caches[i], real)
+        x = self.ln_f(x)                                                   # (B, T, C) or (M, C)
+        if only_at is not None:  # among the M real rows, only_at[real] marks the K wanted
+            x = x[only_at if real is None else only_at[real]]              # (K, C)
         # tied embeddings: the output layer is E itself
-        return F.linear(x, self.wte.weight)                                # (B, T, V) or (M, V)
+        logits = F.linear(x, self.wte.weight)              # (B, T, V), (M, V) or (K, V)
+        if real is not None and only_at is None:
+            logits = pad_rows(logits, real)                                # (B, T, V)
+        return logits
 
 
 # -----------------------------------------------------------------------------
@@ -481,16 +525,17 @@ def shifted_predictions(x, yhat, mask):
     return x_tilde
 
 
-def ift_loss(model, x, y, mask, lam=0.2, gamma=0.95, detach_weights=False):
-    """x, y, mask (B, T) from collate() -> (loss, {"sft_nll": the SFT loss of the same batch})."""
+def ift_loss(model, x, y, mask, lam=0.2, gamma=0.95, detach_weights=False, real=None):
+    """x, y, mask (B, T) from collate(), maybe real (B, T) from make_batch() (then both forwards
+    skip the padding) -> (loss, {"sft_nll": the SFT loss of the same batch})."""
     gpt = getattr(model, "module", model)  # under torchrun: the GPT inside DDP (its wte is E)
     with torch.no_grad():  # nothing of this pass is kept for the backward
         # only the predictions of answer tokens are used: the output layer skips the rest
         yhat = torch.zeros_like(x)                                          # (B, T)
-        yhat[mask] = gpt(x, only_at=mask).argmax(-1)                        # (M,) on the answer
+        yhat[mask] = gpt(x, only_at=mask, real=real).argmax(-1)             # (K,) on the answer
     x_tilde = shifted_predictions(x, yhat, mask)                            # (B, T)
     tok_emb = (1 - lam) * gpt.wte(x) + lam * gpt.wte(x_tilde)               # (B, T, C)
-    token_logps, _ = sequence_logps(model(tok_emb=tok_emb), y, mask)        # (B, T)
+    token_logps, _ = sequence_logps(model(tok_emb=tok_emb, real=real), y, mask)  # (B, T)
     token_losses = -token_logps                                             # (B, T)
     w = relation_weights(token_losses, mask, gamma, detach=detach_weights)  # (B, T)
     loss = ((token_losses * w).sum(-1) / mask.sum(-1)).mean()
@@ -618,9 +663,10 @@ def lr_at(cfg, step):
 
 
 def pair_batch(split, idx, pad_id, device):
-    """Chosen and rejected answers of the same rows stacked into one batch of 2B sequences."""
-    x, y, mask = collate([split.chosen[i] for i in idx] + [split.rejected[i] for i in idx], pad_id)
-    return x.to(device), y.to(device), mask.to(device)
+    """Chosen and rejected answers of the same rows stacked into one batch of 2B sequences:
+    make_batch's x, y, mask, real."""
+    seqs = [split.chosen[i] for i in idx] + [split.rejected[i] for i in idx]
+    return make_batch(seqs, pad_id, device)
 
 
 @torch.no_grad()
@@ -629,27 +675,29 @@ def reference_logps(model, split, pad_id, device, autocast, batch_size=128):
     out = []
     for i in range(0, len(split), batch_size):
         idx = list(range(i, min(i + batch_size, len(split))))
-        x, y, mask = pair_batch(split, idx, pad_id, device)
+        x, y, mask, real = pair_batch(split, idx, pad_id, device)
         with autocast:
-            logits = model(x)
+            logits = model(x, real=real)
         _, logps = sequence_logps(logits, y, mask)                          # (2b,)
         out.append(torch.stack(logps.split(len(idx)), dim=1))               # (b, 2)
     return torch.cat(out)                                                   # (N, 2)
 
 
 def compute_loss(cfg, model, split, idx, pad_id, device, autocast, ref, lam):
-    """The loss of the batch of rows idx under cfg.loss, the metrics to log, tokens read."""
+    """The loss of the batch of rows idx under cfg.loss, the metrics to log, and the tokens
+    read: real tokens only, the padding (which the model skips) left out."""
     if cfg.loss in ("sft", "ift"):
-        x, y, mask = (t.to(device) for t in collate([split.chosen[i] for i in idx], pad_id))
+        x, y, mask, real = make_batch([split.chosen[i] for i in idx], pad_id, device)
         with autocast:
             if cfg.loss == "ift":
-                loss, metrics = ift_loss(model, x, y, mask, lam, cfg.gamma, cfg.detach_weights)
+                loss, metrics = ift_loss(model, x, y, mask, lam, cfg.gamma, cfg.detach_weights,
+                                         real)
             else:
-                loss, metrics = sft_loss(sequence_logps(model(x), y, mask)[0], mask)
-        return loss, metrics, x.numel()
-    x, y, mask = pair_batch(split, idx, pad_id, device)
+                loss, metrics = sft_loss(sequence_logps(model(x, real=real), y, mask)[0], mask)
+        return loss, metrics, int(real.sum())
+    x, y, mask, real = pair_batch(split, idx, pad_id, device)
     with autocast:
-        _, logps = sequence_logps(model(x), y, mask)                        # (2B,)
+        _, logps = sequence_logps(model(x, real=real), y, mask)             # (2B,)
     chosen, rejected = logps.split(len(idx))                                # (B,), (B,)
     lengths = mask.sum(-1).float()                                          # (2B,)
     if cfg.loss == "dpo":
@@ -659,7 +707,7 @@ def compute_loss(cfg, model, split, idx, pad_id, device, autocast, ref, lam):
     metrics = {"acc": m["accuracy"].mean(), "chosen_nll": -(chosen / lengths[:len(idx)]).mean()}
     if cfg.loss == "dpo":
         metrics["margin"] = m["margins"].mean()
-    return loss, metrics, x.numel()
+    return loss, metrics, int(real.sum())
 
 
 def fmt_time(seconds):
@@ -680,8 +728,9 @@ def wrap_for_training(cfg, model, device):
     """What the training step calls: model, maybe compiled, inside DDP under torchrun. All share
     model's parameters, so the optimizer, evaluation and checkpoints use model itself."""
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
-        # batches are padded to their longest row, so T changes from step to step: dynamic=True
-        # compiles one graph for every T instead of a new graph for each new length
+        # batches are padded to their longest row, so T changes from step to step, and so does
+        # the count M of real tokens: dynamic=True compiles one graph for every T and M instead
+        # of a new graph for each new length
         model = torch.compile(model, dynamic=True)
     if WORLD > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -724,7 +773,7 @@ def train(cfg, model, enc, splits, device, out_dir):
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        ntok_since += ntok * WORLD  # tokens of the global batch
+        ntok_since += ntok * WORLD  # real tokens of the global batch (tok_per_s: no padding)
         last = step == cfg.max_steps - 1
         log_now = step % cfg.log_interval == 0 or last
         eval_now = RANK == 0 and (last or cfg.eval_interval and step % cfg.eval_interval == 0
@@ -734,13 +783,14 @@ def train(cfg, model, enc, splits, device, out_dir):
             log.append(row)
         if log_now:
             now = time.time()
-            row["tok_per_s"] = ntok_since / max(now - t_log, 1e-9)
+            row["tok_per_s"] = ntok_since / max(now - t_log, 1e-9)  # useful: no padding
             t_log, ntok_since = now, 0
             eta = (now - t0) / (step + 1) * (cfg.max_steps - step - 1)
             extra = "".join(f" | {k} {v.item():.4f}" for k, v in metrics.items())
             lam_txt = f" | lam {lam:.3f}" if cfg.loss == "ift" else ""
             print(f"step {step:5d} | loss {row['loss']:.4f}{extra} | lr {lr:.1e}{lam_txt} | "
-                  f"{row['tok_per_s'] / 1000:.1f}k tok/s | eta {fmt_time(eta)}", flush=True)
+                  f"{row['tok_per_s'] / 1000:.1f}k useful tok/s | eta {fmt_time(eta)}",
+                  flush=True)
         if eval_now:
             t_eval = time.time()
             res = evaluate(model, enc, splits["val"], device, autocast, cfg.max_new_tokens)
@@ -816,14 +866,14 @@ def evaluate(model, enc, split, device, autocast, max_new_tokens, batch_size=256
             text = enc.decode(ids)
             correct.append(text.strip() == split.rows[j]["chosen"].strip())
             completions.append(text)
-        x, y, mask = (t.to(device) for t in collate([split.chosen[j] for j in idx], eot))
+        x, y, mask, real = make_batch([split.chosen[j] for j in idx], eot, device)
         with autocast:
-            _, logps = sequence_logps(model(x), y, mask)
+            _, logps = sequence_logps(model(x, real=real), y, mask)
         nll += (-logps / mask.sum(-1)).tolist()
         if split.has_pairs:
-            x, y, mask = (t.to(device) for t in collate([split.rejected[j] for j in idx], eot))
+            x, y, mask, real = make_batch([split.rejected[j] for j in idx], eot, device)
             with autocast:
-                _, rejected_logps = sequence_logps(model(x), y, mask)
+                _, rejected_logps = sequence_logps(model(x, real=real), y, mask)
             pref += (logps > rejected_logps).tolist()
     tasks = sorted({r["task"] for r in split.rows})
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -449,7 +450,7 @@ def test_cli_incompatible_or_corrupt_checkpoint_and_nan_keep_files(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# speed and scale: the output layer on a subset, several processes (DDP)
+# speed and scale: the output layer on a subset, skipping padding, several processes (DDP)
 
 # One thread per process: the torchrun test puts 2 processes on a 2-core machine, and a process
 # whose threads outnumber the free cores can run many times slower (its threads spin-wait).
@@ -461,6 +462,72 @@ def test_logits_only_at_a_mask_equal_the_full_logits_there():
     model = tiny_model()
     x, _, mask = toy_batch()
     torch.testing.assert_close(model(x, only_at=mask), model(x)[mask])
+
+
+def ragged_batch(vocab=50, seed=4):
+    """make_batch of four rows of 5 to 13 tokens (no pad id 0 inside): much of it padding."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [(torch.randint(1, vocab, (n,), generator=g).tolist(), p)
+            for n, p in ((13, 4), (6, 2), (10, 5), (5, 3))]
+    return ift.make_batch(seqs, pad_id=0, device="cpu")
+
+
+def test_make_batch_marks_the_real_tokens_and_counts_them():
+    """real is True exactly at the inputs of each sequence; compute_loss counts those tokens."""
+    x, y, mask, real = ragged_batch()
+    assert real.sum(-1).tolist() == [12, 5, 9, 4]  # a sequence of n tokens has n - 1 inputs
+    assert real.tolist() == [[t < n for t in range(12)] for n in (12, 5, 9, 4)]
+    assert not (mask & ~real).any()  # the answer (IFT's only_at) lies within the real tokens
+    cfg = ift.Config(loss="sft")
+    split = SimpleNamespace(chosen=[(list(range(1, n + 2)), 1) for n in (12, 5, 9, 4)])
+    _, _, ntok = ift.compute_loss(cfg, tiny_model(), split, [0, 1, 2, 3], 0, "cpu",
+                                  ift.autocast_for(torch.device("cpu")), None, 0.0)
+    assert ntok == 12 + 5 + 9 + 4
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_padding_is_exactly_where_x_is_the_pad_id_in_the_data(split):
+    """In every committed batch x holds <|endoftext|> only as padding, as make_batch assumes."""
+    enc = ift.load_tokenizer(DATA)
+    rows = ift.Split(ift.load_rows(DATA / f"{split}.jsonl"), enc, 128, split)
+    seqs = rows.chosen + [r for r in rows.rejected if r is not None]
+    x, _, _, real = ift.make_batch(seqs, enc.eot_token, "cpu")
+    lengths = torch.tensor([len(ids) - 1 for ids, _ in seqs])               # (B,)
+    torch.testing.assert_close(real, torch.arange(x.shape[1]) < lengths[:, None])
+
+
+@pytest.mark.parametrize("inputs", ["ids", "tok_emb"])
+def test_unpadded_forward_equals_padded_forward_at_real_positions(inputs):
+    """GPT(real=...) gives the padded forward's logits at every real position, zeros elsewhere."""
+    model = tiny_model()
+    x, _, mask, real = ragged_batch()
+    args = {"idx": x} if inputs == "ids" else {"tok_emb": torch.randn(*x.shape, 16)}
+    padded, unpadded = model(**args), model(**args, real=real)             # (B, T, V) each
+    assert unpadded.shape == padded.shape
+    torch.testing.assert_close(unpadded[real], padded[real], rtol=0, atol=1e-5)
+    assert (unpadded[~real] == 0).all()
+    # IFT's no-grad pass: only_at within real gives the same rows as without padding skipped
+    torch.testing.assert_close(model(**args, only_at=mask, real=real), padded[mask],
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["sft", "ift"])
+def test_unpadded_loss_and_gradients_equal_the_padded_ones(loss):
+    """SFT's and IFT's loss and every parameter gradient are unchanged by skipping the padding."""
+    x, y, mask, real = ragged_batch()
+    grads = []
+    for r in (None, real):
+        model = tiny_model()
+        if loss == "sft":
+            value, _ = ift.sft_loss(ift.sequence_logps(model(x, real=r), y, mask)[0], mask)
+        else:
+            value, _ = ift.ift_loss(model, x, y, mask, lam=0.5, gamma=0.95, real=r)
+        value.backward()
+        grads.append((value, {name: p.grad for name, p in model.named_parameters()}))
+    (padded, padded_grads), (unpadded, unpadded_grads) = grads
+    torch.testing.assert_close(unpadded, padded, rtol=0, atol=1e-6)
+    for name, g in padded_grads.items():
+        torch.testing.assert_close(unpadded_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_batch_not_divisible_by_the_processes_is_one_clear_line(monkeypatch, capsys):
