@@ -10,7 +10,9 @@ lesson. The batch is the first one ift.py's training would draw. Every row steps
 with the settings the flags give, exactly as ift.train() does (DPO's reference log-probs are
 computed once beforehand, as there); the rows take turns, step by step, so background load slows
 them alike, and ms/step is the median. The "lm (nanoGPT)" row is the plain language-model step of
-nanoGPT's train.py on the same inputs (F.cross_entropy on every position): our speed target.
+nanoGPT's train.py on the same inputs (F.cross_entropy on every real position): our speed target.
+Every row computes on the real tokens only (ift.py's unpadding), and "useful tok/s" counts those:
+padding is neither computed nor counted.
 
 It prints a table and the target ratios (printed, not enforced: IFT/SFT <= 1.35, DPO/SFT <= 2.1,
 SFT/lm <= 1) and writes bench.json to --out-dir. On CUDA the steps run as ift.py runs them (bf16
@@ -90,8 +92,9 @@ def saved_for_backward(model, fn):
 # Model FLOPs utilisation (MFU; PaLM, Chowdhery et al. 2022, appendix B): the FLOPs the model's
 # maths needs per second, as a fraction of the accelerator's peak. A forward and backward cost
 # 6N + 12 L C T FLOPs per token (N = parameters less the position table, L = layers, C = width,
-# T = the batch's length). IFT's no-grad forward adds a third of that (2N + 4 L C T); DPO and
-# ORPO cost SFT's per token, on twice the tokens. Peaks: dense bf16 tensor-core FLOP/s from
+# T = the batch's length), counted on the real tokens only, as useful tok/s is. IFT's no-grad
+# forward adds a third of that (2N + 4 L C T); DPO and ORPO cost SFT's per token, on twice the
+# tokens. Peaks: dense bf16 tensor-core FLOP/s from
 # NVIDIA's data sheets; on any other device MFU is left out.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 IFT_COST = 4 / 3  # IFT's FLOPs per token over SFT's
@@ -133,14 +136,14 @@ def bench(cfg):
     model.train()
     optimizer = ift.make_optimizer(cfg, model, device)
     step_model = ift.wrap_for_training(cfg, model, device)
-    x, y, _ = (t.to(device) for t in ift.collate(batch.chosen, pad_id))   # (B, T) each
+    x, y, _, real = ift.make_batch(batch.chosen, pad_id, device)           # (B, T) each
 
     def loss_of(name, module):
-        """The loss of one step of row `name` on the batch, and the tokens it reads."""
-        if name == "nanogpt":  # nanoGPT: logits of every position against the next token
+        """The loss of one step of row `name` on the batch, and the real tokens it reads."""
+        if name == "nanogpt":  # nanoGPT: logits of every real position against the next token
             with autocast:
-                logits = module(x)                                          # (B, T, V)
-                return F.cross_entropy(logits.flatten(0, 1), y.flatten()), x.numel()
+                logits = module(x, real=real, only_at=real)                 # (M, V)
+                return F.cross_entropy(logits, y[real]), int(real.sum())
         loss, _, ntok = ift.compute_loss(dataclasses.replace(cfg, loss=name), module, batch, idx,
                                          pad_id, device, autocast, ref, cfg.lam)
         return loss, ntok
@@ -198,23 +201,25 @@ def bench(cfg):
     info = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
             "device_name": device_name(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "compile": step_model is not model,
-            "batch_size": len(batch), "seq_len": x.shape[1],
+            "batch_size": len(batch), "seq_len": x.shape[1], "real_tokens": int(real.sum()),
             "params": sum(p.numel() for p in model.parameters()),
             "warmup_steps": warmup, "steps": cfg.steps, "memory": memory}
     print(f"bench | {info['date']} | {device}: {info['device_name']} | torch {torch.__version__} "
           f"| {info['threads']} threads | compile {'on' if info['compile'] else 'off'}")
     print(f"{info['params'] / 1e6:.2f}M parameters | batch {len(batch)} rows (DPO, ORPO: pairs) "
-          f"| T {x.shape[1]} | median of {cfg.steps} steps after {warmup} warm-up")
-    print(f"{'step':<14}{'first loss':>11}{'ms/step':>10}{'tok/s':>10}{'x SFT':>8}"
+          f"| T {x.shape[1]}, {info['real_tokens'] / x.numel():.0%} of positions real "
+          f"| median of {cfg.steps} steps after {warmup} warm-up")
+    print(f"{'step':<14}{'first loss':>11}{'ms/step':>10}{'useful tok/s':>14}{'x SFT':>8}"
           f"{'saved MiB':>11}{'peak MiB':>10}{'MFU':>7}")
     for name, r in rows.items():
         label = "lm (nanoGPT)" if name == "nanogpt" else name
         peak_txt = f"{r['peak_mib']:.1f}" if r["peak_mib"] is not None else "-"
         mfu_txt = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         print(f"{label:<14}{r['first_loss']:>11.4f}{r['ms_per_step']:>10.1f}"
-              f"{r['tokens_per_s'] / 1000:>9.1f}k{r['ratio_to_sft']:>8.2f}"
+              f"{r['tokens_per_s'] / 1000:>13.1f}k{r['ratio_to_sft']:>8.2f}"
               f"{r['saved_mib']:>11.1f}{peak_txt:>10}{mfu_txt:>7}")
-    print("saved MiB: activations autograd keeps for the backward (parameters left out)")
+    print("useful tok/s: real (non-padding) tokens per second; saved MiB: activations autograd "
+          "keeps for the backward (parameters left out)")
     print(memory)
     print(f"targets (printed, not enforced): IFT/SFT {ratios['ift/sft']:.2f} <= 1.35, "
           f"DPO/SFT {ratios['dpo/sft']:.2f} <= 2.1, SFT/lm {ratios['sft/nanogpt']:.2f} <= 1")
