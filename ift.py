@@ -289,7 +289,7 @@ def make_batch(seqs, pad_id, device):
 # each per-token layer computes each real token as before, and with causal attention and right
 # padding a real token never attends to padding (padding only comes after it). The logits go
 # back to (B, T, V), zeros at padding, so sequence_logps and the losses are unchanged. What it
-# reclaims: every layer but attention skips the padding, about a third of a step (bench.py).
+# reclaims: every layer but attention skips the padding; a step takes ~30% less time (bench.py).
 
 
 def pad_rows(rows, real):
