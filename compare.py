@@ -1,26 +1,29 @@
 """
-The paper's comparison at toy scale: every recipe of its Table 2 and IFT's ablations, trained
-from the same initial model and batch order seed by seed, tested, and judged on paired
-differences.
+The paper's comparison at toy scale: a base model, then every recipe of its Table 2 and IFT's
+ablations fine-tuned from it with the same batch order seed by seed, tested, and judged on
+paired differences.
 
-    python compare.py                     # 14 recipes x 5 seeds + an lr sweep: 37-54 min, 2 cores
-    python compare.py --seeds 1           # one seed and the sweep: ~16 min, no spread
+    python compare.py                     # base + 14 recipes x 5 seeds + an lr sweep: ~N min
+    python compare.py --seeds 1           # the base, one seed and the sweep, no spread
     python compare.py --mechanism         # then: do the models recover from their own mistakes?
     python compare.py --help              # every setting (the model flags are ift.py's)
 
 It imports the lesson, ift.py, and trains each recipe with ift.train() exactly as
-`python ift.py --loss ...` would. Its defaults are smaller than one recipe's (a 2 x 64 GPT,
-1000 steps, compile off), so that 5 seeds fit in under an hour on a laptop; flags given on the
+`python ift.py --loss ... --init-from <base>` would. The base model (stage 0) is trained first,
+once, by plain language modelling on data/pretrain.jsonl, and kept for the next run with the
+same settings. Its defaults are smaller than one recipe's (a 2 x 64 GPT, 1000 fine-tuning
+steps, compile off), so that everything fits in under an hour on a laptop; flags given on the
 command line win. It writes to --out-dir (default out/compare): compare.md (the tables, the
 claims, the sweep, machine, runtime and this command), compare.json (every run, every seed, the
-validation curves), compare.png, summary.json (the tables' numbers, small enough to commit), and
-each run's config.json, train.log, log.csv and ckpt.pt under runs/; --mechanism adds
-mechanism.md, mechanism.json and mechanism.png (see the section "IFT's mechanism" below).
-RESULTS.md shows and discusses the numbers.
+validation curves), compare.png, summary.json (the tables' numbers, small enough to commit),
+the base model under base/, and each run's config.json, train.log, log.csv and ckpt.pt under
+runs/; --mechanism adds mechanism.md, mechanism.json and mechanism.png (see the section "IFT's
+mechanism" below). RESULTS.md shows and discusses the numbers.
 """
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import shlex
@@ -53,10 +56,15 @@ class CompareConfig(ift.Config):
                            ("auto", "on", "off"))
     out_dir: str = ift.arg("out/compare", "output folder")
     # the comparison's own
-    seeds: int = ift.arg(5, "seeds --seed, --seed + 1, ...; a seed gives every recipe the same "
-                         "initial model and batch order, so recipes are compared seed by seed")
-    lr_sweep: tuple = ift.arg((0.33, 1.0, 3.0), "multipliers of each recipe's DEFAULT_LR tried "
-                              "on the first seed; each keeps the best on validation exact match")
+    base_steps: int = ift.arg(3000, "steps of stage 0: the base model, trained once by plain "
+                              "language modelling on <data>/pretrain.jsonl, that every recipe "
+                              "fine-tunes (kept in <out-dir>/base and reused while its settings "
+                              "and the pool are unchanged)")
+    seeds: int = ift.arg(6, "seeds --seed, --seed + 1, ...; a seed gives every recipe the same "
+                         "batch order, so recipes are compared seed by seed")
+    lr_sweep: tuple = ift.arg((0.1, 0.33, 1.0, 3.0), "multipliers of each recipe's DEFAULT_LR "
+                              "tried on the first seed; each keeps the best on the validation "
+                              "version of the metric a claim judges it by")
     mechanism: bool = ift.arg(False, "instead of training, measure how the checkpoints of the "
                               "comparison in --out-dir recover from their own mistakes")
 
@@ -66,6 +74,7 @@ def compare_problem(cfg):
     problems = [
         (ift.WORLD > 1, "compare.py runs in one process: run it without torchrun"),
         (cfg.seeds < 1, f"--seeds must be >= 1, got {cfg.seeds}"),
+        (cfg.base_steps < 1, f"--base-steps must be >= 1, got {cfg.base_steps}"),
         (cfg.max_steps < 2, "--max-steps must be >= 2 (two sequential stages)"),
         (not all(m > 0 and math.isfinite(m) for m in cfg.lr_sweep),
          f"--lr-sweep must be positive numbers, got {' '.join(map(str, cfg.lr_sweep))}"),
@@ -74,35 +83,49 @@ def compare_problem(cfg):
 
 
 # -----------------------------------------------------------------------------
-# The recipes, the runs and the verdicts
+# The base model, the recipes, the runs and the verdicts
 #
-# One seed trains these models, all from the same initial weights and batch order (S = --max-steps):
-#   single stage   SFT, IFT, ORPO and DPO on the whole train split for S steps (the paper's
-#                  "+ SFT", "+ DPO", ... rows of its Table 2). The starting model is the
-#                  random one, so DPO alone has no language model to rank with, and its reference
-#                  is that random model.
-#   sequential     stage 1: SFT on half A of the train split for S/2 steps; stage 2, from that
-#                  model, on half B for S/2 steps: SFT (the paper's control: restarting a schedule
-#                  alone can move results), IFT, ORPO, and DPO with the stage-1 model as reference.
+# Stage 0, the base model. The paper fine-tunes a pretrained model (Mistral-7B), and DPO's premise
+# is a model that already writes answers. So every recipe here starts from one base model: the
+# random GPT trained for --base-steps by plain language modelling (every token of prompt and
+# answer is a target) on data/pretrain.jsonl, a pool of rows whose prompts are in none of the
+# three splits. It is trained ONCE, with seed --seed, for all seeds, as the paper has one
+# pretrained model: the seeds then vary the fine-tuning (batch order), and a paired difference
+# measures the recipes rather than the luck of pretraining. It is saved in <out-dir>/base and
+# reused while its settings and the pool's bytes are unchanged; the table shows it as a row.
+#
+# One seed then trains these models, all with the same batch order (S = --max-steps):
+#   single stage   SFT, IFT, ORPO and DPO from the base on the whole train split for S steps (the
+#                  paper's "+ SFT", "+ DPO", ... rows of its Table 2); DPO's reference is the base.
+#   sequential     stage 1: SFT from the base on half A of the train split for S/2 steps; stage 2,
+#                  from that model, on half B for S/2 steps: SFT (the paper's control: restarting
+#                  a schedule alone can move results), IFT, ORPO, and DPO with the stage-1 model
+#                  as reference.
 #   ablations      IFT with lam = 0 (relation propagation only), gamma = 0 (temporal residual
 #                  connection only), detached relation weights, noisy lam.
 #   equal compute  IFT for S / IFT_COST steps: the FLOPs of SFT's S steps.
 # Learning rates: on the first seed each recipe with an lr of its own (lr_of = its name) trains
-# once per --lr-sweep multiplier of ift.DEFAULT_LR[loss] and keeps the lr with the best validation
-# exact match (ties: the lower validation NLL). The test split is never used to choose. Stage 1
-# takes SFT's lr; the ablations and the equal-compute run take IFT's. Every later seed reuses the
-# choices.
+# once per --lr-sweep multiplier of ift.DEFAULT_LR[loss]. Each claim judges its recipes by one
+# metric and tunes them on that metric's validation version: the table and claims (a), (a'),
+# (b), (d) use the lr with the best validation exact match; claim (c), on preference accuracy,
+# uses the lr with the best validation preference accuracy (ties: the lower validation NLL).
+# Stage 1 takes SFT's lr; the ablations and the equal-compute run take IFT's. Every later seed
+# reuses the choices. The test split is never used to choose anything.
 #
 # A claim is judged on paired differences d_s = metric(recipe, seed s) - metric(other, seed s):
 # reproduced if the 95% t-interval of their mean lies above 0, not reproduced if it lies below,
-# within noise if it contains 0.
+# within noise if it contains 0. Each side is also paired with the model it started from (the
+# base, or stage 1): a side whose interval contains 0 "did not move", and the table says so.
+
+BASE = "base (stage 0)"
+
 
 def compare_recipes(steps):
     """The recipes of one seed, in training order (a recipe's lr and start come before it)."""
     half = steps // 2
     recipes = []
 
-    def add(name, group, loss, data="train", n=steps, start="", lr_of=None, **overrides):
+    def add(name, group, loss, data="train", n=steps, start=BASE, lr_of=None, **overrides):
         recipes.append({"name": name, "group": group, "loss": loss, "data": data, "steps": n,
                         "start": start, "lr_of": lr_of or name, "overrides": overrides})
     for loss in ("sft", "ift", "orpo", "dpo"):
@@ -123,33 +146,84 @@ def step_cost(loss):
     return {"sft": 1.0, "ift": IFT_COST, "orpo": 2.0, "dpo": 2.0}[loss]
 
 
-def compare_run(cfg, recipe, seed, lr, init_from, enc, data, device, out_dir):
-    """Train one recipe for one seed and test it. Its folder gets config.json, train.log (what
-    a plain run prints), log.csv and ckpt.pt."""
-    slug = "".join(c if c.isalnum() else "_" for c in recipe["name"])  # "ift, lam 0" -> ift__lam_0
-    run_dir = out_dir / "runs" / f"seed{seed}" / f"{slug}_lr{lr:.2g}"
+def config_for(cfg, **fields):
+    """An ift.Config: the comparison's settings of ift.py's fields, with the given ones set."""
     plain = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ift.Config)}
-    rcfg = ift.Config(**{**plain, "loss": recipe["loss"], "seed": seed, "lr": lr,
-                         "init_from": init_from, "max_steps": recipe["steps"],
-                         "out_dir": str(run_dir), **recipe["overrides"]})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(rcfg), indent=2))
+    return ift.Config(**{**plain, **fields})
+
+
+def train_and_test(rcfg, model, enc, train_split, data, device, run_dir):
+    """ift.train() on train_split (what a plain run prints goes to run_dir/train.log), then the
+    test metrics, and the validation metrics the lr choices read. Returns the run's record."""
     t = time.time()
-    torch.manual_seed(seed)
-    model = ift.build_model(rcfg, enc, device)
-    splits = {"train": data[recipe["data"]], "val": data["val"]}
     with (run_dir / "train.log").open("w") as f, contextlib.redirect_stdout(f):
-        log, train_seconds = ift.train(rcfg, model, enc, splits, device, run_dir)
-    res = ift.evaluate(model, enc, data["test"], device, ift.autocast_for(device),
-                       cfg.max_new_tokens)
+        log, train_seconds = ift.train(rcfg, model, enc, {"train": train_split, "val": data["val"]},
+                                       device, run_dir)
+    autocast = ift.autocast_for(device)
+    res = ift.evaluate(model, enc, data["test"], device, autocast, rcfg.max_new_tokens)
+    val_logps = ift.reference_logps(model, data["val"], enc.eot_token, device, autocast)  # (N, 2)
     evals = [r for r in log if "val_exact_match" in r]
-    return {"recipe": recipe["name"], "seed": seed, "lr": lr, "steps": recipe["steps"],
+    return {"seed": rcfg.seed, "lr": rcfg.lr, "steps": rcfg.max_steps,
             "ckpt": str(run_dir / "ckpt.pt"), "seconds": time.time() - t,
-            "ms_per_step": 1000 * train_seconds / recipe["steps"],
+            "ms_per_step": 1000 * train_seconds / rcfg.max_steps,
             "val_curve": [[r["step"], r["val_exact_match"]] for r in evals],
             "val_exact_match": evals[-1]["val_exact_match"], "val_nll": evals[-1]["val_nll"],
+            "val_preference_accuracy": (val_logps[:, 0] > val_logps[:, 1]).float().mean().item(),
             "test": {k: res[k] for k in ("exact_match", "exact_match_by_task", "nll",
                                          "preference_accuracy")}}
+
+
+def base_model(cfg, enc, data, device, out_dir):
+    """Stage 0 (see above): the base model's record, trained now, or read from <out-dir>/base
+    when that one was made with the same settings from the same pool."""
+    pool_path = Path(cfg.data) / "pretrain.jsonl"
+    if not pool_path.is_file():
+        raise ift.UserError(f"{pool_path}: no pretraining pool for the base model; run python "
+                            f"data/prepare.py, or put rows of your own there")
+    bcfg = config_for(cfg, loss="sft", lr=ift.DEFAULT_LR["sft"], init_from="",
+                      max_steps=cfg.base_steps)
+    settings = {k: v for k, v in dataclasses.asdict(bcfg).items() if k not in (
+        "out_dir", "device", "log_interval", "eval_interval", "max_new_tokens")}
+    settings["pool_sha256"] = hashlib.sha256(pool_path.read_bytes()).hexdigest()
+    # one folder per settings: a base made with other settings is kept, never overwritten
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    base_dir = out_dir / "base" / key
+    bcfg.out_dir = str(base_dir)
+    record_path = base_dir / "base.json"
+    if record_path.is_file():
+        print(f"base model: reusing {base_dir / 'ckpt.pt'} (same settings, same pool)")
+        return json.loads(record_path.read_text())
+    base_dir.mkdir(parents=True, exist_ok=True)
+    pool = ift.Split(ift.load_rows(pool_path, limit=cfg.limit_rows), enc, cfg.block_size,
+                     str(pool_path))
+    # plain language modelling: with "prompt length" 1 every token after <|user|> is a target
+    pool.chosen = [(ids, 1) for ids, _ in pool.chosen]
+    print(f"base model: {cfg.base_steps} steps of language modelling on {len(pool)} rows of "
+          f"{pool_path} ...", flush=True)
+    torch.manual_seed(cfg.seed)
+    model = ift.build_model(bcfg, enc, device)
+    (base_dir / "config.json").write_text(json.dumps(dataclasses.asdict(bcfg), indent=2))
+    record = {"recipe": BASE, **train_and_test(bcfg, model, enc, pool, data, device, base_dir),
+              "settings": settings}
+    tmp = record_path.with_suffix(".tmp")  # base.json comes last: it means ckpt.pt is done
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(record_path)
+    return record
+
+
+def compare_run(cfg, recipe, seed, lr, init_from, enc, data, device, out_dir):
+    """Train one recipe for one seed from init_from and test it. Its folder gets config.json,
+    train.log (what a plain run prints), log.csv and ckpt.pt."""
+    slug = "".join(c if c.isalnum() else "_" for c in recipe["name"])  # "ift, lam 0" -> ift__lam_0
+    run_dir = out_dir / "runs" / f"seed{seed}" / f"{slug}_lr{lr:.2g}"
+    rcfg = config_for(cfg, loss=recipe["loss"], seed=seed, lr=lr, init_from=init_from,
+                      max_steps=recipe["steps"], out_dir=str(run_dir), **recipe["overrides"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(rcfg), indent=2))
+    torch.manual_seed(seed)
+    model = ift.build_model(rcfg, enc, device)
+    return {"recipe": recipe["name"],
+            **train_and_test(rcfg, model, enc, data[recipe["data"]], data, device, run_dir)}
 
 
 # two-sided 95% quantiles of Student's t by degrees of freedom; past 9, 1.96 + 2.4 / df is
@@ -157,45 +231,70 @@ def compare_run(cfg, recipe, seed, lr, init_from, enc, data, device, out_dir):
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
+POWER = 0.02  # the 95% half-width a claim's interval should reach (exact match: 2 points)
+
+
+def half_width(std, n):
+    """The 95% t-interval half-width of the mean of n paired differences with this std."""
+    df = n - 1
+    return T95.get(df, 1.96 + 2.4 / df) * std / math.sqrt(n)
+
+
 def paired(diffs):
-    """Mean, sample std and 95% t-interval half-width of paired differences, and the verdict."""
+    """Mean, sample std and 95% t-interval half-width of paired differences, the verdict, and
+    how many seeds the same std would need for a half-width of POWER."""
     mean = statistics.mean(diffs)
     if len(diffs) < 2:
-        return {"diffs": diffs, "mean": mean, "std": None, "ci95": None,
+        return {"diffs": diffs, "mean": mean, "std": None, "ci95": None, "seeds_needed": None,
                 "verdict": "one seed: no spread (use --seeds 2 or more)"}
     std = statistics.stdev(diffs)
-    df = len(diffs) - 1
-    half = T95.get(df, 1.96 + 2.4 / df) * std / math.sqrt(len(diffs))
+    half = half_width(std, len(diffs))
     verdict = ("reproduced" if mean - half > 0 else "not reproduced" if mean + half < 0
                else "within noise")
-    return {"diffs": diffs, "mean": mean, "std": std, "ci95": half, "verdict": verdict}
+    needed = next((n for n in range(2, 10001) if half_width(std, n) <= POWER), None)
+    return {"diffs": diffs, "mean": mean, "std": std, "ci95": half, "verdict": verdict,
+            "seeds_needed": needed}
 
 
-def judge_claims(runs, seeds):
-    """The four claims of the issue, each on paired differences over the seeds."""
-    def values(recipe, metric):
-        return [runs[(recipe, s)]["test"][metric] for s in seeds]
-
-    def mean_of(recipe, metric):
-        return statistics.mean(values(recipe, metric))
+def judge_claims(recipes, runs, pa_runs, claim_c, seeds):
+    """The paper's claims, each on paired differences over the seeds; each side also paired
+    with the model it started from, to say whether it moved at all."""
+    starts = {r["name"]: r["start"] for r in recipes}
     claims = [("a", "IFT > SFT on exact match", "ift", "sft", "exact_match"),
               ("a'", "IFT at SFT's FLOPs > SFT on exact match", "ift at sft's flops", "sft",
                "exact_match"),
               ("b", "IFT >= SFT then DPO on exact match", "ift", "sft then dpo", "exact_match"),
-              ("c", "DPO best on preference accuracy", "dpo", None, "preference_accuracy"),
+              ("c", "the better DPO recipe > the best other recipe on preference accuracy",
+               *claim_c, "preference_accuracy"),
               ("d", "SFT then IFT > SFT then SFT on exact match", "sft then ift", "sft then sft",
                "exact_match")]
-    names = sorted({name for name, _ in runs})
     out = []
     for key, text, recipe, other, metric in claims:
-        if other is None:  # the better DPO recipe against the best recipe without DPO
-            dpo = [r for r in names if r.endswith("dpo")]
-            recipe = max(dpo, key=lambda r: mean_of(r, metric))
-            other = max((r for r in names if r not in dpo), key=lambda r: mean_of(r, metric))
-        diffs = [a - b for a, b in zip(values(recipe, metric), values(other, metric))]
+        table = pa_runs if key == "c" else runs  # claim (c): the runs tuned on its metric
+
+        def values(name):
+            return [table[(name, s)]["test"][metric] for s in seeds]
+
+        def moved(name):  # the side minus the model it started from, seed by seed
+            return paired([a - runs[(starts[name], s)]["test"][metric]
+                           for a, s in zip(values(name), seeds)])
+        diffs = [a - b for a, b in zip(values(recipe), values(other))]
         out.append({"claim": key, "text": text, "recipe": recipe, "other": other,
-                    "metric": metric, **paired(diffs)})
+                    "metric": metric, **paired(diffs),
+                    "moved": {name: moved(name) for name in (recipe, other)}})
     return out
+
+
+def pick_claim_c(recipes, tried, lrs_pa, seed):
+    """Claim (c)'s two recipes, on the VALIDATION preference accuracy of the first seed at the
+    lr tuned for it: the better DPO recipe and the best other recipe of the paper's Table 2."""
+    own = [r["name"] for r in recipes if r["lr_of"] == r["name"]]  # the recipes with their own lr
+
+    def score(name):
+        run = tried[(name, seed)][lrs_pa[name]]
+        return run["val_preference_accuracy"], -run["val_nll"]
+    dpo = [name for name in own if name.endswith("dpo")]
+    return (max(dpo, key=score), max((n for n in own if n not in dpo), key=score))
 
 
 def mean_std(values):
@@ -232,66 +331,99 @@ def compare(cfg, command):
     multipliers = list(cfg.lr_sweep)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     swept = [r for r in recipes if r["lr_of"] == r["name"]]
-    total = sum(r["steps"] * step_cost(r["loss"]) for r in recipes) * len(seeds) + sum(
-        r["steps"] * step_cost(r["loss"]) for r in swept) * (len(multipliers) - 1)
-    print(f"compare | {len(recipes)} recipes x {len(seeds)} seeds, plus a {len(multipliers)}-"
-          f"point lr sweep of {len(swept)} recipes on seed {seeds[0]} | device {device} | "
-          f"{n} train rows | outputs in {out_dir}", flush=True)
-    runs, lrs, sweep, done = {}, {}, [], 0.0
+    total = cfg.base_steps + sum(r["steps"] * step_cost(r["loss"]) for r in recipes) * len(
+        seeds) + sum(r["steps"] * step_cost(r["loss"]) for r in swept) * (len(multipliers) - 1)
+    print(f"compare | a base model, then {len(recipes)} recipes x {len(seeds)} seeds, plus a "
+          f"{len(multipliers)}-point lr sweep of {len(swept)} recipes on seed {seeds[0]} | "
+          f"device {device} | {n} train rows | outputs in {out_dir}", flush=True)
+    base = base_model(cfg, enc, data, device, out_dir)
+    done = cfg.base_steps
+    print(f"base model: test exact {base['test']['exact_match']:.3f} | val exact "
+          f"{base['val_exact_match']:.3f} | elapsed {ift.fmt_time(time.time() - t_start)}",
+          flush=True)
+    runs = {(BASE, s): base for s in seeds}  # (recipe, seed) -> the run the table shows
+    tried = {}  # (recipe, seed) -> {lr: run}: every lr a recipe ran at
+    pa_runs, lrs, lrs_pa, sweep, claim_c = {}, {BASE: base["lr"]}, {}, [], None
+
+    def run(r, seed, lr, sweeping):
+        """One run, with a progress line; a diverged candidate of the sweep just loses."""
+        nonlocal done
+        try:
+            res = compare_run(cfg, r, seed, lr, runs[(r["start"], seed)]["ckpt"], enc, data,
+                              device, out_dir)
+        except ift.UserError as e:
+            if not sweeping:
+                raise ift.UserError(f"{r['name']}, seed {seed}: {e}") from None
+            res = {"recipe": r["name"], "lr": lr, "diverged": str(e)}
+        done += r["steps"] * step_cost(r["loss"])
+        elapsed = time.time() - t_start
+        test = (f"test exact {res['test']['exact_match']:.3f} | val exact "
+                f"{res['val_exact_match']:.3f} | val pref {res['val_preference_accuracy']:.3f}"
+                f" | {res['seconds']:.0f}s" if "test" in res else "diverged")
+        left = ift.fmt_time(elapsed / done * max(total - done, 0))
+        print(f"[{min(done / total, 1):4.0%}] seed {seed} | {r['name']:<22} | lr {lr:.1e}"
+              f"{' (sweep)' if sweeping else ''} | {test} | elapsed {ift.fmt_time(elapsed)}, "
+              f"about {left} left", flush=True)
+        return res
+
     for seed in seeds:
         for r in recipes:
-            start_ckpt = runs[(r["start"], seed)]["ckpt"] if r["start"] else ""
-            sweeping = r["lr_of"] == r["name"] and r["name"] not in lrs  # on the first seed
+            name = r["name"]
+            sweeping = r["lr_of"] == name and name not in lrs  # on the first seed
             candidates = ([ift.DEFAULT_LR[r["loss"]] * m for m in multipliers] if sweeping
                           else [lrs[r["lr_of"]]])
-            results = []
-            for lr in candidates:
-                try:
-                    res = compare_run(cfg, r, seed, lr, start_ckpt, enc, data, device, out_dir)
-                except ift.UserError as e:  # a diverged candidate of the sweep loses, nothing more
-                    if not sweeping:
-                        raise ift.UserError(f"{r['name']}, seed {seed}: {e}") from None
-                    res = {"recipe": r["name"], "lr": lr, "diverged": str(e),
-                           "val_exact_match": -1.0, "val_nll": math.inf}
-                results.append(res)
-                done += r["steps"] * step_cost(r["loss"])
-                elapsed = time.time() - t_start
-                test = (f"test exact {res['test']['exact_match']:.3f} | val exact "
-                        f"{res['val_exact_match']:.3f} | {res['seconds']:.0f}s"
-                        if "test" in res else "diverged")
-                left = ift.fmt_time(elapsed / done * (total - done))
-                print(f"[{done / total:4.0%}] seed {seed} | {r['name']:<22} | lr {lr:.1e}"
-                      f"{' (sweep)' if sweeping else ''} | {test} | elapsed "
-                      f"{ift.fmt_time(elapsed)}, about {left} left", flush=True)
-            best = min(results, key=lambda x: (-x["val_exact_match"], x["val_nll"]))
-            if sweeping:
-                lrs[r["name"]] = best["lr"]
-                sweep += [{"recipe": r["name"], "lr": x["lr"], "val_exact_match":
-                           x["val_exact_match"], "val_nll": x["val_nll"],
-                           "chosen": x is best, "diverged": "diverged" in x} for x in results]
-            if "diverged" in best:
-                raise ift.UserError(f"{r['name']}: every lr of --lr-sweep diverged; "
-                                f"try smaller multipliers")
-            runs[(r["name"], seed)] = best
+            results = [run(r, seed, lr, sweeping) for lr in candidates]
+            ok = [x for x in results if "test" in x]
+            if not ok:
+                raise ift.UserError(f"{name}: every lr of --lr-sweep diverged; try smaller "
+                                    f"multipliers")
+            if sweeping:  # the lr for exact match, and the lr for preference accuracy
+                lrs[name] = min(ok, key=lambda x: (-x["val_exact_match"], x["val_nll"]))["lr"]
+                lrs_pa[name] = min(ok, key=lambda x: (-x["val_preference_accuracy"],
+                                                      x["val_nll"]))["lr"]
+                sweep += [{"recipe": name, "lr": x["lr"], "diverged": "diverged" in x,
+                           **{k: x.get(k) for k in ("val_exact_match", "val_preference_accuracy",
+                                                   "val_nll")},
+                           "chosen_for_exact_match": x["lr"] == lrs[name],
+                           "chosen_for_preference_accuracy": x["lr"] == lrs_pa[name]}
+                          for x in results]
+            tried[(name, seed)] = {x["lr"]: x for x in ok}
+            runs[(name, seed)] = tried[(name, seed)][lrs[r["lr_of"]]]
+        if claim_c is None:
+            claim_c = pick_claim_c(recipes, tried, lrs_pa, seed)
+            total += sum(r["steps"] * step_cost(r["loss"]) for r in recipes if r["name"] in
+                         claim_c and lrs_pa[r["name"]] != lrs[r["name"]]) * (len(seeds) - 1)
+        for r in recipes:  # claim (c)'s recipes at their lr for preference accuracy
+            if r["name"] in claim_c:
+                lr = lrs_pa[r["name"]]
+                if lr not in tried[(r["name"], seed)]:
+                    tried[(r["name"], seed)][lr] = run(r, seed, lr, False)
+                pa_runs[(r["name"], seed)] = tried[(r["name"], seed)][lr]
     tasks = sorted({row["task"] for row in data["test"].rows})
-    summary = summarize(recipes, runs, seeds, lrs, tasks)
-    claims = judge_claims(runs, seeds)
+    base_row = {"name": BASE, "group": "base", "loss": "sft", "steps": cfg.base_steps,
+                "start": "", "lr_of": BASE}
+    summary = summarize([base_row] + recipes, runs, seeds, lrs, tasks)
+    claims = judge_claims(recipes, runs, pa_runs, claim_c, seeds)
     runtime = time.time() - t_start
     model = ift.GPT(**ift.model_args(cfg, enc))
     info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
             "device": str(device), "device_name": device_name(device),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "runtime_seconds": runtime,
-            "seed_seconds": {s: sum(runs[(r["name"], s)]["seconds"] for r in recipes)
-                             for s in seeds},
+            "seed_seconds": {s: sum(x["seconds"] for (name, seed), by_lr in tried.items()
+                                    if seed == s for x in by_lr.values()) for s in seeds},
+            "base_seconds": base["seconds"],
             "params": sum(p.numel() for p in model.parameters()), "seeds": seeds,
-            "tasks": tasks,
+            "tasks": tasks, "lr_for_preference_accuracy": lrs_pa,
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RECIPE_FIELDS}}
     paths = [out_dir / "compare.json", out_dir / "compare.md", out_dir / "compare.png",
              out_dir / "summary.json"]
     paths[0].write_text(json.dumps({**info, "summary": summary, "claims": claims, "sweep": sweep,
+                                    "base": base,
                                     "runs": [runs[(r["name"], s)] for s in seeds
-                                             for r in recipes]}, indent=2))
+                                             for r in recipes],
+                                    "claim_c_runs": [pa_runs[key] for key in sorted(pa_runs)]},
+                                   indent=2))
     report = compare_report(info, summary, claims, sweep, cfg)
     paths[1].write_text(report)
     plot_compare(summary, runs, recipes, seeds, tasks, paths[2])
@@ -313,8 +445,10 @@ def summary_file(info, summary, claims):
         "recipes": {row["recipe"]: {"lr": row["lr"], "steps": row["steps"],
                                     **{k: {"mean": row[k][0], "std": row[k][1]}
                                        for k in metrics}} for row in summary},
-        "claims": [{k: c[k] for k in ("claim", "text", "recipe", "other", "metric", "diffs",
-                                      "mean", "ci95", "verdict")} for c in claims]}
+        "claims": [{**{k: c[k] for k in ("claim", "text", "recipe", "other", "metric", "diffs",
+                                         "mean", "ci95", "verdict", "seeds_needed")},
+                    "moved_from_start": {name: {k: p[k] for k in ("mean", "ci95", "verdict")}
+                                         for name, p in c["moved"].items()}} for c in claims]}
 
 
 def paired_cells(p):
@@ -324,6 +458,16 @@ def paired_cells(p):
     interval = (f"[{p['mean'] - p['ci95']:+.3f}, {p['mean'] + p['ci95']:+.3f}]"
                 if p["ci95"] is not None else "-")
     return f"{diffs} | {spread} | {interval} | **{p['verdict']}**"
+
+
+def moved_cell(name, p):
+    """'sft +0.120 [+0.100, +0.140]': a side's change from its start; bold when it did not move."""
+    change = f"{name} {p['mean']:+.3f}"
+    if p["ci95"] is None:
+        return change + " (one seed)"
+    if p["verdict"] == "within noise":
+        return f"**{change} ± {p['ci95']:.3f}: did not move**"
+    return f"{change} ± {p['ci95']:.3f}"
 
 
 def pm(pair):
@@ -340,11 +484,14 @@ def compare_report(info, summary, claims, sweep, cfg):
         f"Regenerate: `{info['command']}`", "",
         f"Machine: {info['device_name']} ({info['device']}, {info['threads']} threads), torch "
         f"{info['torch']}; {info['date']}. Runtime {ift.fmt_time(info['runtime_seconds'])} in "
-        f"all; one seed's {len(summary)} runs took {ift.fmt_time(min(seed_times))} to "
-        f"{ift.fmt_time(max(seed_times))} (the lr sweep on seed {info['seeds'][0]} comes on "
-        "top).", "",
+        f"all: the base model {ift.fmt_time(info['base_seconds'])} (when trained, not reused), "
+        f"the first seed with the lr sweep {ift.fmt_time(seed_times[0])}, each later seed "
+        f"{ift.fmt_time(min(seed_times[1:] or [0]))} to {ift.fmt_time(max(seed_times[1:] or [0]))}"
+        ".", "",
         f"Settings: GPT {cfg.n_layer}x{cfg.n_embd} ({info['params'] / 1e6:.2f}M parameters), "
-        f"batch {cfg.batch_size}, {cfg.max_steps} steps per single-stage run (each sequential "
+        f"batch {cfg.batch_size}; base model: {cfg.base_steps} steps of language modelling on "
+        f"the pretraining pool; from it {cfg.max_steps} steps per single-stage run (each "
+        f"sequential "
         f"stage half), warm-up {cfg.warmup_steps} then cosine to {cfg.min_lr_ratio} x lr, "
         f"lam {cfg.lam}, gamma {cfg.gamma}, DPO beta {cfg.dpo_beta}, ORPO beta {cfg.orpo_beta}; "
         f"seeds {', '.join(map(str, info['seeds']))}; lr from the sweep below.", "",
@@ -364,22 +511,36 @@ def compare_report(info, summary, claims, sweep, cfg):
         "how often the chosen answer is more likely than the rejected one. s/run includes "
         "testing.", "",
         "## The paper's claims, seed by seed", "",
-        "Paired difference per seed (recipe minus the other, same initial model and batches); "
+        "Paired difference per seed (recipe minus the other, same base model and batches); "
         "verdict from the 95% t-interval of the mean difference: above 0 reproduced, below 0 "
-        "not reproduced, containing 0 within noise.", "",
-        "| claim | recipe - other | per-seed differences | mean ± std | 95% interval | verdict |",
-        "|---|---|---|---|---|---|"]
+        "not reproduced, containing 0 within noise. Claim (c) picks its two recipes on the "
+        "first seed's validation preference accuracy, each at its lr tuned for that metric. "
+        "Each side's change from the model it started from (the base, or stage 1) is paired "
+        "the same way; a side whose interval contains 0 did not move. Seeds for "
+        f"±{POWER}: how many seeds the measured std of the differences would need for a 95% "
+        f"half-width of {POWER}.", "",
+        "| claim | recipe - other | per-seed differences | mean ± std | 95% interval | verdict "
+        f"| seeds for ±{POWER} | each side's change from its start (± 95%) |",
+        "|---|---|---|---|---|---|---|---|"]
     for c in claims:
         lines.append(f"| ({c['claim']}) {c['text']} | {c['recipe']} - {c['other']} "
-                     f"({c['metric']}) | {paired_cells(c)} |")
+                     f"({c['metric']}) | {paired_cells(c)} | {c['seeds_needed'] or '-'} | "
+                     + "; ".join(moved_cell(name, p) for name, p in c["moved"].items()) + " |")
     lines += ["", f"## Learning-rate sweep (seed {info['seeds'][0]}, validation split, last "
-              "step)", "", "| recipe | lr | val exact | val NLL | chosen |",
-              "|---|---|---|---|---|"]
+              "step)", "", "| recipe | lr | val exact | val pref acc | val NLL | chosen for |",
+              "|---|---|---|---|---|---|"]
+    lrs = {}  # recipe -> the lrs it was swept over
     for s in sweep:
-        scores = ("diverged | -" if s["diverged"] else
-                  f"{s['val_exact_match']:.3f} | {s['val_nll']:.4f}")
-        lines.append(f"| {s['recipe']} | {s['lr']:.1e} | {scores} | "
-                     f"{'yes' if s['chosen'] else ''} |")
+        lrs.setdefault(s["recipe"], []).append(s["lr"])
+    for s in sweep:
+        scores = ("diverged | - | -" if s["diverged"] else
+                  f"{s['val_exact_match']:.3f} | {s['val_preference_accuracy']:.3f} | "
+                  f"{s['val_nll']:.4f}")
+        chosen = [m for m in ("exact match", "preference accuracy")
+                  if s["chosen_for_" + m.replace(" ", "_")]]
+        if chosen and s["lr"] in (min(lrs[s["recipe"]]), max(lrs[s["recipe"]])):
+            chosen[-1] += " (the sweep's edge)"
+        lines.append(f"| {s['recipe']} | {s['lr']:.1e} | {scores} | {', '.join(chosen)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -407,12 +568,13 @@ def plot_compare(summary, runs, recipes, seeds, tasks, path):
     ax.set_ylim(0, 1)
     ax.legend(ncol=5, fontsize=8, loc="upper left")
     ax.set_title(f"python compare.py: mean ± std over {len(seeds)} seeds")
-    curves = {}  # recipe -> (steps, mean validation exact match over the seeds)
+    # recipe -> (steps, mean validation exact match over the seeds); fine-tuning starts at 0
+    curves = {BASE: ([0], [runs[(BASE, seeds[0])]["val_exact_match"]])}
     for r in recipes:
         per_seed = [runs[(r["name"], s)]["val_curve"] for s in seeds]
         steps = [step for step, _ in per_seed[0]]
         means = [statistics.mean(c[j][1] for c in per_seed) for j in range(len(steps))]
-        if r["start"]:  # stage 2 goes on from where its stage 1 ended
+        if r["start"]:  # a run goes on from where its start ended
             before_steps, before = curves[r["start"]]
             steps = [before_steps[-1]] + [before_steps[-1] + 1 + step for step in steps]
             means = [before[-1]] + means

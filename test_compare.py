@@ -24,8 +24,8 @@ def run_cli(*args):
 def test_compare_defaults_are_smaller_and_yield_to_flags():
     """compare.py shrinks the model and steps unless the command line sets them."""
     cfg = compare.parse_config([])
-    assert (cfg.n_layer, cfg.n_embd, cfg.max_steps, cfg.compile) == (2, 64, 1000, "off")
-    assert cfg.out_dir == "out/compare" and cfg.lr_sweep == (0.33, 1.0, 3.0)
+    assert (cfg.n_layer, cfg.n_embd, cfg.max_steps, cfg.compile, cfg.seeds) == (2, 64, 1000, "off", 6)
+    assert cfg.out_dir == "out/compare" and cfg.lr_sweep == (0.1, 0.33, 1.0, 3.0)
     given = compare.parse_config(["--n-layer", "3", "--max-steps", "2000", "--lr-sweep", "2"])
     assert (given.n_layer, given.n_embd, given.max_steps, given.lr_sweep) == (3, 64, 2000, (2.0,))
 
@@ -51,6 +51,8 @@ def test_paired_verdicts_from_the_t_interval():
     assert p["mean"] == pytest.approx(0.12) and p["std"] == pytest.approx(math.sqrt(2.5e-4))
     assert p["ci95"] == pytest.approx(2.78 * math.sqrt(2.5e-4) / math.sqrt(5))
     assert p["verdict"] == "reproduced"
+    # the same std needs 5 seeds for a half-width <= 0.02: 4 give 3.18 * 0.0158 / 2 = 0.025
+    assert p["seeds_needed"] == 5 and compare.half_width(p["std"], 4) > compare.POWER
     assert compare.paired([-0.10, -0.11, -0.12, -0.13, -0.14])["verdict"] == "not reproduced"
     # mean 0.2 but t(2) = 4.30: half-width 4.30 * 0.1 / sqrt(3) = 0.248 > 0.2
     assert compare.paired([0.1, 0.2, 0.3])["verdict"] == "within noise"
@@ -97,9 +99,9 @@ def test_recovery_counts_against_hand_counts():
 
 
 def test_cli_compare_end_to_end(tmp_path):
-    """A tiny compare.py over two seeds: every recipe, the sweep, paired claims and all outputs."""
+    """A tiny compare.py over two seeds: base, every recipe, the sweep, claims and all outputs."""
     out = tmp_path / "cmp"
-    args = ["--seeds", "2", "--max-steps", "4", "--lr-sweep", "0.5", "1",
+    args = ["--seeds", "2", "--max-steps", "4", "--base-steps", "4", "--lr-sweep", "0.5", "1",
             "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "8",
             "--eval-interval", "2", "--limit-rows", "32", "--max-new-tokens", "8",
             "--device", "cpu", "--out-dir", str(out)]
@@ -108,8 +110,13 @@ def test_cli_compare_end_to_end(tmp_path):
     assert "(sweep)" in r.stdout and "left" in r.stdout and "compare.png" in r.stdout
     res = json.loads((out / "compare.json").read_text())
     names = [row["recipe"] for row in res["summary"]]
-    assert names == [r["name"] for r in compare.compare_recipes(4)]
+    assert names == [compare.BASE] + [r["name"] for r in compare.compare_recipes(4)]
     runs = {(run["recipe"], run["seed"]): run for run in res["runs"]}
+    # every single-stage recipe and stage 1 fine-tune the one base model; DPO's reference is it
+    base_ckpt = res["base"]["ckpt"]
+    for name in ("sft", "dpo", "sft (stage 1)"):
+        run_dir = Path(runs[(name, 1338)]["ckpt"]).parent
+        assert json.loads((run_dir / "config.json").read_text())["init_from"] == base_ckpt
     assert len(runs) == 14 * 2 and res["seeds"] == [1337, 1338]
     assert not {"loss", "lr", "init_from"} & set(res["config"])  # each recipe sets its own
     # the sweep: two lrs per swept recipe on the first seed, the best validation score chosen
@@ -117,8 +124,11 @@ def test_cli_compare_end_to_end(tmp_path):
     assert len(swept) == 8 and len(res["sweep"]) == 16
     for name in swept:
         tried = [s for s in res["sweep"] if s["recipe"] == name]
-        best = max(tried, key=lambda s: (s["val_exact_match"], -s["val_nll"]))
-        assert [s["chosen"] for s in tried].count(True) == 1 and best["chosen"]
+        for metric in ("exact_match", "preference_accuracy"):
+            best = max(tried, key=lambda s: (s["val_" + metric], -s["val_nll"]))
+            assert [s["chosen_for_" + metric] for s in tried].count(True) == 1
+            assert best["chosen_for_" + metric]
+        best = next(s for s in tried if s["chosen_for_exact_match"])
         assert runs[(name, 1338)]["lr"] == best["lr"]
     lr = {row["recipe"]: row["lr"] for row in res["summary"]}
     assert lr["ift, noisy lam"] == lr["ift at sft's flops"] == lr["ift"]
@@ -134,6 +144,22 @@ def test_cli_compare_end_to_end(tmp_path):
             - runs[("sft then sft", s)]["test"]["exact_match"] for s in (1337, 1338)]
     assert claim["diffs"] == pytest.approx(want)
     assert {c["claim"] for c in res["claims"]} == {"a", "a'", "b", "c", "d"}
+    assert claim["moved"]["sft then ift"]["diffs"] == pytest.approx(
+        [runs[("sft then ift", s)]["test"]["exact_match"]
+         - runs[("sft (stage 1)", s)]["test"]["exact_match"] for s in (1337, 1338)])
+    # claim (c): both sides picked on validation preference accuracy at their lr tuned for it,
+    # judged on the test preference accuracy of those runs
+    c = next(c for c in res["claims"] if c["claim"] == "c")
+    pa = {s["recipe"]: (s["val_preference_accuracy"], -s["val_nll"]) for s in res["sweep"]
+          if s["chosen_for_preference_accuracy"]}
+    assert c["recipe"] == max((n for n in pa if n.endswith("dpo")), key=pa.get)
+    assert c["other"] == max((n for n in pa if not n.endswith("dpo")), key=pa.get)
+    c_runs = {(x["recipe"], x["seed"]): x for x in res["claim_c_runs"]}
+    assert {x["lr"] for x in c_runs.values() if x["recipe"] == c["recipe"]} == {
+        res["lr_for_preference_accuracy"][c["recipe"]]}
+    assert c["diffs"] == pytest.approx([c_runs[(c["recipe"], s)]["test"]["preference_accuracy"]
+                                        - c_runs[(c["other"], s)]["test"]["preference_accuracy"]
+                                        for s in (1337, 1338)])
     md = (out / "compare.md").read_text()
     assert "python compare.py --seeds 2" in md and "| ift, gamma 0 |" in md
     lines = md.splitlines()
@@ -161,5 +187,21 @@ def test_cli_compare_end_to_end(tmp_path):
     assert mech["verdicts"][0]["diffs"] == pytest.approx([s[-1] - i[-1] for s, i in zip(sft, ift)])
     assert (out / "mechanism.png").read_bytes()[:4] == b"\x89PNG"
     assert "| ift, noisy lam |" in (out / "mechanism.md").read_text()
+    # a second comparison with the same settings reuses the base model instead of training it
+    r = run_cli(*args[:args.index("--seeds")], "--seeds", "1", *args[args.index("--seeds") + 2:])
+    assert r.returncode == 0 and "base model: reusing" in r.stdout, r.stderr
+    assert json.loads((out / "compare.json").read_text())["base"] == res["base"]
     r = run_cli("--mechanism", "--out-dir", str(tmp_path / "nothing"))
     assert r.returncode == 1 and "no comparison there; run python compare.py first" in r.stderr
+
+
+def test_compare_without_a_pretraining_pool_is_one_line(tmp_path):
+    """A --data folder without pretrain.jsonl stops before training with a one-line error."""
+    for name in ("train", "val", "test"):
+        lines = (HERE / "data" / f"{name}.jsonl").read_text().splitlines()[:16]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    r = run_cli("--data", str(tmp_path), "--out-dir", str(tmp_path / "out"), "--device", "cpu")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().endswith("no pretraining pool for the base model; run python "
+                                     "data/prepare.py, or put rows of your own there")
+    assert len(r.stderr.strip().splitlines()) == 1

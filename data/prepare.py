@@ -4,6 +4,9 @@ What it writes (byte-identical on every run with the same flags, in a few second
     data/train.jsonl        10000 rows (2500 per family)
     data/val.jsonl            400 rows  (100 per family)
     data/test.jsonl           800 rows  (200 per family)
+    data/pretrain.jsonl     20000 rows (5000 per family): the pool compare.py's base model
+                            (stage 0) is trained on, drawn after the three splits, so they stay
+                            the same whatever its size
     data/tokenizer.tiktoken   a byte-level BPE learned on the train split, in tiktoken's format
 
 Command (from any working directory; standard library plus tiktoken for the final self-check):
@@ -202,6 +205,22 @@ def make_splits(rng, sizes):
     return splits
 
 
+def make_pool(rng, n, splits):
+    """n more rows per family whose prompts are in none of the splits, shuffled."""
+    seen = {row["prompt"] for rows in splits.values() for row in rows}
+    pool = []
+    for make in FAMILIES.values():
+        rows = []
+        while len(rows) < n:
+            row = make(rng, len(rows))
+            if row["prompt"] not in seen:
+                seen.add(row["prompt"])
+                rows.append(row)
+        pool.extend(rows)
+    rng.shuffle(pool)
+    return pool
+
+
 def write_jsonl(path, rows):
     """One JSON object per line, ASCII only, '\\n' line ends on every platform."""
     with open(path, "w", encoding="ascii", newline="\n") as f:
@@ -372,6 +391,8 @@ def main():
     parser.add_argument("--train", type=int, default=2500, help="train rows per family")
     parser.add_argument("--val", type=int, default=100, help="validation rows per family")
     parser.add_argument("--test", type=int, default=200, help="test rows per family")
+    parser.add_argument("--pretrain", type=int, default=5000, help="rows per family of the "
+                        "pretraining pool (compare.py's base model)")
     parser.add_argument("--merges", type=int, default=200, help="BPE merges on top of 256 bytes")
     parser.add_argument("--tokenizer-for", metavar="DIR", help="instead of making the toy data, "
                         "learn the BPE on DIR/train.jsonl (your own rows) and write "
@@ -386,6 +407,7 @@ def main():
 
     rng = random.Random(args.seed)
     splits = make_splits(rng, {"train": args.train, "val": args.val, "test": args.test})
+    splits["pretrain"] = make_pool(rng, args.pretrain, splits)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         write_jsonl(args.out_dir / f"{name}.jsonl", rows)
