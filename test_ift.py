@@ -380,6 +380,17 @@ def test_cli_learns_something_on_its_own_data(tmp_path):
     assert r.returncode == 1 and "train.jsonl line 1: missing text field 'rejected'" in r.stderr
 
 
+def test_prepare_regenerates_the_committed_data_byte_for_byte(tmp_path):
+    """python data/prepare.py (default flags) rewrites every committed data file exactly."""
+    r = subprocess.run([sys.executable, str(DATA / "prepare.py"), "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    names = ("train.jsonl", "val.jsonl", "test.jsonl", "pretrain.jsonl", "tokenizer.tiktoken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    for name in names:
+        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
 def test_prepare_trains_a_tokenizer_on_a_users_rows(tmp_path):
     """prepare.py --tokenizer-for DIR learns a BPE on any text; ift.py uses it; no overwrite."""
     rows = [{"task": "greet", "prompt": f"greet {name}", "chosen": f"bonjour {name}, ça va?"}
