@@ -608,7 +608,7 @@ def plot_compare(summary, runs, recipes, seeds, tasks, path):
 #              likeliest WRONG token there (argmax of its logits without the right token).
 # Both are scored against the ground truth, by distance d = t - m after the mistake. The gap
 # clean - corrupted is what one own mistake costs the tokens after it: the smaller, the better
-# the model recovers. Each recipe's gap is paired with SFT's seed by seed (same initial model
+# the model recovers. Each recipe's gap is paired with SFT's seed by seed (same base model
 # and batches) as sft gap - recipe gap, so "reproduced" means: recovers better than SFT.
 
 MECHANISM_TASKS = ("add", "reverse")
