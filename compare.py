@@ -285,11 +285,10 @@ def judge_claims(recipes, runs, pa_runs, claim_c, seeds):
     return out
 
 
-def pick_claim_c(recipes, tried, lrs_pa, seed):
-    """Claim (c)'s two recipes, on the VALIDATION preference accuracy of the first seed at the
-    lr tuned for it: the better DPO recipe and the best other recipe of the paper's Table 2."""
-    own = [r["name"] for r in recipes if r["lr_of"] == r["name"]]  # the recipes with their own lr
-
+def pick_claim_c(own, tried, lrs_pa, seed):
+    """Claim (c)'s two recipes among own (the recipes with an lr of their own: the paper's
+    Table 2), on the VALIDATION preference accuracy of the first seed at the lr tuned for it:
+    the better DPO recipe and the best other one."""
     def score(name):
         run = tried[(name, seed)][lrs_pa[name]]
         return run["val_preference_accuracy"], -run["val_nll"]
@@ -390,7 +389,7 @@ def compare(cfg, command):
             tried[(name, seed)] = {x["lr"]: x for x in ok}
             runs[(name, seed)] = tried[(name, seed)][lrs[r["lr_of"]]]
         if claim_c is None:
-            claim_c = pick_claim_c(recipes, tried, lrs_pa, seed)
+            claim_c = pick_claim_c([r["name"] for r in swept], tried, lrs_pa, seed)
             total += sum(r["steps"] * step_cost(r["loss"]) for r in recipes if r["name"] in
                          claim_c and lrs_pa[r["name"]] != lrs[r["name"]]) * (len(seeds) - 1)
         for r in recipes:  # claim (c)'s recipes at their lr for preference accuracy
@@ -491,8 +490,7 @@ def compare_report(info, summary, claims, sweep, cfg):
         f"Settings: GPT {cfg.n_layer}x{cfg.n_embd} ({info['params'] / 1e6:.2f}M parameters), "
         f"batch {cfg.batch_size}; base model: {cfg.base_steps} steps of language modelling on "
         f"the pretraining pool; from it {cfg.max_steps} steps per single-stage run (each "
-        f"sequential "
-        f"stage half), warm-up {cfg.warmup_steps} then cosine to {cfg.min_lr_ratio} x lr, "
+        f"sequential stage half), warm-up {cfg.warmup_steps} then cosine to {cfg.min_lr_ratio} x lr, "
         f"lam {cfg.lam}, gamma {cfg.gamma}, DPO beta {cfg.dpo_beta}, ORPO beta {cfg.orpo_beta}; "
         f"seeds {', '.join(map(str, info['seeds']))}; lr from the sweep below.", "",
         f"## Test split: exact match per family, preference accuracy, answer NLL "
@@ -574,10 +572,9 @@ def plot_compare(summary, runs, recipes, seeds, tasks, path):
         per_seed = [runs[(r["name"], s)]["val_curve"] for s in seeds]
         steps = [step for step, _ in per_seed[0]]
         means = [statistics.mean(c[j][1] for c in per_seed) for j in range(len(steps))]
-        if r["start"]:  # a run goes on from where its start ended
-            before_steps, before = curves[r["start"]]
-            steps = [before_steps[-1]] + [before_steps[-1] + 1 + step for step in steps]
-            means = [before[-1]] + means
+        before_steps, before = curves[r["start"]]  # a run goes on from where its start ended
+        steps = [before_steps[-1]] + [before_steps[-1] + 1 + step for step in steps]
+        means = [before[-1]] + means
         curves[r["name"]] = steps, means
     for k, groups_here in enumerate((("single stage", "ablation", "equal compute"),
                                      ("sequential",))):
