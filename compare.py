@@ -3,7 +3,7 @@ The paper's comparison at toy scale: a base model, then every recipe of its Tabl
 ablations fine-tuned from it with the same batch order seed by seed, tested, and judged on
 paired differences.
 
-    python compare.py                     # base + 14 recipes x 6 seeds + lr sweeps: ~58 min
+    python compare.py                     # base + 14 recipes x 6 seeds + lr sweeps: ~60 min
     python compare.py --seeds 1           # the base, one seed and the sweeps: ~20 min, no spread
     python compare.py --mechanism         # then: do the models recover from their own mistakes?
     python compare.py --help              # every setting (the model flags are ift.py's)
@@ -51,7 +51,7 @@ class CompareConfig(ift.Config):
     max_steps: int = ift.arg(1000, "steps of each single-stage run (each sequential stage: half)")
     warmup_steps: int = ift.arg(30, "linear warm-up steps, then cosine decay")
     log_interval: int = ift.arg(250, "steps between log lines (in each run's train.log)")
-    eval_interval: int = ift.arg(250, "steps between validation evaluations")
+    eval_interval: int = ift.arg(500, "steps between validation evaluations")
     compile: str = ift.arg("off", "torch.compile (off: it would compile anew for every short run)",
                            ("auto", "on", "off"))
     out_dir: str = ift.arg("out/compare", "output folder")
@@ -59,7 +59,7 @@ class CompareConfig(ift.Config):
     base_steps: int = ift.arg(3000, "steps of stage 0: the base model, trained once by plain "
                               "language modelling on <data>/pretrain.jsonl, that every recipe "
                               "fine-tunes (kept in <out-dir>/base and reused while its settings "
-                              "and the pool are unchanged)")
+                              "and the data files are unchanged)")
     seeds: int = ift.arg(6, "seeds --seed, --seed + 1, ...; a seed gives every recipe the same "
                          "batch order, so recipes are compared seed by seed")
     lr_sweep: tuple = ift.arg((0.1, 0.33, 1.0, 3.0), "multipliers of each recipe's DEFAULT_LR "
@@ -173,25 +173,33 @@ def train_and_test(rcfg, model, enc, train_split, data, device, run_dir):
                                          "preference_accuracy")}}
 
 
+def base_folder(bcfg, out_dir):
+    """The base model's settings, and its folder: <out-dir>/base/<hash of the settings>. One
+    folder per settings, so a base made with other settings is kept, never overwritten."""
+    settings = {k: v for k, v in dataclasses.asdict(bcfg).items() if k not in (
+        "out_dir", "device", "log_interval", "eval_interval", "max_new_tokens")}
+    # the pool makes the model; its record also holds val and test scores
+    for name in ("pretrain", "val", "test"):
+        path = Path(bcfg.data) / f"{name}.jsonl"
+        settings[f"{name}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return settings, out_dir / "base" / key
+
+
 def base_model(cfg, enc, data, device, out_dir):
     """Stage 0 (see above): the base model's record, trained now, or read from <out-dir>/base
-    when that one was made with the same settings from the same pool."""
+    when that one was made with the same settings from the same data files."""
     pool_path = Path(cfg.data) / "pretrain.jsonl"
     if not pool_path.is_file():
         raise ift.UserError(f"{pool_path}: no pretraining pool for the base model; run python "
                             f"data/prepare.py, or put rows of your own there")
     bcfg = config_for(cfg, loss="sft", lr=ift.DEFAULT_LR["sft"], init_from="",
                       max_steps=cfg.base_steps)
-    settings = {k: v for k, v in dataclasses.asdict(bcfg).items() if k not in (
-        "out_dir", "device", "log_interval", "eval_interval", "max_new_tokens")}
-    settings["pool_sha256"] = hashlib.sha256(pool_path.read_bytes()).hexdigest()
-    # one folder per settings: a base made with other settings is kept, never overwritten
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    base_dir = out_dir / "base" / key
+    settings, base_dir = base_folder(bcfg, out_dir)
     bcfg.out_dir = str(base_dir)
     record_path = base_dir / "base.json"
     if record_path.is_file():
-        print(f"base model: reusing {base_dir / 'ckpt.pt'} (same settings, same pool)")
+        print(f"base model: reusing {base_dir / 'ckpt.pt'} (same settings, same data files)")
         return json.loads(record_path.read_text())
     base_dir.mkdir(parents=True, exist_ok=True)
     pool = ift.Split(ift.load_rows(pool_path, limit=cfg.limit_rows), enc, cfg.block_size,

@@ -1,6 +1,7 @@
 """Tests of compare.py: the verdicts, the recipes, the defaults and one tiny end-to-end run.
 Run: pytest -q"""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -194,6 +195,26 @@ def test_cli_compare_end_to_end(tmp_path):
     assert json.loads((out / "compare.json").read_text())["base"] == res["base"]
     r = run_cli("--mechanism", "--out-dir", str(tmp_path / "nothing"))
     assert r.returncode == 1 and "no comparison there; run python compare.py first" in r.stderr
+
+
+def test_the_base_model_is_kept_per_settings_and_data(tmp_path):
+    """A changed setting, pool or test file gives the base a new folder; the train split not."""
+    for name in ("train", "pretrain", "val", "test"):
+        (tmp_path / f"{name}.jsonl").write_text(f'{{"task": "{name}"}}\n')
+    cfg = compare.config_for(compare.CompareConfig(), data=str(tmp_path))
+
+    def folder(**fields):
+        return compare.base_folder(dataclasses.replace(cfg, **fields), tmp_path / "out")[1]
+    first = folder()
+    assert first.parent == tmp_path / "out" / "base" and folder() == first
+    assert folder(max_steps=7) != first and folder(seed=1) != first
+    assert folder(eval_interval=7, out_dir="elsewhere") == first  # no effect on the model
+    (tmp_path / "train.jsonl").write_text('{"task": "other"}\n')
+    assert folder() == first
+    for name in ("pretrain", "test"):
+        (tmp_path / f"{name}.jsonl").write_text('{"task": "other"}\n')
+        assert folder() != first
+        first = folder()
 
 
 def test_compare_without_a_pretraining_pool_is_one_line(tmp_path):

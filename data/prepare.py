@@ -3,10 +3,12 @@
 What it writes (byte-identical on every run with the same flags, in a few seconds):
     data/train.jsonl        10000 rows (2500 per family)
     data/val.jsonl            400 rows  (100 per family)
-    data/test.jsonl           800 rows  (200 per family)
+    data/test.jsonl          2000 rows  (500 per family: 200 drawn with train and val, 300 more
+                            after the pool; the more test rows, the less a model's score depends
+                            on which rows it happens to get right)
     data/pretrain.jsonl     20000 rows (5000 per family): the pool compare.py's base model
-                            (stage 0) is trained on, drawn after the three splits, so they stay
-                            the same whatever its size
+                            (stage 0) is trained on, drawn after train, val and the first test
+                            rows, so they stay the same whatever its size
     data/tokenizer.tiktoken   a byte-level BPE learned on the train split, in tiktoken's format
 
 Command (from any working directory; standard library plus tiktoken for the final self-check):
@@ -19,8 +21,10 @@ Schema: one JSON object per line, keys in this order,
 Plain text only; ift.py wraps a row as <|user|> prompt <|assistant|> answer <|endoftext|>.
 "chosen" is the correct answer, "rejected" a plausible wrong one (never equal to "chosen").
 SFT and IFT read only "chosen"; DPO and ORPO read both. No prompt appears twice, in any split:
-unique prompts are drawn per family first and then cut into train / val / test. Each split is
-shuffled, so the four families are interleaved.
+unique prompts are drawn per family first and then cut into train / val / test; the pool and the
+extra test rows are drawn after them, against every prompt so far. Each split is shuffled, so
+the four families are interleaved (the extra test rows come as a shuffled block after the first
+ones).
 
 The four families (one example row each):
 1. add (reasoning, short answer): two 3-digit operands; ~80% of problems have a carry.
@@ -390,7 +394,10 @@ def main():
     parser.add_argument("--out-dir", type=Path, default=DATA_DIR, help="where the files go")
     parser.add_argument("--train", type=int, default=2500, help="train rows per family")
     parser.add_argument("--val", type=int, default=100, help="validation rows per family")
-    parser.add_argument("--test", type=int, default=200, help="test rows per family")
+    parser.add_argument("--test", type=int, default=200,
+                        help="test rows per family drawn with train and val")
+    parser.add_argument("--more-test", type=int, default=300, help="test rows per family drawn "
+                        "after the pool, so adding them leaves every other file unchanged")
     parser.add_argument("--pretrain", type=int, default=5000, help="rows per family of the "
                         "pretraining pool (compare.py's base model)")
     parser.add_argument("--merges", type=int, default=200, help="BPE merges on top of 256 bytes")
@@ -408,6 +415,7 @@ def main():
     rng = random.Random(args.seed)
     splits = make_splits(rng, {"train": args.train, "val": args.val, "test": args.test})
     splits["pretrain"] = make_pool(rng, args.pretrain, splits)
+    splits["test"] += make_pool(rng, args.more_test, splits)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         write_jsonl(args.out_dir / f"{name}.jsonl", rows)
