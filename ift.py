@@ -1037,6 +1037,8 @@ def main(argv=None):
     print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     try:
         run(cfg)
+        if dist.is_initialized():  # wait for rank 0's test, so all leave the group together
+            dist.barrier()
     except UserError as e:
         sys.exit(f"error: {e}")
     finally:
