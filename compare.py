@@ -92,7 +92,8 @@ def compare_problem(cfg):
 # three splits. It is trained ONCE, with seed --seed, for all seeds, as the paper has one
 # pretrained model: the seeds then vary the fine-tuning (batch order), and a paired difference
 # measures the recipes rather than the luck of pretraining. It is saved in <out-dir>/base and
-# reused while its settings and the pool's bytes are unchanged; the table shows it as a row.
+# reused while its settings and the bytes of the pool, val and test files are unchanged (its
+# record holds its val and test scores); the table shows it as a row.
 #
 # One seed then trains these models, all with the same batch order (S = --max-steps):
 #   single stage   SFT, IFT, ORPO and DPO from the base on the whole train split for S steps (the
