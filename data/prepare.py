@@ -189,17 +189,23 @@ FAMILIES = {"add": make_add, "reverse": make_reverse, "facts": make_facts,
 # Splits: unique prompts per family, cut into train / val / test, each split shuffled
 
 
+def unique_rows(rng, make, n, seen):
+    """n rows of one family whose prompts are not in seen; adds their prompts to seen."""
+    rows = []
+    while len(rows) < n:
+        row = make(rng, len(rows))
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+    return rows
+
+
 def make_splits(rng, sizes):
     """Return {split: rows}; sizes = {split: rows per family}; no prompt is in two splits."""
     splits = {name: [] for name in sizes}
     seen = set()  # prompts drawn so far, across all families (used for membership only)
     for make in FAMILIES.values():
-        rows = []
-        while len(rows) < sum(sizes.values()):
-            row = make(rng, len(rows))
-            if row["prompt"] not in seen:
-                seen.add(row["prompt"])
-                rows.append(row)
+        rows = unique_rows(rng, make, sum(sizes.values()), seen)
         start = 0
         for name, n in sizes.items():
             splits[name].extend(rows[start:start + n])
@@ -212,15 +218,7 @@ def make_splits(rng, sizes):
 def make_pool(rng, n, splits):
     """n more rows per family whose prompts are in none of the splits, shuffled."""
     seen = {row["prompt"] for rows in splits.values() for row in rows}
-    pool = []
-    for make in FAMILIES.values():
-        rows = []
-        while len(rows) < n:
-            row = make(rng, len(rows))
-            if row["prompt"] not in seen:
-                seen.add(row["prompt"])
-                rows.append(row)
-        pool.extend(rows)
+    pool = [row for make in FAMILIES.values() for row in unique_rows(rng, make, n, seen)]
     rng.shuffle(pool)
     return pool
 
