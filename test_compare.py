@@ -26,7 +26,7 @@ def test_compare_defaults_are_smaller_and_yield_to_flags():
     """compare.py shrinks the model and steps unless the command line sets them."""
     cfg = compare.parse_config([])
     assert (cfg.n_layer, cfg.n_embd, cfg.max_steps, cfg.compile) == (2, 64, 1000, "off")
-    assert (cfg.seeds, cfg.base_steps) == (6, 3000)
+    assert (cfg.seeds, cfg.base_steps) == (6, 6000)
     assert cfg.out_dir == "out/compare" and cfg.lr_sweep == (0.1, 0.33, 1.0, 3.0)
     given = compare.parse_config(["--n-layer", "3", "--max-steps", "2000", "--lr-sweep", "2"])
     assert (given.n_layer, given.n_embd, given.max_steps, given.lr_sweep) == (3, 64, 2000, (2.0,))

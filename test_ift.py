@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -310,6 +311,23 @@ def test_committed_splits_are_disjoint_and_well_formed():
     assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["val"]
     assert not prompts["val"] & prompts["test"]
     assert all(r["chosen"] != r["rejected"] for rows in splits.values() for r in rows)
+
+
+def test_facts_answer_is_the_winning_line_at_no_fixed_position():
+    """facts: chosen is the one 'won' line, rejected a 'lost' one; the winner's line is uniform."""
+    counts = Counter()
+    for split in ("train", "val", "test", "pretrain"):
+        for row in ift.load_rows(DATA / f"{split}.jsonl", need_rejected=True):
+            if row["task"] == "facts":
+                lines = [line.rsplit(" ", 1) for line in row["prompt"].split("\n")[1:]]
+                won = [k for k, (_, result) in enumerate(lines) if result == "won"]
+                assert len(won) == 1 and {r for _, r in lines} == {"won", "lost"}
+                assert row["chosen"] == lines[won[0]][0]
+                assert row["rejected"] in [who for who, result in lines if result == "lost"]
+                counts[len(lines), won[0]] += 1
+    assert set(counts) == {(n, k) for n in (3, 4) for k in range(n)}
+    # three draws (the splits, the pool, the extra test rows), each cycling through the slots
+    assert max(counts.values()) - min(counts.values()) <= 3
 
 
 def test_data_errors_name_file_and_line(tmp_path):

@@ -35,12 +35,18 @@ The four families (one example row each):
    {"task": "reverse", "prompt": "Reverse the letters: q w e r t", "chosen": "t r e w q",
     "rejected": "t r w e q"}
    rejected: the correct reversal with one adjacent pair of different letters swapped.
-3. facts (fact-following): 3 or 4 facts with distinct names and colours, then a question.
-   {"task": "facts", "prompt": "Ann has a red key. Bob has a blue key. Cid has a green key.
-    What colour is Bob's key?", "chosen": "blue", "rejected": "green"}
-   rejected: the colour of another fact in the same prompt. The asked-about position cycles
-   through (3 facts: 1st, 2nd, 3rd; 4 facts: 1st..4th), so "always answer the first (or last)
-   fact" scores exactly chance.
+3. facts (fact-following): who won something, one line per person (3 or 4 distinct names and
+   colours, e.g. their team colours), and only one line says "won"; the answer is that line.
+   {"task": "facts", "prompt": "Who won the key?\nAnn red lost\nBob blue won\nCid green lost",
+    "chosen": "Bob blue", "rejected": "Cid green"}
+   rejected: the name and colour of a line that lost. The winner's line cycles through the
+   positions (3 lines: 1st, 2nd, 3rd; 4 lines: 1st..4th), so "always answer the first (or last)
+   line" scores exactly chance. Why this shape: the answer is found by one look-up that is the
+   same in every row (find the token " won", copy the two words before it). An earlier form
+   asked for a given name ("Ann has a red key. ... What colour is Bob's key?" -> "blue"), which
+   needs the asked name matched against every fact first; every recipe of compare.py stayed at
+   chance on it (0.27-0.32, chance 2/7), and so did the base model on a list completed from a
+   name ("Ann red / Bob blue / Cid green / Bob" -> "Bob blue") after 3000 or 6000 steps.
 4. add_steps (long answer, reasoning written out): two 4-digit operands, added column by column
    from the right; a column says "carry 1" only when it carries, the next column adds "+1".
    {"task": "add_steps", "prompt": "Add 4821 + 3795 step by step.",
@@ -55,7 +61,7 @@ its own chunk, so no token mixes digits and arithmetic stays learnable); ranks 0
 single bytes in byte order; then the most frequent adjacent pair inside a chunk (counted over
 the train prompts and chosen answers) is merged into a new rank, ties going to the pair with the
 lower ranks, until --merges new ranks exist or no pair occurs twice (on the default data the
-latter happens after 177 merges, with every word of the templates whole: 433 ranks). The file
+latter happens after 143 merges, with every word of the templates whole: 399 ranks). The file
 has one line "base64(token bytes) rank" per rank, ascending; the special tokens
 ift.SPECIAL_TOKENS are not in it: ift.py gives them the ids n_ranks, n_ranks + 1, ...
 The script ends with a self-check against tiktoken and prints the vocabulary size, rows and
@@ -139,14 +145,16 @@ def make_reverse(rng, index):
 
 
 def make_facts(rng, index):
-    """Who-has-what facts and one question; the asked position cycles with the row index."""
+    """Who won what, one line per person; the winner's line cycles with the row index."""
     n_facts, pos = FACT_SLOTS[index % len(FACT_SLOTS)]
     names, colours = rng.sample(NAMES, n_facts), rng.sample(COLOURS, n_facts)
     obj = rng.choice(OBJECTS)
-    facts = " ".join(f"{name} has a {colour} {obj}." for name, colour in zip(names, colours))
+    lines = "".join(f"\n{name} {colour} {'won' if k == pos else 'lost'}"
+                    for k, (name, colour) in enumerate(zip(names, colours)))
     distractor = rng.choice([k for k in range(n_facts) if k != pos])
-    return {"task": "facts", "prompt": f"{facts} What colour is {names[pos]}'s {obj}?",
-            "chosen": colours[pos], "rejected": colours[distractor]}
+    return {"task": "facts", "prompt": f"Who won the {obj}?{lines}",
+            "chosen": f"{names[pos]} {colours[pos]}",
+            "rejected": f"{names[distractor]} {colours[distractor]}"}
 
 
 def add_working(a, b, forget_first_carry=False):
