@@ -47,8 +47,7 @@ class CompareConfig(ift.Config):
     # than 3 x 96 on a 2-core CPU. 6000 steps of language modelling take it to validation exact
     # match 0.66 (add 0.67, add_steps 0.69, facts 0.29, reverse 1.0); after 3000, 0.35 (add
     # 0.04, facts 0.07): the fine-tuning then crossed the phase changes of add and facts, and
-    # the seeds scattered (IFT - SFT half-width 0.047). Validating only at the end of a run
-    # pays for the longer base.
+    # the seeds scattered (IFT - SFT half-width 0.047). Runs validate only at their end.
     n_layer: int = ift.arg(2, "transformer blocks")
     n_embd: int = ift.arg(64, "width C of the residual stream")
     max_steps: int = ift.arg(1000, "steps of each single-stage run (each sequential stage: half)")
