@@ -3,8 +3,8 @@ The paper's comparison at toy scale: a base model, then every recipe of its Tabl
 ablations fine-tuned from it with the same batch order seed by seed, tested, and judged on
 paired differences.
 
-    python compare.py                     # base + 14 recipes x 6 seeds + lr sweeps: ~66 min
-    python compare.py --seeds 1           # the base, one seed and the sweeps: ~20 min, no spread
+    python compare.py                     # base, 14 recipes x 7 seeds, lr sweeps: 47 min, 2 cores
+    python compare.py --seeds 1           # the base, one seed and the sweeps: no spread
     python compare.py --mechanism         # then: do the models recover from their own mistakes?
     python compare.py --help              # every setting (the model flags are ift.py's)
 
@@ -21,11 +21,14 @@ runs/; --mechanism adds mechanism.md, mechanism.json and mechanism.png (see the 
 mechanism" below). RESULTS.md shows and discusses the numbers.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
+import multiprocessing
 import shlex
 import statistics
 import sys
@@ -47,7 +50,8 @@ class CompareConfig(ift.Config):
     # than 3 x 96 on a 2-core CPU. 6000 steps of language modelling take it to validation exact
     # match 0.66 (add 0.67, add_steps 0.69, facts 0.29, reverse 1.0); after 3000, 0.35 (add
     # 0.04, facts 0.07): the fine-tuning then crossed the phase changes of add and facts, and
-    # the seeds scattered (IFT - SFT half-width 0.047). Runs validate only at their end.
+    # the seeds scattered (IFT - SFT half-width 0.047); after 9000, 0.98, which leaves the
+    # recipes nothing to tell apart. Runs validate only at their end.
     n_layer: int = ift.arg(2, "transformer blocks")
     n_embd: int = ift.arg(64, "width C of the residual stream")
     max_steps: int = ift.arg(1000, "steps of each single-stage run (each sequential stage: half)")
@@ -62,11 +66,17 @@ class CompareConfig(ift.Config):
                               "language modelling on <data>/pretrain.jsonl, that every recipe "
                               "fine-tunes (kept in <out-dir>/base and reused while its settings "
                               "and the data files are unchanged)")
-    seeds: int = ift.arg(6, "seeds --seed, --seed + 1, ...; a seed gives every recipe the same "
+    seeds: int = ift.arg(7, "seeds --seed, --seed + 1, ...; a seed gives every recipe the same "
                          "batch order, so recipes are compared seed by seed")
-    lr_sweep: tuple = ift.arg((0.1, 0.33, 1.0, 3.0), "multipliers of each recipe's DEFAULT_LR "
-                              "tried on the first seed; each keeps the best on the validation "
-                              "version of the metric a claim judges it by")
+    # 3x the default lr was never chosen by SFT, IFT or ORPO, on either metric, in two full runs
+    # (validation exact match 0.43-0.52 there, 0.8 and more at 0.33x); DPO once chose it for
+    # preference accuracy, so DPO keeps it
+    lr_sweep: tuple = ift.arg((0.1, 0.33, 1.0), "multipliers of each recipe's DEFAULT_LR tried "
+                              "on the first seed; each keeps the best on the validation version "
+                              "of the metric a claim judges it by")
+    dpo_lr_sweep: tuple = ift.arg((0.1, 0.33, 1.0, 3.0), "the same for the DPO recipes")
+    workers: int = ift.arg(0, "runs trained at once, each in a process of its own (0: one per "
+                           "CPU core, at most 8, on a CPU; 1 on a GPU)")
     mechanism: bool = ift.arg(False, "instead of training, measure how the checkpoints of the "
                               "comparison in --out-dir recover from their own mistakes")
 
@@ -77,9 +87,12 @@ def compare_problem(cfg):
         (ift.WORLD > 1, "compare.py runs in one process: run it without torchrun"),
         (cfg.seeds < 1, f"--seeds must be >= 1, got {cfg.seeds}"),
         (cfg.base_steps < 1, f"--base-steps must be >= 1, got {cfg.base_steps}"),
+        (cfg.workers < 0, f"--workers must be >= 0 (0: automatic), got {cfg.workers}"),
         (cfg.max_steps < 2, "--max-steps must be >= 2 (two sequential stages)"),
-        (not all(m > 0 and math.isfinite(m) for m in cfg.lr_sweep),
-         f"--lr-sweep must be positive numbers, got {' '.join(map(str, cfg.lr_sweep))}"),
+        *[(not all(m > 0 and math.isfinite(m) for m in sweep),
+           f"{flag} must be positive numbers, got {' '.join(map(str, sweep))}")
+          for flag, sweep in (("--lr-sweep", cfg.lr_sweep),
+                              ("--dpo-lr-sweep", cfg.dpo_lr_sweep))],
     ]
     return next((message for bad, message in problems if bad), None) or ift.config_problem(cfg)
 
@@ -108,17 +121,19 @@ def compare_problem(cfg):
 #                  connection only), detached relation weights, noisy lam.
 #   equal compute  IFT for S / IFT_COST steps: the FLOPs of SFT's S steps.
 # Learning rates: on the first seed each recipe with an lr of its own (lr_of = its name) trains
-# once per --lr-sweep multiplier of ift.DEFAULT_LR[loss]. Each claim judges its recipes by one
-# metric and tunes them on that metric's validation version: the table and claims (a), (a'),
-# (b), (d) use the lr with the best validation exact match; claim (c), on preference accuracy,
-# uses the lr with the best validation preference accuracy (ties: the lower validation NLL).
-# Stage 1 takes SFT's lr; the ablations and the equal-compute run take IFT's. Every later seed
-# reuses the choices. The test split is never used to choose anything.
+# once per --lr-sweep multiplier of ift.DEFAULT_LR[loss] (DPO: --dpo-lr-sweep). Each claim
+# judges its recipes by one metric and tunes them on that metric's validation version: the
+# table and claims (a), (a'), (b), (d) use the lr with the best validation exact match; claim
+# (c), on preference accuracy, uses the lr with the best validation preference accuracy (ties:
+# the lower validation NLL). Stage 1 takes SFT's lr; the ablations and the equal-compute run
+# take IFT's. Every later seed reuses the choices. The test split is never used to choose
+# anything.
 #
 # A claim is judged on paired differences d_s = metric(recipe, seed s) - metric(other, seed s):
 # reproduced if the 95% t-interval of their mean lies above 0, not reproduced if it lies below,
 # within noise if it contains 0. Each side is also paired with the model it started from (the
-# base, or stage 1): a side whose interval contains 0 "did not move", and the table says so.
+# base, or stage 1): a side whose interval contains 0 "did not move", one whose interval lies
+# below 0 ended "worse than its start", and the table says so.
 
 BASE = "base (stage 0)"
 
@@ -328,24 +343,75 @@ def summarize(recipes, runs, seeds, lrs, tasks):
     return rows
 
 
+def load_data(cfg, enc):
+    """The splits every run reads: train, val, test, and the train split's halves A and B."""
+    data = ift.load_splits(cfg, enc, need_rejected=("train", "val", "test"))
+    n = len(data["train"])
+    data["train_a"] = ift.Split(data["train"].rows[:n // 2], enc, cfg.block_size, "train half A")
+    data["train_b"] = ift.Split(data["train"].rows[n // 2:], enc, cfg.block_size, "train half B")
+    return data
+
+
+# Runs at once. A 2 x 64 GPT is too small to keep two CPU threads busy: two runs side by side,
+# one thread each, train ~1.4x as many tokens per second as one run with two threads (2-core
+# AMD EPYC). So on a CPU, --workers processes train one run each. A run reads and writes only
+# its own folder and the checkpoint it starts from, which is finished before it starts.
+WORKER = {}  # in each worker process (and in the main one, for --workers 1): what a run reads
+
+
+def worker_start(cfg, threads):
+    """Set up a process that trains runs: its threads, the tokenizer, the splits."""
+    torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(io.StringIO()):  # the main process printed any warnings
+        device, out_dir = ift.start(cfg)
+        enc = ift.load_tokenizer(cfg.data)
+        WORKER.update(cfg=cfg, device=device, out_dir=out_dir, enc=enc, data=load_data(cfg, enc))
+
+
+def worker_run(recipe, seed, lr, init_from):
+    """compare_run() with what worker_start() set up in this process."""
+    w = WORKER
+    return compare_run(w["cfg"], recipe, seed, lr, init_from, w["enc"], w["data"], w["device"],
+                       w["out_dir"])
+
+
+class InlinePool:
+    """ProcessPoolExecutor's submit() for --workers 1: the run trains in this process."""
+    def submit(self, fn, *args):
+        future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args))
+        except ift.UserError as e:
+            future.set_exception(e)
+        return future
+
+
+def workers_for(cfg, device):
+    """(processes, threads each): --workers, or one per core up to 8 on a CPU, 1 on a GPU."""
+    cores = torch.get_num_threads()
+    workers = cfg.workers or (min(cores, 8) if device.type == "cpu" else 1)
+    return workers, max(1, cores // workers)
+
+
 def compare(cfg, command):
     """Train and test every recipe over the seeds; write compare.md, compare.json, compare.png."""
     t_start = time.time()
     device, out_dir = ift.start(cfg)
     enc = ift.load_tokenizer(cfg.data)
-    data = ift.load_splits(cfg, enc, need_rejected=("train", "val", "test"))
-    n = len(data["train"])
-    data["train_a"] = ift.Split(data["train"].rows[:n // 2], enc, cfg.block_size, "train half A")
-    data["train_b"] = ift.Split(data["train"].rows[n // 2:], enc, cfg.block_size, "train half B")
+    data = load_data(cfg, enc)
     recipes = compare_recipes(cfg.max_steps)
-    multipliers = list(cfg.lr_sweep)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     swept = [r for r in recipes if r["lr_of"] == r["name"]]
+    workers, threads = workers_for(cfg, device)
+
+    def multipliers(r):
+        return cfg.dpo_lr_sweep if r["loss"] == "dpo" else cfg.lr_sweep
     total = cfg.base_steps + sum(r["steps"] * step_cost(r["loss"]) for r in recipes) * len(
-        seeds) + sum(r["steps"] * step_cost(r["loss"]) for r in swept) * (len(multipliers) - 1)
-    print(f"compare | a base model, then {len(recipes)} recipes x {len(seeds)} seeds, plus a "
-          f"{len(multipliers)}-point lr sweep of {len(swept)} recipes on seed {seeds[0]} | "
-          f"device {device} | {n} train rows | outputs in {out_dir}", flush=True)
+        seeds) + sum(r["steps"] * step_cost(r["loss"]) * (len(multipliers(r)) - 1) for r in swept)
+    print(f"compare | a base model, then {len(recipes)} recipes x {len(seeds)} seeds, plus an "
+          f"lr sweep of {len(swept)} recipes on seed {seeds[0]} | device {device}, {workers} "
+          f"run{'s' * (workers > 1)} at a time, {threads} thread{'s' * (threads > 1)} each | "
+          f"{len(data['train'])} train rows | outputs in {out_dir}", flush=True)
     base = base_model(cfg, enc, data, device, out_dir)
     done = cfg.base_steps
     print(f"base model: test exact {base['test']['exact_match']:.3f} | val exact "
@@ -354,17 +420,33 @@ def compare(cfg, command):
     runs = {(BASE, s): base for s in seeds}  # (recipe, seed) -> the run the table shows
     tried = {}  # (recipe, seed) -> {lr: run}: every lr a recipe ran at
     pa_runs, lrs, lrs_pa, sweep, claim_c = {}, {BASE: base["lr"]}, {}, [], None
+    # what is left to run, in training order: (recipe, seed, what for); "table" runs at the lr
+    # for exact match (on the first seed, a recipe with an lr of its own runs its sweep), "c"
+    # runs claim (c)'s recipes at their lr for preference accuracy, once that is known
+    todo = [(r, s, "table") for s in seeds for r in recipes]
+    finished = {}  # (recipe, seed) -> the runs of its sweep finished so far, diverged ones too
 
-    def run(r, seed, lr, sweeping):
-        """One run, with a progress line; a diverged candidate of the sweep just loses."""
+    def ready():
+        """The runs that can start now: their start model is trained and their lr is known."""
+        jobs = []
+        for r, s, what in list(todo):
+            if (r["start"], s) not in runs:
+                continue
+            sweeping = what == "table" and r["lr_of"] == r["name"] and s == seeds[0]
+            if what == "c":
+                lrs_now = [lrs_pa[r["name"]]]
+            elif sweeping:
+                lrs_now = [ift.DEFAULT_LR[r["loss"]] * m for m in multipliers(r)]
+            elif r["lr_of"] in lrs:
+                lrs_now = [lrs[r["lr_of"]]]
+            else:
+                continue
+            todo.remove((r, s, what))
+            jobs += [(r, s, lr, sweeping) for lr in lrs_now]
+        return jobs
+
+    def progress(r, seed, lr, sweeping, res):
         nonlocal done
-        try:
-            res = compare_run(cfg, r, seed, lr, runs[(r["start"], seed)]["ckpt"], enc, data,
-                              device, out_dir)
-        except ift.UserError as e:
-            if not sweeping:
-                raise ift.UserError(f"{r['name']}, seed {seed}: {e}") from None
-            res = {"recipe": r["name"], "lr": lr, "diverged": str(e)}
         done += r["steps"] * step_cost(r["loss"])
         elapsed = time.time() - t_start
         test = (f"test exact {res['test']['exact_match']:.3f} | val exact "
@@ -374,41 +456,73 @@ def compare(cfg, command):
         print(f"[{min(done / total, 1):4.0%}] seed {seed} | {r['name']:<22} | lr {lr:.1e}"
               f"{' (sweep)' if sweeping else ''} | {test} | elapsed {ift.fmt_time(elapsed)}, "
               f"about {left} left", flush=True)
-        return res
 
-    for seed in seeds:
-        for r in recipes:
-            name = r["name"]
-            sweeping = r["lr_of"] == name and name not in lrs  # on the first seed
-            candidates = ([ift.DEFAULT_LR[r["loss"]] * m for m in multipliers] if sweeping
-                          else [lrs[r["lr_of"]]])
-            results = [run(r, seed, lr, sweeping) for lr in candidates]
-            ok = [x for x in results if "test" in x]
-            if not ok:
-                raise ift.UserError(f"{name}: every lr of --lr-sweep diverged; try smaller "
-                                    f"multipliers")
-            if sweeping:  # the lr for exact match, and the lr for preference accuracy
-                lrs[name] = min(ok, key=lambda x: (-x["val_exact_match"], x["val_nll"]))["lr"]
-                lrs_pa[name] = min(ok, key=lambda x: (-x["val_preference_accuracy"],
-                                                      x["val_nll"]))["lr"]
-                sweep += [{"recipe": name, "lr": x["lr"], "diverged": "diverged" in x,
-                           **{k: x.get(k) for k in ("val_exact_match", "val_preference_accuracy",
-                                                   "val_nll")},
-                           "chosen_for_exact_match": x["lr"] == lrs[name],
-                           "chosen_for_preference_accuracy": x["lr"] == lrs_pa[name]}
-                          for x in results]
-            tried[(name, seed)] = {x["lr"]: x for x in ok}
-            runs[(name, seed)] = tried[(name, seed)][lrs[r["lr_of"]]]
-        if claim_c is None:
-            claim_c = pick_claim_c([r["name"] for r in swept], tried, lrs_pa, seed)
-            total += sum(r["steps"] * step_cost(r["loss"]) for r in recipes if r["name"] in
-                         claim_c and lrs_pa[r["name"]] != lrs[r["name"]]) * (len(seeds) - 1)
-        for r in recipes:  # claim (c)'s recipes at their lr for preference accuracy
-            if r["name"] in claim_c:
-                lr = lrs_pa[r["name"]]
-                if lr not in tried[(r["name"], seed)]:
-                    tried[(r["name"], seed)][lr] = run(r, seed, lr, False)
-                pa_runs[(r["name"], seed)] = tried[(r["name"], seed)][lr]
+    def record(r, seed, lr, sweeping, res):
+        """Keep a finished run; when a sweep is complete, choose its lrs (see above)."""
+        nonlocal claim_c, total
+        name = r["name"]
+        if "test" in res:
+            tried.setdefault((name, seed), {})[lr] = res
+        if not sweeping:
+            if lr == lrs[r["lr_of"]]:
+                runs[(name, seed)] = res
+            return
+        finished.setdefault((name, seed), []).append(res)
+        if len(finished[(name, seed)]) < len(multipliers(r)):
+            return
+        results = sorted(finished[(name, seed)], key=lambda x: x["lr"])
+        ok = [x for x in results if "test" in x]
+        if not ok:
+            raise ift.UserError(f"{name}: every lr of its sweep diverged; try smaller "
+                                f"multipliers")
+        # the lr for exact match, and the lr for preference accuracy
+        lrs[name] = min(ok, key=lambda x: (-x["val_exact_match"], x["val_nll"]))["lr"]
+        lrs_pa[name] = min(ok, key=lambda x: (-x["val_preference_accuracy"], x["val_nll"]))["lr"]
+        sweep.extend({"recipe": name, "lr": x["lr"], "diverged": "diverged" in x,
+                      **{k: x.get(k) for k in ("val_exact_match", "val_preference_accuracy",
+                                              "val_nll")},
+                      "chosen_for_exact_match": x["lr"] == lrs[name],
+                      "chosen_for_preference_accuracy": x["lr"] == lrs_pa[name]}
+                     for x in results)
+        runs[(name, seed)] = tried[(name, seed)][lrs[name]]
+        if all(x["name"] in lrs for x in swept):  # every sweep is done: claim (c)'s recipes
+            claim_c = pick_claim_c([x["name"] for x in swept], tried, lrs_pa, seeds[0])
+            extra = [x for x in recipes if x["name"] in claim_c and lrs_pa[x["name"]] != lrs[
+                x["name"]]]
+            todo.extend((x, s, "c") for s in seeds[1:] for x in extra)
+            total += sum(x["steps"] * step_cost(x["loss"]) for x in extra) * (len(seeds) - 1)
+
+    if workers == 1:
+        WORKER.update(cfg=cfg, device=device, out_dir=out_dir, enc=enc, data=data)
+        pool = contextlib.nullcontext(InlinePool())
+    else:
+        pool = concurrent.futures.ProcessPoolExecutor(
+            workers, multiprocessing.get_context("spawn"), worker_start, (cfg, threads))
+    with pool as pool:
+        running = {}  # future -> (recipe, seed, lr, sweeping)
+        while todo or running:
+            for job in ready():
+                r, seed, lr, _ = job
+                start = runs[(r["start"], seed)]["ckpt"]
+                running[pool.submit(worker_run, r, seed, lr, start)] = job
+            assert running, "no run can start"
+            now_done, _ = concurrent.futures.wait(running,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in now_done:
+                r, seed, lr, sweeping = job = running.pop(future)
+                try:
+                    res = future.result()
+                except ift.UserError as e:  # a diverged candidate of a sweep just loses
+                    if not sweeping:
+                        raise ift.UserError(f"{r['name']}, seed {seed}: {e}") from None
+                    res = {"recipe": r["name"], "lr": lr, "diverged": str(e)}
+                progress(*job, res)
+                record(*job, res)
+    order = [r["name"] for r in recipes]
+    sweep.sort(key=lambda x: (order.index(x["recipe"]), x["lr"]))  # runs finish in any order
+    for s in seeds:  # claim (c)'s runs: at the lr for preference accuracy
+        for name in claim_c:
+            pa_runs[(name, s)] = tried[(name, s)][lrs_pa[name]]
     tasks = sorted({row["task"] for row in data["test"].rows})
     base_row = {"name": BASE, "group": "base", "loss": "sft", "steps": cfg.base_steps,
                 "start": "", "lr_of": BASE}
@@ -418,7 +532,7 @@ def compare(cfg, command):
     model = ift.GPT(**ift.model_args(cfg, enc))
     info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
             "device": str(device), "device_name": device_name(device),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "threads": threads, "workers": workers,
             "runtime_seconds": runtime,
             "seed_seconds": {s: sum(x["seconds"] for (name, seed), by_lr in tried.items()
                                     if seed == s for x in by_lr.values()) for s in seeds},
@@ -450,8 +564,7 @@ def summary_file(info, summary, claims):
     metrics = info["tasks"] + ["exact_match", "preference_accuracy", "nll"]
     return {
         "regenerate": info["command"], "date": info["date"],
-        "machine": f"{info['device_name']} ({info['device']}, {info['threads']} threads), torch "
-                   f"{info['torch']}", "seeds": info["seeds"],
+        "machine": machine(info), "seeds": info["seeds"],
         "recipes": {row["recipe"]: {"lr": row["lr"], "steps": row["steps"],
                                     **{k: {"mean": row[k][0], "std": row[k][1]}
                                        for k in metrics}} for row in summary},
@@ -459,6 +572,13 @@ def summary_file(info, summary, claims):
                                          "mean", "ci95", "verdict", "seeds_needed")},
                     "moved_from_start": {name: {k: p[k] for k in ("mean", "ci95", "verdict")}
                                          for name, p in c["moved"].items()}} for c in claims]}
+
+
+def machine(info):
+    """'AMD EPYC (cpu, 2 runs at a time, 1 thread each), torch 2.13.0+cpu'"""
+    w, t = info["workers"], info["threads"]
+    return (f"{info['device_name']} ({info['device']}, {w} run{'s' * (w > 1)} at a time, {t} "
+            f"thread{'s' * (t > 1)} each), torch {info['torch']}")
 
 
 def paired_cells(p):
@@ -471,12 +591,14 @@ def paired_cells(p):
 
 
 def moved_cell(name, p):
-    """'sft +0.120 [+0.100, +0.140]': a side's change from its start; bold when it did not move."""
+    """'sft +0.120 ± 0.020': a side's change from its start; bold when it did not move or
+    moved backwards, since a claim won against such a side says little."""
     change = f"{name} {p['mean']:+.3f}"
     if p["ci95"] is None:
         return change + " (one seed)"
-    if p["verdict"] == "within noise":
-        return f"**{change} ± {p['ci95']:.3f}: did not move**"
+    flag = {"within noise": "did not move", "not reproduced": "worse than its start"}
+    if p["verdict"] in flag:
+        return f"**{change} ± {p['ci95']:.3f}: {flag[p['verdict']]}**"
     return f"{change} ± {p['ci95']:.3f}"
 
 
@@ -492,17 +614,18 @@ def compare_report(info, summary, claims, sweep, cfg):
     lines = [
         "# IFT, SFT, ORPO and DPO at toy scale (`python compare.py`)", "",
         f"Regenerate: `{info['command']}`", "",
-        f"Machine: {info['device_name']} ({info['device']}, {info['threads']} threads), torch "
-        f"{info['torch']}; {info['date']}. Runtime {ift.fmt_time(info['runtime_seconds'])} in "
-        f"all: the base model {ift.fmt_time(info['base_seconds'])} (when trained, not reused), "
-        f"the first seed with the lr sweep {ift.fmt_time(seed_times[0])}, each later seed "
-        f"{ift.fmt_time(min(seed_times[1:] or [0]))} to {ift.fmt_time(max(seed_times[1:] or [0]))}"
-        ".", "",
+        f"Machine: {machine(info)}; {info['date']}. Runtime "
+        f"{ift.fmt_time(info['runtime_seconds'])} in all: the base model "
+        f"{ift.fmt_time(info['base_seconds'])} (when trained, not reused), then the runs, "
+        f"{info['workers']} at a time. Their own times, summed: the first seed with the lr sweep "
+        f"{ift.fmt_time(seed_times[0])}, each later seed {ift.fmt_time(min(seed_times[1:] or [0]))}"
+        f" to {ift.fmt_time(max(seed_times[1:] or [0]))}.", "",
         f"Settings: GPT {cfg.n_layer}x{cfg.n_embd} ({info['params'] / 1e6:.2f}M parameters), "
         f"batch {cfg.batch_size}; base model: {cfg.base_steps} steps of language modelling on "
         f"the pretraining pool; from it {cfg.max_steps} steps per single-stage run (each "
-        f"sequential stage half), warm-up {cfg.warmup_steps} then cosine to {cfg.min_lr_ratio} x lr, "
-        f"lam {cfg.lam}, gamma {cfg.gamma}, DPO beta {cfg.dpo_beta}, ORPO beta {cfg.orpo_beta}; "
+        f"sequential stage half), warm-up {cfg.warmup_steps} then cosine to "
+        f"{cfg.min_lr_ratio} x lr, lam {cfg.lam}, gamma {cfg.gamma}, DPO beta {cfg.dpo_beta}, "
+        f"ORPO beta {cfg.orpo_beta}; "
         f"seeds {', '.join(map(str, info['seeds']))}; lr from the sweep below.", "",
         f"## Test split: exact match per family, preference accuracy, answer NLL "
         f"(mean ± std over {n} seed{'s' * (n > 1)})", "",
@@ -525,7 +648,8 @@ def compare_report(info, summary, claims, sweep, cfg):
         "not reproduced, containing 0 within noise. Claim (c) picks its two recipes on the "
         "first seed's validation preference accuracy, each at its lr tuned for that metric. "
         "Each side's change from the model it started from (the base, or stage 1) is paired "
-        "the same way; a side whose interval contains 0 did not move. Seeds for "
+        "the same way; a side whose interval contains 0 did not move, one whose interval lies "
+        "below 0 ended worse than its start. Seeds for "
         f"±{POWER}: how many seeds the measured std of the differences would need for a 95% "
         f"half-width of {POWER}.", "",
         "| claim | recipe - other | per-seed differences | mean ± std | 95% interval | verdict "

@@ -858,14 +858,16 @@ def evaluate(model, enc, split, device, autocast, max_new_tokens, batch_size=256
     """Exact match per task and overall, preference accuracy, answer NLL (+ a few samples)."""
     model.eval()
     eot = enc.eot_token
-    correct, nll, pref, completions = [], [], [], []
+    # rows of similar prompt length (mostly: of one family) share a batch, so a batch of short
+    # answers stops generating early instead of waiting for the longest answer in the split
+    order = sorted(range(len(split)), key=lambda j: split.chosen[j][1])
+    correct, nll, pref, completions = [], [], [], {}  # in that order; completions by row
     for i in range(0, len(split), batch_size):
-        idx = list(range(i, min(i + batch_size, len(split))))
+        idx = order[i:i + batch_size]
         prompts = [split.chosen[j][0][:split.chosen[j][1]] for j in idx]
         for j, ids in zip(idx, generate(model, prompts, eot, max_new_tokens, device, autocast)):
-            text = enc.decode(ids)
-            correct.append(text.strip() == split.rows[j]["chosen"].strip())
-            completions.append(text)
+            completions[j] = enc.decode(ids)
+            correct.append(completions[j].strip() == split.rows[j]["chosen"].strip())
         x, y, mask, real = make_batch([split.chosen[j] for j in idx], eot, device)
         with autocast:
             _, logps = sequence_logps(model(x, real=real), y, mask)
@@ -875,10 +877,11 @@ def evaluate(model, enc, split, device, autocast, max_new_tokens, batch_size=256
             with autocast:
                 _, rejected_logps = sequence_logps(model(x, real=real), y, mask)
             pref += (logps > rejected_logps).tolist()
-    tasks = sorted({r["task"] for r in split.rows})
+    rows = [split.rows[j] for j in order]
+    tasks = sorted({r["task"] for r in rows})
 
     def mean(values, task=None):  # over every row, or over the rows of one task
-        picked = [v for v, r in zip(values, split.rows) if task in (None, r["task"])]
+        picked = [v for v, r in zip(values, rows) if task in (None, r["task"])]
         return sum(picked) / len(picked)
     res = {"exact_match": mean(correct),
            "exact_match_by_task": {t: mean(correct, t) for t in tasks},

@@ -26,8 +26,9 @@ def test_compare_defaults_are_smaller_and_yield_to_flags():
     """compare.py shrinks the model and steps unless the command line sets them."""
     cfg = compare.parse_config([])
     assert (cfg.n_layer, cfg.n_embd, cfg.max_steps, cfg.compile) == (2, 64, 1000, "off")
-    assert (cfg.seeds, cfg.base_steps) == (6, 6000)
-    assert cfg.out_dir == "out/compare" and cfg.lr_sweep == (0.1, 0.33, 1.0, 3.0)
+    assert (cfg.seeds, cfg.base_steps, cfg.workers) == (7, 6000, 0)
+    assert cfg.out_dir == "out/compare" and cfg.lr_sweep == (0.1, 0.33, 1.0)
+    assert cfg.dpo_lr_sweep == (0.1, 0.33, 1.0, 3.0)
     given = compare.parse_config(["--n-layer", "3", "--max-steps", "2000", "--lr-sweep", "2"])
     assert (given.n_layer, given.n_embd, given.max_steps, given.lr_sweep) == (3, 64, 2000, (2.0,))
 
@@ -38,6 +39,8 @@ def test_compare_defaults_are_smaller_and_yield_to_flags():
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--lr-sweep", "1", "-2"], "--lr-sweep must be positive numbers"),
     (["--lr-sweep", "1", "x"], "invalid float value: 'x'"),
+    (["--dpo-lr-sweep", "0"], "--dpo-lr-sweep must be positive numbers"),
+    (["--workers", "-1"], "--workers must be >= 0 (0: automatic)"),
     (["--lam", "1.5"], "--lam must lie in [0, 1]"),
 ])
 def test_compare_bad_input_is_one_line(args, message):
@@ -100,10 +103,20 @@ def test_recovery_counts_against_hand_counts():
     assert blind.tolist() == [[5, 5, 5], [3, 3, 3], [2, 2, 2], [1, 1, 1]]
 
 
+def test_a_side_that_did_not_move_or_moved_backwards_is_flagged():
+    """The claims table flags a side whose change from its start is within noise or below 0."""
+    up, flat, down = (compare.paired(d) for d in ([0.10, 0.12, 0.11], [0.01, -0.01, 0.0],
+                                                   [-0.10, -0.12, -0.11]))
+    assert compare.moved_cell("sft", up) == f"sft +0.110 ± {up['ci95']:.3f}"
+    assert compare.moved_cell("dpo", flat).endswith(": did not move**")
+    assert compare.moved_cell("dpo", down).endswith(": worse than its start**")
+
+
 def test_cli_compare_end_to_end(tmp_path):
     """A tiny compare.py over two seeds: base, every recipe, the sweep, claims and all outputs."""
     out = tmp_path / "cmp"
     args = ["--seeds", "2", "--max-steps", "4", "--base-steps", "4", "--lr-sweep", "0.5", "1",
+            "--dpo-lr-sweep", "0.5", "1", "--workers", "2",
             "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "8",
             "--eval-interval", "2", "--limit-rows", "32", "--max-new-tokens", "8",
             "--device", "cpu", "--out-dir", str(out)]
@@ -189,10 +202,20 @@ def test_cli_compare_end_to_end(tmp_path):
     assert mech["verdicts"][0]["diffs"] == pytest.approx([s[-1] - i[-1] for s, i in zip(sft, ift)])
     assert (out / "mechanism.png").read_bytes()[:4] == b"\x89PNG"
     assert "| ift, noisy lam |" in (out / "mechanism.md").read_text()
-    # a second comparison with the same settings reuses the base model instead of training it
-    r = run_cli(*args[:args.index("--seeds")], "--seeds", "1", *args[args.index("--seeds") + 2:])
+    # a second comparison with the same settings reuses the base model instead of training it;
+    # one run at a time, in this process, it trains seed 1337 as the two worker processes did
+    one = args[:args.index("--seeds")] + ["--seeds", "1"] + args[args.index("--seeds") + 2:]
+    r = run_cli(*one[:one.index("--workers")], "--workers", "1", *one[one.index("--workers") + 2:])
     assert r.returncode == 0 and "base model: reusing" in r.stdout, r.stderr
-    assert json.loads((out / "compare.json").read_text())["base"] == res["base"]
+    again = json.loads((out / "compare.json").read_text())
+    assert again["base"] == res["base"]
+    choices = ("recipe", "lr", "chosen_for_exact_match", "chosen_for_preference_accuracy")
+    assert [[s[k] for k in choices] for s in again["sweep"]] == [[s[k] for k in choices]
+                                                                for s in res["sweep"]]
+    for x in again["runs"]:
+        want = runs[(x["recipe"], 1337)]
+        assert x["lr"] == want["lr"]
+        assert x["test"]["nll"] == pytest.approx(want["test"]["nll"], abs=1e-5)
     r = run_cli("--mechanism", "--out-dir", str(tmp_path / "nothing"))
     assert r.returncode == 1 and "no comparison there; run python compare.py first" in r.stderr
 

@@ -287,6 +287,25 @@ def test_batched_cached_generation_equals_one_by_one_full_recompute():
         assert answer == want
 
 
+def test_evaluate_keeps_each_row_its_own_scores_whatever_the_batches():
+    """evaluate() batches rows by prompt length; each row's answer and NLL stay its own."""
+    enc = ift.load_tokenizer(DATA)
+    split = ift.Split(ift.load_rows(DATA / "val.jsonl", need_rejected=True, limit=40), enc, 128,
+                      "val")
+    torch.manual_seed(0)
+    model = ift.GPT(enc.n_vocab, 128, n_layer=1, n_head=2, n_embd=32)
+    off = torch.autocast("cpu", enabled=False)
+    res = ift.evaluate(model, enc, split, "cpu", off, 6, batch_size=16, samples=40)
+    nll = {}  # task -> each row's answer NLL, scored alone
+    for (ids, prompt_len), row, sample in zip(split.chosen, split.rows, res["samples"]):
+        answer = ift.generate(model, [ids[:prompt_len]], enc.eot_token, 6, "cpu", off)[0]
+        assert sample["prompt"] == row["prompt"] and sample["output"] == enc.decode(answer)
+        x, y, mask, real = ift.make_batch([(ids, prompt_len)], enc.eot_token, "cpu")
+        _, logps = ift.sequence_logps(model(x, real=real), y, mask)
+        nll.setdefault(row["task"], []).append((-logps / mask.sum(-1)).item())
+    assert res["nll_by_task"] == pytest.approx({t: sum(v) / len(v) for t, v in nll.items()})
+
+
 # -----------------------------------------------------------------------------
 # tokenizer and data
 
