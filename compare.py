@@ -386,6 +386,12 @@ class InlinePool:
         return future
 
 
+def at_a_time(workers, threads):
+    """'2 runs at a time, 1 thread each'"""
+    return (f"{workers} run{'s' * (workers > 1)} at a time, {threads} "
+            f"thread{'s' * (threads > 1)} each")
+
+
 def workers_for(cfg, device):
     """(processes, threads each): --workers, or one per core up to 8 on a CPU, 1 on a GPU."""
     cores = torch.get_num_threads()
@@ -409,9 +415,9 @@ def compare(cfg, command):
     total = cfg.base_steps + sum(r["steps"] * step_cost(r["loss"]) for r in recipes) * len(
         seeds) + sum(r["steps"] * step_cost(r["loss"]) * (len(multipliers(r)) - 1) for r in swept)
     print(f"compare | a base model, then {len(recipes)} recipes x {len(seeds)} seeds, plus an "
-          f"lr sweep of {len(swept)} recipes on seed {seeds[0]} | device {device}, {workers} "
-          f"run{'s' * (workers > 1)} at a time, {threads} thread{'s' * (threads > 1)} each | "
-          f"{len(data['train'])} train rows | outputs in {out_dir}", flush=True)
+          f"lr sweep of {len(swept)} recipes on seed {seeds[0]} | device {device}, "
+          f"{at_a_time(workers, threads)} | {len(data['train'])} train rows | outputs in "
+          f"{out_dir}", flush=True)
     base = base_model(cfg, enc, data, device, out_dir)
     done = cfg.base_steps
     print(f"base model: test exact {base['test']['exact_match']:.3f} | val exact "
@@ -576,9 +582,8 @@ def summary_file(info, summary, claims):
 
 def machine(info):
     """'AMD EPYC (cpu, 2 runs at a time, 1 thread each), torch 2.13.0+cpu'"""
-    w, t = info["workers"], info["threads"]
-    return (f"{info['device_name']} ({info['device']}, {w} run{'s' * (w > 1)} at a time, {t} "
-            f"thread{'s' * (t > 1)} each), torch {info['torch']}")
+    return (f"{info['device_name']} ({info['device']}, "
+            f"{at_a_time(info['workers'], info['threads'])}), torch {info['torch']}")
 
 
 def paired_cells(p):

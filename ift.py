@@ -878,7 +878,7 @@ def evaluate(model, enc, split, device, autocast, max_new_tokens, batch_size=256
                 _, rejected_logps = sequence_logps(model(x, real=real), y, mask)
             pref += (logps > rejected_logps).tolist()
     rows = [split.rows[j] for j in order]
-    tasks = sorted({r["task"] for r in rows})
+    tasks = sorted({r["task"] for r in split.rows})
 
     def mean(values, task=None):  # over every row, or over the rows of one task
         picked = [v for v, r in zip(values, rows) if task in (None, r["task"])]
