@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import ift
 
 ROWS = ("nanogpt", "sft", "ift", "dpo", "orpo")
+WARMUP = 3  # untimed steps of each row first
 # flags of ift.Config that mean nothing for one timed batch
 SKIP = ("loss", "init_from", "max_steps", "warmup_steps", "min_lr_ratio", "lam_schedule",
         "log_interval", "eval_interval", "max_new_tokens")
@@ -50,8 +51,8 @@ def bench_problem(cfg):
     """ift.py's checks, plus the benchmark's own."""
     if ift.WORLD > 1:
         return "bench.py times one process: run it without torchrun"
-    if cfg.steps < 1:
-        return f"--steps must be >= 1, got {cfg.steps}"
+    if not 1 <= cfg.steps <= 10000:
+        return f"--steps must lie in [1, 10000], got {cfg.steps}"
     return ift.config_problem(cfg)
 
 
@@ -97,7 +98,6 @@ def saved_for_backward(model, fn):
 # tokens. Peaks: dense bf16 tensor-core FLOP/s from
 # NVIDIA's data sheets; on any other device MFU is left out.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
-IFT_COST = 4 / 3  # IFT's FLOPs per token over SFT's
 
 
 def peak_flops(device):
@@ -112,40 +112,43 @@ def flops_per_token(cfg, model, T, row):
     """Training FLOPs per token of one step of the row (see above)."""
     N = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
     fwd_bwd = 6 * N + 12 * cfg.n_layer * cfg.n_embd * T
-    return fwd_bwd * IFT_COST if row == "ift" else fwd_bwd
+    return fwd_bwd * ift.IFT_COST if row == "ift" else fwd_bwd
 
 
 # -----------------------------------------------------------------------------
 # The benchmark
 
-def bench(cfg):
-    """Time an optimizer step of each loss and of a plain LM step; print a table, write JSON."""
+def setup(cfg):
+    """The benchmark's device, out_dir, model, optimizer, step model, the first batch of training
+    (a Split of its rows) and DPO's reference log-probs of it."""
     device, out_dir = ift.start(cfg)
     enc = ift.load_tokenizer(cfg.data)
-    pad_id = enc.eot_token
     path = Path(cfg.data) / "train.jsonl"
     split = ift.Split(ift.load_rows(path, need_rejected=True, limit=cfg.limit_rows), enc,
                       cfg.block_size, str(path))
     first = next(ift.batches(len(split), cfg.batch_size, torch.Generator().manual_seed(cfg.seed)))
     batch = ift.Split([split.rows[i] for i in first], enc, cfg.block_size, "bench batch")
-    idx = list(range(len(batch)))
     model = ift.build_model(cfg, enc, device)
-    autocast = ift.autocast_for(device)
-    model.eval()
-    ref = ift.reference_logps(model, batch, pad_id, device, autocast)      # (B, 2)
+    ref = ift.answer_logps(model.eval(), batch, device, ift.autocast_for(device))  # (B, 2)
     model.train()
     optimizer = ift.make_optimizer(cfg, model, device)
-    step_model = ift.wrap_for_training(cfg, model, device)
-    x, y, _, real = ift.make_batch(batch.chosen, pad_id, device)           # (B, T) each
+    return device, out_dir, model, optimizer, ift.wrap_for_training(cfg, model, device), batch, ref
+
+
+def time_rows(cfg, device, model, optimizer, step_model, batch, ref):
+    """Each row's first loss, real tokens, saved activations, median ms/step and peak memory:
+    the rows take turns, step by step, so background load slows them alike."""
+    autocast = ift.autocast_for(device)
+    idx = list(range(len(batch)))
+    x, y, _, real = ift.make_batch(batch.chosen, device)                    # (B, T) each
 
     def loss_of(name, module):
         """The loss of one step of row `name` on the batch, and the real tokens it reads."""
-        if name == "nanogpt":  # nanoGPT: logits of every real position against the next token
+        if name == "nanogpt":  # nanoGPT: every real position against the next token
             with autocast:
-                logits = module(x, real=real, only_at=real)                 # (M, V)
-                return F.cross_entropy(logits, y[real]), int(real.sum())
+                return F.cross_entropy(module(x, real=real)[real], y[real]), int(real.sum())
         loss, _, ntok = ift.compute_loss(dataclasses.replace(cfg, loss=name), module, batch, idx,
-                                         pad_id, device, autocast, ref, cfg.lam)
+                                         device, autocast, ref, cfg.lam)
         return loss, ntok
 
     def step(name):
@@ -162,10 +165,8 @@ def bench(cfg):
         (loss, ntok[name]), saved[name] = saved_for_backward(model, lambda: loss_of(name, model))
         first_loss[name] = loss.item()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    warmup = 3
-    seconds = {name: [] for name in ROWS}
-    peak = {name: 0 for name in ROWS}
-    for i in range(warmup + cfg.steps):
+    seconds, peak = {name: [] for name in ROWS}, {name: 0 for name in ROWS}
+    for i in range(WARMUP + cfg.steps):
         for name in ROWS:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -173,24 +174,35 @@ def bench(cfg):
             t = time.perf_counter()
             step(name)
             sync()
-            if i >= warmup:
+            if i >= WARMUP:
                 seconds[name].append(time.perf_counter() - t)
             if device.type == "cuda":
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
-    if device.type == "cuda":
-        memory = "peak MiB: torch.cuda.max_memory_allocated during the row's steps"
-    else:
-        import resource
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        rss_mib = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-        memory = (f"peak MiB: not measured per row on {device.type}; the whole process peaked "
-                  f"at {rss_mib:.0f} MiB resident (getrusage ru_maxrss)")
     ms = {name: 1000 * statistics.median(seconds[name]) for name in ROWS}
+    return first_loss, ntok, saved, ms, peak, x.shape[1], int(real.sum())
+
+
+def memory_note(device):
+    """How peak memory was measured on this device, in words."""
+    if device.type == "cuda":
+        return "peak MiB: torch.cuda.max_memory_allocated during the row's steps"
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    rss_mib = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    return (f"peak MiB: not measured per row on {device.type}; the whole process peaked at "
+            f"{rss_mib:.0f} MiB resident (getrusage ru_maxrss)")
+
+
+def bench(cfg):
+    """Time an optimizer step of each loss and of a plain LM step; print a table, write JSON."""
+    device, out_dir, model, optimizer, step_model, batch, ref = setup(cfg)
+    first_loss, ntok, saved, ms, peak, T, n_real = time_rows(cfg, device, model, optimizer,
+                                                             step_model, batch, ref)
     peak_flop_s = peak_flops(device)
     rows = {}
     for name in ROWS:
         tok_s = ntok[name] / ms[name] * 1000
-        flops = flops_per_token(cfg, model, x.shape[1], name)
+        flops = flops_per_token(cfg, model, T, name)
         rows[name] = {"first_loss": first_loss[name], "ms_per_step": ms[name],
                       "tokens_per_step": ntok[name], "tokens_per_s": tok_s,
                       "ratio_to_sft": ms[name] / ms["sft"], "saved_mib": saved[name] / 2**20,
@@ -201,14 +213,25 @@ def bench(cfg):
     info = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
             "device_name": device_name(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "compile": step_model is not model,
-            "batch_size": len(batch), "seq_len": x.shape[1], "real_tokens": int(real.sum()),
+            "batch_size": len(batch), "seq_len": T, "real_tokens": n_real,
             "params": sum(p.numel() for p in model.parameters()),
-            "warmup_steps": warmup, "steps": cfg.steps, "memory": memory}
-    print(f"bench | {info['date']} | {device}: {info['device_name']} | torch {torch.__version__} "
-          f"| {info['threads']} threads | compile {'on' if info['compile'] else 'off'}")
-    print(f"{info['params'] / 1e6:.2f}M parameters | batch {len(batch)} rows (DPO, ORPO: pairs) "
-          f"| T {x.shape[1]}, {info['real_tokens'] / x.numel():.0%} of positions real "
-          f"| median of {cfg.steps} steps after {warmup} warm-up")
+            "warmup_steps": WARMUP, "steps": cfg.steps, "memory": memory_note(device)}
+    print_table(info, rows, ratios)
+    path = out_dir / "bench.json"
+    path.write_text(json.dumps({**info, "rows": rows, "ratios": ratios}, indent=2))
+    print(f"wrote {path}")
+    return rows
+
+
+def print_table(info, rows, ratios):
+    """The benchmark's table, its notes and the target ratios."""
+    print(f"bench | {info['date']} | {info['device']}: {info['device_name']} | torch "
+          f"{info['torch']} | {info['threads']} threads | compile "
+          f"{'on' if info['compile'] else 'off'}")
+    share = info["real_tokens"] / (info["batch_size"] * info["seq_len"])
+    print(f"{info['params'] / 1e6:.2f}M parameters | batch {info['batch_size']} rows (DPO, ORPO: "
+          f"pairs) | T {info['seq_len']}, {share:.0%} of positions real | median of "
+          f"{info['steps']} steps after {info['warmup_steps']} warm-up")
     print(f"{'step':<14}{'first loss':>11}{'ms/step':>10}{'useful tok/s':>14}{'x SFT':>8}"
           f"{'saved MiB':>11}{'peak MiB':>10}{'MFU':>7}")
     for name, r in rows.items():
@@ -220,13 +243,9 @@ def bench(cfg):
               f"{r['saved_mib']:>11.1f}{peak_txt:>10}{mfu_txt:>7}")
     print("useful tok/s: real (non-padding) tokens per second; saved MiB: activations autograd "
           "keeps for the backward (parameters left out)")
-    print(memory)
+    print(info["memory"])
     print(f"targets (printed, not enforced): IFT/SFT {ratios['ift/sft']:.2f} <= 1.35, "
           f"DPO/SFT {ratios['dpo/sft']:.2f} <= 2.1, SFT/lm {ratios['sft/nanogpt']:.2f} <= 1")
-    path = out_dir / "bench.json"
-    path.write_text(json.dumps({**info, "rows": rows, "ratios": ratios}, indent=2))
-    print(f"wrote {path}")
-    return rows
 
 
 def main(argv=None):

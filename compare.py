@@ -3,7 +3,7 @@ The paper's comparison at toy scale: a base model, then every recipe of its Tabl
 ablations fine-tuned from it with the same batch order seed by seed, tested, and judged on
 paired differences.
 
-    python compare.py                     # base, 14 recipes x 7 seeds, lr sweeps: 47 min, 2 cores
+    python compare.py                     # base, 14 recipes x 7 seeds, lr sweeps: ~1 h on 2 cores
     python compare.py --seeds 1           # the base, one seed and the sweeps: no spread
     python compare.py --mechanism         # then: do the models recover from their own mistakes?
     python compare.py --help              # every setting (the model flags are ift.py's)
@@ -13,12 +13,14 @@ It imports the lesson, ift.py, and trains each recipe with ift.train() exactly a
 once, by plain language modelling on data/pretrain.jsonl, and kept for the next run with the
 same settings. Its defaults are smaller than one recipe's (a 2 x 64 GPT, 1000 fine-tuning
 steps, compile off), so that everything fits in under an hour on a laptop; flags given on the
-command line win. It writes to --out-dir (default out/compare): compare.md (the tables, the
-claims, the sweep, machine, runtime and this command), compare.json (every run, every seed, the
-validation curves), compare.png, summary.json (the tables' numbers, small enough to commit),
-the base model under base/, and each run's config.json, train.log, log.csv and ckpt.pt under
-runs/; --mechanism adds mechanism.md, mechanism.json and mechanism.png (see the section "IFT's
-mechanism" below). RESULTS.md shows and discusses the numbers.
+command line win. The runs train in phases (see "The phases" below), several at a time on a CPU.
+It writes to --out-dir (default out/compare): compare.md (the tables, the claims, the sweep,
+machine, runtime and this command), compare.json (every run of every seed), claims.png (each
+claim's paired difference with its 95% interval), families.png (test exact match per recipe and
+task family), summary.json (the tables' numbers, small enough to commit), the base model under
+base/, and each run's config.json, train.log, log.csv and ckpt.pt under runs/; --mechanism adds
+mechanism.md, mechanism.json and mechanism.png (see "IFT's mechanism" below). RESULTS.md shows
+and discusses the numbers.
 """
 
 import concurrent.futures
@@ -39,19 +41,14 @@ from pathlib import Path
 import torch
 
 import ift
-from bench import IFT_COST, device_name
+from bench import device_name
 
 RECIPE_FIELDS = ("loss", "lr", "init_from")  # each recipe sets its own: no flags for them
 
 
 @dataclass
 class CompareConfig(ift.Config):
-    # ift.py's fields, with smaller defaults: ~110 short runs. A 2 x 64 model steps 2.4x faster
-    # than 3 x 96 on a 2-core CPU. 6000 steps of language modelling take it to validation exact
-    # match 0.66 (add 0.67, add_steps 0.69, facts 0.29, reverse 1.0); after 3000, 0.35 (add
-    # 0.04, facts 0.07): the fine-tuning then crossed the phase changes of add and facts, and
-    # the seeds scattered (IFT - SFT half-width 0.047); after 9000, 0.98, which leaves the
-    # recipes nothing to tell apart. Runs validate only at their end.
+    # ift.py's fields, with smaller defaults (RESULTS.md, section 1, says why these sizes)
     n_layer: int = ift.arg(2, "transformer blocks")
     n_embd: int = ift.arg(64, "width C of the residual stream")
     max_steps: int = ift.arg(1000, "steps of each single-stage run (each sequential stage: half)")
@@ -68,9 +65,6 @@ class CompareConfig(ift.Config):
                               "and the data files are unchanged)")
     seeds: int = ift.arg(7, "seeds --seed, --seed + 1, ...; a seed gives every recipe the same "
                          "batch order, so recipes are compared seed by seed")
-    # 3x the default lr was never chosen by SFT, IFT or ORPO, on either metric, in two full runs
-    # (validation exact match 0.43-0.52 there, 0.8 and more at 0.33x); DPO once chose it for
-    # preference accuracy, so DPO keeps it
     lr_sweep: tuple = ift.arg((0.1, 0.33, 1.0), "multipliers of each recipe's DEFAULT_LR tried "
                               "on the first seed; each keeps the best on the validation version "
                               "of the metric a claim judges it by")
@@ -85,12 +79,13 @@ def compare_problem(cfg):
     """ift.py's checks, plus the comparison's own."""
     problems = [
         (ift.WORLD > 1, "compare.py runs in one process: run it without torchrun"),
-        (cfg.seeds < 1, f"--seeds must be >= 1, got {cfg.seeds}"),
+        (not 1 <= cfg.seeds <= 1000, f"--seeds must lie in [1, 1000], got {cfg.seeds}"),
         (cfg.base_steps < 1, f"--base-steps must be >= 1, got {cfg.base_steps}"),
-        (cfg.workers < 0, f"--workers must be >= 0 (0: automatic), got {cfg.workers}"),
+        (not 0 <= cfg.workers <= 64, f"--workers must lie in [0, 64] (0: automatic), got "
+                                     f"{cfg.workers}"),
         (cfg.max_steps < 2, "--max-steps must be >= 2 (two sequential stages)"),
-        *[(not all(m > 0 and math.isfinite(m) for m in sweep),
-           f"{flag} must be positive numbers, got {' '.join(map(str, sweep))}")
+        *[(not all(m > 0 for m in sweep) or len(set(sweep)) < len(sweep),
+           f"{flag} must be distinct positive numbers, got {' '.join(map(str, sweep))}")
           for flag, sweep in (("--lr-sweep", cfg.lr_sweep),
                               ("--dpo-lr-sweep", cfg.dpo_lr_sweep))],
     ]
@@ -98,7 +93,7 @@ def compare_problem(cfg):
 
 
 # -----------------------------------------------------------------------------
-# The base model, the recipes, the runs and the verdicts
+# The base model, the recipes and the runs
 #
 # Stage 0, the base model. The paper fine-tunes a pretrained model (Mistral-7B), and DPO's premise
 # is a model that already writes answers. So every recipe here starts from one base model: the
@@ -128,12 +123,6 @@ def compare_problem(cfg):
 # the lower validation NLL). Stage 1 takes SFT's lr; the ablations and the equal-compute run
 # take IFT's. Every later seed reuses the choices. The test split is never used to choose
 # anything.
-#
-# A claim is judged on paired differences d_s = metric(recipe, seed s) - metric(other, seed s):
-# reproduced if the 95% t-interval of their mean lies above 0, not reproduced if it lies below,
-# within noise if it contains 0. Each side is also paired with the model it started from (the
-# base, or stage 1): a side whose interval contains 0 "did not move", one whose interval lies
-# below 0 ended "worse than its start", and the table says so.
 
 BASE = "base (stage 0)"
 
@@ -155,13 +144,14 @@ def compare_recipes(steps):
     add("ift, gamma 0", "ablation", "ift", lr_of="ift", gamma=0.0)
     add("ift, detached weights", "ablation", "ift", lr_of="ift", detach_weights=True)
     add("ift, noisy lam", "ablation", "ift", lr_of="ift", lam_schedule="noisy")
-    add("ift at sft's flops", "equal compute", "ift", n=round(steps / IFT_COST), lr_of="ift")
+    add("ift at sft's flops", "equal compute", "ift", n=round(steps / ift.IFT_COST), lr_of="ift")
     return recipes
 
 
-def step_cost(loss):
-    """Rough cost of one step relative to SFT's (pair losses score two answers per row)."""
-    return {"sft": 1.0, "ift": IFT_COST, "orpo": 2.0, "dpo": 2.0}[loss]
+def run_cost(recipe):
+    """A run's rough cost in SFT steps (DPO and ORPO score two answers per row)."""
+    return recipe["steps"] * {"sft": 1.0, "ift": ift.IFT_COST, "orpo": 2.0, "dpo": 2.0}[
+        recipe["loss"]]
 
 
 def config_for(cfg, **fields):
@@ -179,12 +169,11 @@ def train_and_test(rcfg, model, enc, train_split, data, device, run_dir):
         log, train_seconds = ift.train(rcfg, model, enc, splits, device, run_dir)
     autocast = ift.autocast_for(device)
     res = ift.evaluate(model, enc, data["test"], device, autocast, rcfg.max_new_tokens)
-    val_logps = ift.reference_logps(model, data["val"], enc.eot_token, device, autocast)  # (N, 2)
+    val_logps = ift.answer_logps(model, data["val"], device, autocast)       # (N, 2)
     evals = [r for r in log if "val_exact_match" in r]
     return {"seed": rcfg.seed, "lr": rcfg.lr, "steps": rcfg.max_steps,
             "ckpt": str(run_dir / "ckpt.pt"), "seconds": time.time() - t,
             "ms_per_step": 1000 * train_seconds / rcfg.max_steps,
-            "val_curve": [[r["step"], r["val_exact_match"]] for r in evals],
             "val_exact_match": evals[-1]["val_exact_match"], "val_nll": evals[-1]["val_nll"],
             "val_preference_accuracy": (val_logps[:, 0] > val_logps[:, 1]).float().mean().item(),
             "test": {k: res[k] for k in ("exact_match", "exact_match_by_task", "nll",
@@ -204,6 +193,15 @@ def base_folder(bcfg, out_dir):
     return settings, out_dir / "base" / key
 
 
+def read_json(path, what):
+    """A JSON file this program wrote, or one line saying that it is not one."""
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, OSError) as e:  # not UTF-8 or not JSON is a ValueError too
+        raise ift.UserError(f"{path}: not {what} ({type(e).__name__}); delete it, or pass "
+                            f"another --out-dir") from None
+
+
 def base_model(cfg, enc, data, device, out_dir):
     """Stage 0 (see above): the base model's record, trained now, or read from <out-dir>/base
     when that one was made with the same settings from the same data files."""
@@ -218,7 +216,7 @@ def base_model(cfg, enc, data, device, out_dir):
     record_path = base_dir / "base.json"
     if record_path.is_file():
         print(f"base model: reusing {base_dir / 'ckpt.pt'} (same settings, same data files)")
-        return json.loads(record_path.read_text())
+        return read_json(record_path, "a base-model record of compare.py")
     base_dir.mkdir(parents=True, exist_ok=True)
     pool = ift.Split(ift.load_rows(pool_path, limit=cfg.limit_rows), enc, cfg.block_size,
                      str(pool_path))
@@ -251,6 +249,230 @@ def compare_run(cfg, recipe, seed, lr, init_from, enc, data, device, out_dir):
     return {"recipe": recipe["name"],
             **train_and_test(rcfg, model, enc, data[recipe["data"]], data, device, run_dir)}
 
+
+def load_data(cfg, enc):
+    """The splits every run reads: train, val, test, and the train split's halves A and B."""
+    data = ift.load_splits(cfg, enc, need_rejected=("train", "val", "test"))
+    n = len(data["train"])
+    data["train_a"] = ift.Split(data["train"].rows[:n // 2], enc, cfg.block_size, "train half A")
+    data["train_b"] = ift.Split(data["train"].rows[n // 2:], enc, cfg.block_size, "train half B")
+    return data
+
+
+# -----------------------------------------------------------------------------
+# The phases
+#
+# Every run is a Job: a recipe, a seed, an lr, and the checkpoint it starts from. A run can start
+# once its checkpoint exists and its lr is known, so the comparison trains in four phases, each a
+# list of jobs mapped over the worker pool (a plain loop with one worker):
+#   1. the first seed's lr sweeps of the recipes that start from the base;     -> their lrs
+#   2. stage 1 of every seed (SFT's lr);
+#   3. the later seeds' runs from the base, every seed's ablations and equal-compute run, and
+#      the first seed's sweeps of the stage-2 recipes (from its stage 1);       -> their lrs,
+#                                                                                  claim (c)
+#   4. the later seeds' stage-2 runs, and claim (c)'s runs at its lrs.
+# Between phases, choose_lrs() and pick_claim_c() are pure functions of finished runs. Within a
+# phase the longest jobs start first, so no worker idles long at its end.
+#
+# Runs at once. A 2 x 64 GPT is too small to keep two CPU threads busy, so on a CPU --workers
+# processes train one run each with one thread (RESULTS.md measures the gain). A run reads and
+# writes only its own folder and the checkpoint it starts from, which is finished before it starts.
+
+@dataclass
+class Job:
+    recipe: dict       # from compare_recipes()
+    seed: int
+    lr: float
+    init_from: str     # the checkpoint it fine-tunes
+    sweep: bool = False  # an lr candidate of the first seed's sweep: it may diverge and lose
+
+
+WORKER = {}  # in each worker process (and in the main one, for --workers 1): what a run reads
+
+
+def worker_start(cfg, threads):
+    """Set up a process that trains runs: its threads, the tokenizer, the splits."""
+    torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(io.StringIO()):  # the main process printed any warnings
+        device, out_dir = ift.start(cfg)
+        enc = ift.load_tokenizer(cfg.data)
+        WORKER.update(cfg=cfg, device=device, out_dir=out_dir, enc=enc, data=load_data(cfg, enc))
+
+
+def worker_run(job):
+    """compare_run() of a job, with what worker_start() set up in this process. A sweep candidate
+    that diverges returns a record that says so; any other run that diverges stops everything."""
+    w = WORKER
+    try:
+        return compare_run(w["cfg"], job.recipe, job.seed, job.lr, job.init_from, w["enc"],
+                           w["data"], w["device"], w["out_dir"])
+    except ift.UserError as e:
+        if not job.sweep:
+            raise ift.UserError(f"{job.recipe['name']}, seed {job.seed}: {e}") from None
+        return {"recipe": job.recipe["name"], "seed": job.seed, "lr": job.lr, "diverged": str(e)}
+
+
+def at_a_time(workers, threads):
+    """'2 runs at a time, 1 thread each'"""
+    return (f"{workers} run{'s' * (workers > 1)} at a time, {threads} "
+            f"thread{'s' * (threads > 1)} each")
+
+
+def workers_for(cfg, device):
+    """(processes, threads each): --workers, or one per core up to 8 on a CPU, 1 on a GPU."""
+    cores = torch.get_num_threads()
+    workers = cfg.workers or (min(cores, 8) if device.type == "cpu" else 1)
+    return workers, max(1, cores // workers)
+
+
+@contextlib.contextmanager
+def worker_pool(cfg, workers, threads, device, out_dir, enc, data):
+    """A map over jobs: a pool of `workers` processes, or, for one worker, this process."""
+    if workers == 1:
+        WORKER.update(cfg=cfg, device=device, out_dir=out_dir, enc=enc, data=data)
+        yield map
+        return
+    with concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                                worker_start, (cfg, threads)) as pool:
+        yield pool.map
+
+
+class Progress:
+    """One line per finished run: its scores, the share of the planned work done, time left."""
+
+    def __init__(self, total, done, t_start):
+        self.total, self.done, self.t_start = total, done, t_start
+
+    def report(self, job, res):
+        self.done += run_cost(job.recipe)
+        elapsed = time.time() - self.t_start
+        test = (f"test exact {res['test']['exact_match']:.3f} | val exact "
+                f"{res['val_exact_match']:.3f} | val pref {res['val_preference_accuracy']:.3f}"
+                f" | {res['seconds']:.0f}s" if "test" in res else "diverged")
+        left = ift.fmt_time(elapsed / self.done * max(self.total - self.done, 0))
+        print(f"[{min(self.done / self.total, 1):4.0%}] seed {job.seed} | "
+              f"{job.recipe['name']:<22} | lr {job.lr:.1e}{' (sweep)' if job.sweep else ''} | "
+              f"{test} | elapsed {ift.fmt_time(elapsed)}, about {left} left", flush=True)
+
+
+def run_phase(run, jobs, progress):
+    """Train jobs, the longest first, with run (a map over jobs); (job, result) pairs."""
+    jobs = sorted(jobs, key=lambda job: -run_cost(job.recipe))  # stable: ties keep their order
+    done = []
+    for job, res in zip(jobs, run(worker_run, jobs)):  # results come in order, as they finish
+        progress.report(job, res)
+        done.append((job, res))
+    return done
+
+
+def multipliers(cfg, recipe):
+    return cfg.dpo_lr_sweep if recipe["loss"] == "dpo" else cfg.lr_sweep
+
+
+def sweep_jobs(cfg, recipes, seed, runs):
+    """The sweep of each recipe on seed: one job per lr multiplier, from its start's checkpoint."""
+    return [Job(r, seed, ift.DEFAULT_LR[r["loss"]] * m, runs[(r["start"], seed)]["ckpt"], True)
+            for r in recipes for m in multipliers(cfg, r)]
+
+
+def jobs_at(recipes, seeds, lrs, runs, lr_key="lr_of"):
+    """Each recipe on each seed at the lr chosen for it (lrs[r[lr_key]]), from its start."""
+    return [Job(r, s, lrs[r[lr_key]], runs[(r["start"], s)]["ckpt"]) for s in seeds
+            for r in recipes]
+
+
+def table_runs(base, seeds, done, lrs):
+    """(recipe, seed) -> the run the tables show: the base, or the recipe's run at its lr for
+    exact match, among done, the (job, result) pairs of the finished runs."""
+    runs = {(BASE, s): base for s in seeds}
+    for job, res in done:
+        if job.lr == lrs.get(job.recipe["lr_of"]):
+            runs.setdefault((job.recipe["name"], job.seed), res)
+    return runs
+
+
+def tried_runs(done):
+    """(recipe, seed) -> {lr: run} of every finished run that did not diverge."""
+    tried = {}
+    for job, res in done:
+        if "test" in res:
+            tried.setdefault((job.recipe["name"], job.seed), {})[job.lr] = res
+    return tried
+
+
+def choose_lrs(recipes, done):
+    """Each recipe's lr for exact match and its lr for preference accuracy, each the best on the
+    validation split (ties: the lower val NLL, then the lower lr) among its sweep's runs in done
+    (diverged runs lose): (lrs, lrs_pa) by recipe name, and the rows of the sweep table."""
+    lrs, lrs_pa, rows = {}, {}, []
+    for r in recipes:
+        results = sorted((res for job, res in done if job.sweep and job.recipe == r),
+                         key=lambda x: x["lr"])
+        ok = [x for x in results if "test" in x]
+        if not ok:
+            raise ift.UserError(f"{r['name']}: every lr of its sweep diverged; try smaller "
+                                f"multipliers")
+        lr = lrs[r["name"]] = min(ok, key=lambda x: (-x["val_exact_match"], x["val_nll"]))["lr"]
+        lr_pa = lrs_pa[r["name"]] = min(
+            ok, key=lambda x: (-x["val_preference_accuracy"], x["val_nll"]))["lr"]
+        rows += [{"recipe": r["name"], "lr": x["lr"], "diverged": "diverged" in x,
+                  **{k: x.get(k) for k in ("val_exact_match", "val_preference_accuracy",
+                                           "val_nll")},
+                  "chosen_for_exact_match": x["lr"] == lr,
+                  "chosen_for_preference_accuracy": x["lr"] == lr_pa} for x in results]
+    return lrs, lrs_pa, rows
+
+
+def pick_claim_c(own, tried, lrs_pa, seed):
+    """Claim (c)'s two recipes among own (the recipes with an lr of their own: the paper's
+    Table 2), on the VALIDATION preference accuracy of the first seed at the lr tuned for it:
+    the better DPO recipe and the best other one."""
+    def score(name):
+        run = tried[(name, seed)][lrs_pa[name]]
+        return run["val_preference_accuracy"], -run["val_nll"]
+    dpo = [name for name in own if name.endswith("dpo")]
+    return (max(dpo, key=score), max((n for n in own if n not in dpo), key=score))
+
+
+def train_all(cfg, run, progress, recipes, seeds, base):
+    """The four phases (see above). Returns every finished (job, result), the lrs chosen for
+    exact match and for preference accuracy (by recipe name), the sweep table's rows, and claim
+    (c)'s two recipes."""
+    first, later = seeds[0], seeds[1:]
+    own = [r for r in recipes if r["lr_of"] == r["name"]]          # swept: the paper's Table 2
+    from_base = [r for r in own if r["start"] == BASE]
+    stage2 = [r for r in own if r["start"] != BASE]
+    stage1 = [r for r in recipes if r["name"] == "sft (stage 1)"]
+    rest = [r for r in recipes if r not in own + stage1]            # ablations, equal compute
+    runs = table_runs(base, seeds, [], {})
+    # 1. the first seed's sweeps from the base, and their lrs
+    done = run_phase(run, sweep_jobs(cfg, from_base, first, runs), progress)
+    lrs, lrs_pa, sweep = choose_lrs(from_base, done)
+    # 2. stage 1 of every seed
+    done += run_phase(run, jobs_at(stage1, seeds, lrs, runs), progress)
+    runs = table_runs(base, seeds, done, lrs)
+    # 3. the rest from the base, and the first seed's stage-2 sweeps; their lrs and claim (c)
+    done += run_phase(run, jobs_at(from_base, later, lrs, runs) + jobs_at(rest, seeds, lrs, runs)
+                      + sweep_jobs(cfg, stage2, first, runs), progress)
+    lrs2, lrs_pa2, sweep2 = choose_lrs(stage2, done)
+    lrs, lrs_pa, sweep = {**lrs, **lrs2}, {**lrs_pa, **lrs_pa2}, sweep + sweep2
+    claim_c = pick_claim_c([r["name"] for r in own], tried_runs(done), lrs_pa, first)
+    extra = [r for r in own if r["name"] in claim_c and lrs_pa[r["name"]] != lrs[r["name"]]]
+    progress.total += sum(run_cost(r) for r in extra) * len(later)
+    # 4. the later seeds' stage 2, and claim (c)'s runs at their lrs for preference accuracy
+    done += run_phase(run, jobs_at(stage2, later, lrs, runs)
+                      + jobs_at(extra, later, lrs_pa, runs, lr_key="name"), progress)
+    return done, lrs, lrs_pa, sweep, claim_c
+
+
+# -----------------------------------------------------------------------------
+# The verdicts
+#
+# A claim is judged on paired differences d_s = metric(recipe, seed s) - metric(other, seed s):
+# reproduced if the 95% t-interval of their mean lies above 0, not reproduced if it lies below,
+# within noise if it contains 0. Each side is also paired with the model it started from (the
+# base, or stage 1): a side whose interval contains 0 "did not move", one whose interval lies
+# below 0 ended "worse than its start", and the table says so.
 
 # two-sided 95% quantiles of Student's t by degrees of freedom; past 9, 1.96 + 2.4 / df is
 # within 0.03 of them
@@ -311,17 +533,6 @@ def judge_claims(recipes, runs, pa_runs, claim_c, seeds):
     return out
 
 
-def pick_claim_c(own, tried, lrs_pa, seed):
-    """Claim (c)'s two recipes among own (the recipes with an lr of their own: the paper's
-    Table 2), on the VALIDATION preference accuracy of the first seed at the lr tuned for it:
-    the better DPO recipe and the best other one."""
-    def score(name):
-        run = tried[(name, seed)][lrs_pa[name]]
-        return run["val_preference_accuracy"], -run["val_nll"]
-    dpo = [name for name in own if name.endswith("dpo")]
-    return (max(dpo, key=score), max((n for n in own if n not in dpo), key=score))
-
-
 def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -343,211 +554,59 @@ def summarize(recipes, runs, seeds, lrs, tasks):
     return rows
 
 
-def load_data(cfg, enc):
-    """The splits every run reads: train, val, test, and the train split's halves A and B."""
-    data = ift.load_splits(cfg, enc, need_rejected=("train", "val", "test"))
-    n = len(data["train"])
-    data["train_a"] = ift.Split(data["train"].rows[:n // 2], enc, cfg.block_size, "train half A")
-    data["train_b"] = ift.Split(data["train"].rows[n // 2:], enc, cfg.block_size, "train half B")
-    return data
-
-
-# Runs at once. A 2 x 64 GPT is too small to keep two CPU threads busy: two runs side by side,
-# one thread each, train ~1.4x as many tokens per second as one run with two threads (2-core
-# AMD EPYC). So on a CPU, --workers processes train one run each. A run reads and writes only
-# its own folder and the checkpoint it starts from, which is finished before it starts.
-WORKER = {}  # in each worker process (and in the main one, for --workers 1): what a run reads
-
-
-def worker_start(cfg, threads):
-    """Set up a process that trains runs: its threads, the tokenizer, the splits."""
-    torch.set_num_threads(threads)
-    with contextlib.redirect_stdout(io.StringIO()):  # the main process printed any warnings
-        device, out_dir = ift.start(cfg)
-        enc = ift.load_tokenizer(cfg.data)
-        WORKER.update(cfg=cfg, device=device, out_dir=out_dir, enc=enc, data=load_data(cfg, enc))
-
-
-def worker_run(recipe, seed, lr, init_from):
-    """compare_run() with what worker_start() set up in this process."""
-    w = WORKER
-    return compare_run(w["cfg"], recipe, seed, lr, init_from, w["enc"], w["data"], w["device"],
-                       w["out_dir"])
-
-
-class InlinePool:
-    """ProcessPoolExecutor's submit() for --workers 1: the run trains in this process."""
-    def submit(self, fn, *args):
-        future = concurrent.futures.Future()
-        try:
-            future.set_result(fn(*args))
-        except ift.UserError as e:
-            future.set_exception(e)
-        return future
-
-
-def at_a_time(workers, threads):
-    """'2 runs at a time, 1 thread each'"""
-    return (f"{workers} run{'s' * (workers > 1)} at a time, {threads} "
-            f"thread{'s' * (threads > 1)} each")
-
-
-def workers_for(cfg, device):
-    """(processes, threads each): --workers, or one per core up to 8 on a CPU, 1 on a GPU."""
-    cores = torch.get_num_threads()
-    workers = cfg.workers or (min(cores, 8) if device.type == "cpu" else 1)
-    return workers, max(1, cores // workers)
-
+# -----------------------------------------------------------------------------
+# The comparison
 
 def compare(cfg, command):
-    """Train and test every recipe over the seeds; write compare.md, compare.json, compare.png."""
+    """Train and test every recipe over the seeds, in phases; write the reports and figures."""
     t_start = time.time()
     device, out_dir = ift.start(cfg)
     enc = ift.load_tokenizer(cfg.data)
     data = load_data(cfg, enc)
     recipes = compare_recipes(cfg.max_steps)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    swept = [r for r in recipes if r["lr_of"] == r["name"]]
+    own = [r for r in recipes if r["lr_of"] == r["name"]]
     workers, threads = workers_for(cfg, device)
-
-    def multipliers(r):
-        return cfg.dpo_lr_sweep if r["loss"] == "dpo" else cfg.lr_sweep
-    total = cfg.base_steps + sum(r["steps"] * step_cost(r["loss"]) for r in recipes) * len(
-        seeds) + sum(r["steps"] * step_cost(r["loss"]) * (len(multipliers(r)) - 1) for r in swept)
+    total = cfg.base_steps + sum(run_cost(r) for r in recipes) * len(seeds) + sum(
+        run_cost(r) * (len(multipliers(cfg, r)) - 1) for r in own)  # claim (c) adds to it
     print(f"compare | a base model, then {len(recipes)} recipes x {len(seeds)} seeds, plus an "
-          f"lr sweep of {len(swept)} recipes on seed {seeds[0]} | device {device}, "
+          f"lr sweep of {len(own)} recipes on seed {seeds[0]} | device {device}, "
           f"{at_a_time(workers, threads)} | {len(data['train'])} train rows | outputs in "
           f"{out_dir}", flush=True)
     base = base_model(cfg, enc, data, device, out_dir)
-    done = cfg.base_steps
     print(f"base model: test exact {base['test']['exact_match']:.3f} | val exact "
           f"{base['val_exact_match']:.3f} | elapsed {ift.fmt_time(time.time() - t_start)}",
           flush=True)
-    runs = {(BASE, s): base for s in seeds}  # (recipe, seed) -> the run the table shows
-    tried = {}  # (recipe, seed) -> {lr: run}: every lr a recipe ran at
-    pa_runs, lrs, lrs_pa, sweep, claim_c = {}, {BASE: base["lr"]}, {}, [], None
-    # what is left to run, in training order: (recipe, seed, what for); "table" runs at the lr
-    # for exact match (on the first seed, a recipe with an lr of its own runs its sweep), "c"
-    # runs claim (c)'s recipes at their lr for preference accuracy, once that is known
-    todo = [(r, s, "table") for s in seeds for r in recipes]
-    finished = {}  # (recipe, seed) -> the runs of its sweep finished so far, diverged ones too
-
-    def ready():
-        """The runs that can start now: their start model is trained and their lr is known."""
-        jobs = []
-        for r, s, what in list(todo):
-            if (r["start"], s) not in runs:
-                continue
-            sweeping = what == "table" and r["lr_of"] == r["name"] and s == seeds[0]
-            if what == "c":
-                lrs_now = [lrs_pa[r["name"]]]
-            elif sweeping:
-                lrs_now = [ift.DEFAULT_LR[r["loss"]] * m for m in multipliers(r)]
-            elif r["lr_of"] in lrs:
-                lrs_now = [lrs[r["lr_of"]]]
-            else:
-                continue
-            todo.remove((r, s, what))
-            jobs += [(r, s, lr, sweeping) for lr in lrs_now]
-        return jobs
-
-    def progress(r, seed, lr, sweeping, res):
-        nonlocal done
-        done += r["steps"] * step_cost(r["loss"])
-        elapsed = time.time() - t_start
-        test = (f"test exact {res['test']['exact_match']:.3f} | val exact "
-                f"{res['val_exact_match']:.3f} | val pref {res['val_preference_accuracy']:.3f}"
-                f" | {res['seconds']:.0f}s" if "test" in res else "diverged")
-        left = ift.fmt_time(elapsed / done * max(total - done, 0))
-        print(f"[{min(done / total, 1):4.0%}] seed {seed} | {r['name']:<22} | lr {lr:.1e}"
-              f"{' (sweep)' if sweeping else ''} | {test} | elapsed {ift.fmt_time(elapsed)}, "
-              f"about {left} left", flush=True)
-
-    def record(r, seed, lr, sweeping, res):
-        """Keep a finished run; when a sweep is complete, choose its lrs (see above)."""
-        nonlocal claim_c, total
-        name = r["name"]
-        if "test" in res:
-            tried.setdefault((name, seed), {})[lr] = res
-        if not sweeping:
-            if lr == lrs[r["lr_of"]]:
-                runs[(name, seed)] = res
-            return
-        finished.setdefault((name, seed), []).append(res)
-        if len(finished[(name, seed)]) < len(multipliers(r)):
-            return
-        results = sorted(finished[(name, seed)], key=lambda x: x["lr"])
-        ok = [x for x in results if "test" in x]
-        if not ok:
-            raise ift.UserError(f"{name}: every lr of its sweep diverged; try smaller "
-                                f"multipliers")
-        # the lr for exact match, and the lr for preference accuracy
-        lrs[name] = min(ok, key=lambda x: (-x["val_exact_match"], x["val_nll"]))["lr"]
-        lrs_pa[name] = min(ok, key=lambda x: (-x["val_preference_accuracy"], x["val_nll"]))["lr"]
-        sweep.extend({"recipe": name, "lr": x["lr"], "diverged": "diverged" in x,
-                      **{k: x.get(k) for k in ("val_exact_match", "val_preference_accuracy",
-                                              "val_nll")},
-                      "chosen_for_exact_match": x["lr"] == lrs[name],
-                      "chosen_for_preference_accuracy": x["lr"] == lrs_pa[name]}
-                     for x in results)
-        runs[(name, seed)] = tried[(name, seed)][lrs[name]]
-        if all(x["name"] in lrs for x in swept):  # every sweep is done: claim (c)'s recipes
-            claim_c = pick_claim_c([x["name"] for x in swept], tried, lrs_pa, seeds[0])
-            extra = [x for x in recipes if x["name"] in claim_c and lrs_pa[x["name"]] != lrs[
-                x["name"]]]
-            todo.extend((x, s, "c") for s in seeds[1:] for x in extra)
-            total += sum(x["steps"] * step_cost(x["loss"]) for x in extra) * (len(seeds) - 1)
-
-    if workers == 1:
-        WORKER.update(cfg=cfg, device=device, out_dir=out_dir, enc=enc, data=data)
-        pool = contextlib.nullcontext(InlinePool())
-    else:
-        pool = concurrent.futures.ProcessPoolExecutor(
-            workers, multiprocessing.get_context("spawn"), worker_start, (cfg, threads))
-    with pool as pool:
-        running = {}  # future -> (recipe, seed, lr, sweeping)
-        while todo or running:
-            for job in ready():
-                r, seed, lr, _ = job
-                start = runs[(r["start"], seed)]["ckpt"]
-                running[pool.submit(worker_run, r, seed, lr, start)] = job
-            assert running, "no run can start"
-            now_done, _ = concurrent.futures.wait(running,
-                                                  return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in now_done:
-                r, seed, lr, sweeping = job = running.pop(future)
-                try:
-                    res = future.result()
-                except ift.UserError as e:  # a diverged candidate of a sweep just loses
-                    if not sweeping:
-                        raise ift.UserError(f"{r['name']}, seed {seed}: {e}") from None
-                    res = {"recipe": r["name"], "lr": lr, "diverged": str(e)}
-                progress(*job, res)
-                record(*job, res)
-    order = [r["name"] for r in recipes]
-    sweep.sort(key=lambda x: (order.index(x["recipe"]), x["lr"]))  # runs finish in any order
-    for s in seeds:  # claim (c)'s runs: at the lr for preference accuracy
-        for name in claim_c:
-            pa_runs[(name, s)] = tried[(name, s)][lrs_pa[name]]
-    tasks = sorted({row["task"] for row in data["test"].rows})
-    base_row = {"name": BASE, "group": "base", "loss": "sft", "steps": cfg.base_steps,
-                "start": "", "lr_of": BASE}
-    summary = summarize([base_row] + recipes, runs, seeds, lrs, tasks)
-    claims = judge_claims(recipes, runs, pa_runs, claim_c, seeds)
-    runtime = time.time() - t_start
-    model = ift.GPT(**ift.model_args(cfg, enc))
+    progress = Progress(total, cfg.base_steps, t_start)
+    with worker_pool(cfg, workers, threads, device, out_dir, enc, data) as run:
+        done, lrs, lrs_pa, sweep, claim_c = train_all(cfg, run, progress, recipes, seeds, base)
     info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
             "device": str(device), "device_name": device_name(device),
             "torch": torch.__version__, "threads": threads, "workers": workers,
-            "runtime_seconds": runtime,
-            "seed_seconds": {s: sum(x["seconds"] for (name, seed), by_lr in tried.items()
-                                    if seed == s for x in by_lr.values()) for s in seeds},
+            "runtime_seconds": time.time() - t_start,
+            "seed_seconds": {s: sum(res["seconds"] for job, res in done
+                                    if job.seed == s and "test" in res) for s in seeds},
             "base_seconds": base["seconds"],
-            "params": sum(p.numel() for p in model.parameters()), "seeds": seeds,
-            "tasks": tasks, "lr_for_preference_accuracy": lrs_pa,
+            "params": sum(p.numel() for p in ift.GPT(**ift.model_args(cfg, enc)).parameters()),
+            "seeds": seeds, "tasks": sorted({row["task"] for row in data["test"].rows}),
+            "lr_for_preference_accuracy": lrs_pa,
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RECIPE_FIELDS}}
-    paths = [out_dir / "compare.json", out_dir / "compare.md", out_dir / "compare.png",
-             out_dir / "summary.json"]
+    return write_outputs(cfg, info, recipes, base, done, lrs, lrs_pa, sweep, claim_c, out_dir)
+
+
+def write_outputs(cfg, info, recipes, base, done, lrs, lrs_pa, sweep, claim_c, out_dir):
+    """The tables and claims from the finished runs: compare.json, compare.md, claims.png,
+    families.png and summary.json in out_dir; the report is printed too."""
+    seeds, tasks = info["seeds"], info["tasks"]
+    runs = table_runs(base, seeds, done, {**lrs, BASE: base["lr"]})
+    tried = tried_runs(done)
+    pa_runs = {(name, s): tried[(name, s)][lrs_pa[name]] for name in claim_c for s in seeds}
+    base_row = {"name": BASE, "group": "base", "loss": "sft", "steps": cfg.base_steps,
+                "start": "", "lr_of": BASE}
+    summary = summarize([base_row] + recipes, runs, seeds, {**lrs, BASE: base["lr"]}, tasks)
+    claims = judge_claims(recipes, runs, pa_runs, claim_c, seeds)
+    paths = [out_dir / name for name in ("compare.json", "compare.md", "claims.png",
+                                         "families.png", "summary.json")]
     paths[0].write_text(json.dumps({**info, "summary": summary, "claims": claims, "sweep": sweep,
                                     "base": base,
                                     "runs": [runs[(r["name"], s)] for s in seeds
@@ -556,12 +615,16 @@ def compare(cfg, command):
                                    indent=2))
     report = compare_report(info, summary, claims, sweep, cfg)
     paths[1].write_text(report)
-    plot_compare(summary, runs, recipes, seeds, tasks, paths[2])
-    paths[3].write_text(json.dumps(summary_file(info, summary, claims), indent=1))
+    plot_claims(claims, info, paths[2])
+    plot_families(summary, info, paths[3])
+    paths[4].write_text(json.dumps(summary_file(info, summary, claims), indent=1))
     print("\n" + report)
     print("wrote " + ", ".join(str(p) for p in paths))
     return summary, claims
 
+
+# -----------------------------------------------------------------------------
+# Reports
 
 def summary_file(info, summary, claims):
     """summary.json: the numbers behind compare.md's tables, small enough to commit (RESULTS.md
@@ -685,49 +748,57 @@ def compare_report(info, summary, claims, sweep, cfg):
 # -----------------------------------------------------------------------------
 # Plots
 
-def plot_compare(summary, runs, recipes, seeds, tasks, path):
-    """Top: test exact match per family and recipe (error bars: std over seeds). Bottom: mean
-    validation exact match against the optimizer step (sequential runs: counted from stage 1)."""
+def plot_claims(claims, info, path):
+    """Each claim's paired difference: its mean over the seeds and 95% t-interval against the
+    line at zero, the verdict written beside it (the claims table of compare.md, drawn)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig = plt.figure(figsize=(14, 8))
-    ax = fig.add_subplot(2, 1, 1)
-    cmap = plt.get_cmap("tab20")
-    width = 0.8 / len(summary)
-    groups = tasks + ["mean"]
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(claims) + 1.4))
+    colors = {"reproduced": "tab:green", "not reproduced": "tab:red", "within noise": "tab:gray"}
+    for y, c in enumerate(reversed(claims)):
+        half = c["ci95"] or 0.0
+        ax.errorbar(c["mean"], y, xerr=half, fmt="o", capsize=4,
+                    color=colors.get(c["verdict"], "black"))
+        ax.annotate(c["verdict"], (c["mean"] + half, y), xytext=(8, 0),
+                    textcoords="offset points", va="center", fontsize=9)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(claims)), [f"({c['claim']}) {c['recipe']} - {c['other']}\n"
+                                       f"{c['metric'].replace('_', ' ')}"
+                                       for c in reversed(claims)], fontsize=8)
+    ax.set_xlabel("paired difference on the test split (mean over seeds, 95% t-interval)")
+    lo = min(c["mean"] - (c["ci95"] or 0) for c in claims)
+    hi = max(c["mean"] + (c["ci95"] or 0) for c in claims)
+    ax.set_xlim(min(lo, 0) - 0.02, max(hi, 0) + 0.25 * (max(hi, 0) - min(lo, 0)) + 0.03)
+    ax.set_title(f"The paper's claims, each paired seed by seed over {len(info['seeds'])} seeds "
+                 f"(same base model and batches)", fontsize=10)
+    fig.text(0.01, 0.01, info["command"], fontsize=7, color="0.4")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_families(summary, info, path):
+    """Test exact match per recipe (rows) and task family (columns), mean over the seeds, as a
+    heat map with the mean and std written in each cell."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    columns = info["tasks"] + ["exact_match"]
+    means = [[row[k][0] for k in columns] for row in summary]                # (recipes, tasks)
+    fig, ax = plt.subplots(figsize=(1.25 * len(columns) + 2.4, 0.34 * len(summary) + 1.2))
+    ax.imshow(means, cmap="Greens", vmin=0, vmax=1, aspect="auto")
     for i, row in enumerate(summary):
-        cells = [row[t] for t in tasks] + [row["exact_match"]]
-        ax.bar([g + (i - len(summary) / 2 + 0.5) * width for g in range(len(groups))],
-               [c[0] for c in cells], width, yerr=[c[1] for c in cells], capsize=1.5,
-               color=cmap(i % 20), label=row["recipe"])
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("test exact match")
-    ax.set_ylim(0, 1)
-    ax.legend(ncol=5, fontsize=8, loc="upper left")
-    ax.set_title(f"python compare.py: mean ± std over {len(seeds)} seeds")
-    # recipe -> (steps, mean validation exact match over the seeds); fine-tuning starts at 0
-    curves = {BASE: ([0], [runs[(BASE, seeds[0])]["val_exact_match"]])}
-    for r in recipes:
-        per_seed = [runs[(r["name"], s)]["val_curve"] for s in seeds]
-        steps = [step for step, _ in per_seed[0]]
-        means = [statistics.mean(c[j][1] for c in per_seed) for j in range(len(steps))]
-        before_steps, before = curves[r["start"]]  # a run goes on from where its start ended
-        steps = [before_steps[-1]] + [before_steps[-1] + 1 + step for step in steps]
-        means = [before[-1]] + means
-        curves[r["name"]] = steps, means
-    for k, groups_here in enumerate((("single stage", "ablation", "equal compute"),
-                                     ("sequential",))):
-        ax = fig.add_subplot(2, 2, 3 + k)
-        for i, r in enumerate(recipes):
-            if r["group"] in groups_here:
-                ax.plot(*curves[r["name"]], "o-", color=cmap(i % 20), label=r["name"],
-                        markersize=3)
-        ax.set_xlabel("optimizer step" + (" (stage 2 continues stage 1)" if k else ""))
-        ax.set_ylabel("validation exact match (mean)")
-        ax.legend(fontsize=8)
+        for j, k in enumerate(columns):
+            mean, std = row[k]
+            ax.text(j, i, f"{mean:.3f}" + (f" ± {std:.3f}" if std else ""), ha="center",
+                    va="center", fontsize=8, color="white" if mean > 0.6 else "black")
+    ax.set_xticks(range(len(columns)), info["tasks"] + ["mean"])
+    ax.set_yticks(range(len(summary)), [row["recipe"] for row in summary], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_title(f"test exact match, mean ± std over {len(info['seeds'])} seeds", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -755,10 +826,10 @@ MAX_DISTANCE = 4  # distances d = 1 .. 4 after the mistake (an add answer: 3-4 d
 
 
 @torch.no_grad()
-def recovery_counts(model, seqs, pad_id, device):
+def recovery_counts(model, seqs, device):
     """Counts (MAX_DISTANCE, 3): for d = 1.., the later answer tokens scored, right after a clean
     prefix, right after a prefix holding the model's likeliest mistake at distance d before."""
-    x, y, mask = (t.to(device) for t in ift.collate(seqs, pad_id))        # (B, T) each
+    x, y, mask, _ = ift.make_batch(seqs, device)                          # (B, T) each
     logits = model(x).float()                                              # (B, T, V)
     clean = (logits.argmax(-1) == y) & mask                                # (B, T)
     wrong = logits.scatter(-1, y[..., None], -math.inf).argmax(-1)         # (B, T)
@@ -788,7 +859,10 @@ def mechanism(cfg):
     if not path.is_file():
         raise ift.UserError(f"{path}: no comparison there; run python compare.py first (with the "
                             f"same --out-dir)")
-    saved = json.loads(path.read_text())
+    saved = read_json(path, "a comparison of compare.py")
+    if not isinstance(saved, dict) or not {"command", "config", "runs", "seeds"} <= saved.keys():
+        raise ift.UserError(f"{path}: not a comparison of compare.py (keys missing); run python "
+                            f"compare.py again with this --out-dir")
     run_cfg = dataclasses.replace(cfg, **{k: saved["config"][k] for k in (
         "data", "limit_rows", "block_size", "n_layer", "n_head", "n_embd")})
     device, out_dir = ift.start(run_cfg)
@@ -806,7 +880,7 @@ def mechanism(cfg):
         for seed in saved["seeds"]:
             init = dataclasses.replace(run_cfg, init_from=runs[(name, seed)]["ckpt"])
             model = ift.build_model(init, enc, device).eval()  # checked against the config
-            c = recovery_counts(model, seqs, enc.eot_token, device).double()
+            c = recovery_counts(model, seqs, device).double()
             c = torch.cat([c, c.sum(0, keepdim=True)])                     # + all distances
             scored = int(c[-1, 0])
             acc = c[:, 1:] / c[:, :1].clamp(min=1)                         # (D + 1, 2)

@@ -6,16 +6,16 @@ policy pi* is known exactly (value iteration), so "how close did SFT, DPO, ORPO 
 an exact answer: the mean squared error (MSE) between the learned and the optimal
 state x action probability matrices, the paper's metric. Lower is better.
 
-    python frozen_lake.py                      # the defaults: 10-16 s on a 2-core CPU
+    python frozen_lake.py                      # the defaults: 10-21 s on a 2-core CPU
     python frozen_lake.py --map dead-end       # the second design: a really bad rejected route
     python frozen_lake.py --slippery           # the same on slippery ice
     python frozen_lake.py --map 8x8 --seeds 3  # one of Gymnasium's own maps
-    python frozen_lake.py --sweep              # + every method on an lr x beta grid: 41 s-2 min
+    python frozen_lake.py --sweep              # + every method on an lr x beta grid: 41-68 s
     python frozen_lake.py --help               # every option
 
-It prints one line per run, a table (mean +- std over the seeds), the ranking of the methods per
-policy family next to the paper's (DPO > IFT > ORPO > SFT) and whether DPO, ORPO and IFT visit more
-cells than SFT (the paper's second statement), and writes into --out-dir:
+It prints one line per run, a table (mean +- sample std over the seeds), the ranking of the
+methods per policy family next to the paper's (DPO > IFT > ORPO > SFT) and whether DPO, ORPO and
+IFT visit more cells than SFT (the paper's second statement), and writes into --out-dir:
 config.json, results.json and results.csv (the numbers), curves.csv (loss and MSE per step),
 frozen_lake.png (the policies on the map) and frozen_lake_curves.png (MSE and loss vs step).
 --sweep then reruns the comparison on a grid of learning rates and betas (the section
@@ -112,6 +112,7 @@ import copy
 import csv
 import json
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
@@ -122,7 +123,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ift import arg, dpo_loss, orpo_loss, parse_flags, relation_weights
+from ift import UserError, arg, dpo_loss, orpo_loss, parse_flags, relation_weights
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no window
@@ -163,7 +164,8 @@ class Config:
     detach_weights: bool = arg(False, "IFT: constant relation weights (the official code: not)")
     dpo_beta: float = arg(0.1, "DPO: beta, the inverse temperature of the preference")
     orpo_beta: float = arg(0.25, "ORPO: beta, the weight of the odds-ratio term")
-    discount: float = arg(0.95, "value iteration: discount, < 1 so shorter routes are better")
+    discount: float = arg(0.95, "value iteration: discount in [0.7, 1), < 1 so shorter routes "
+                          "are better")
     hidden: int = arg(64, "neural policy: width of its hidden layer")
     visit_threshold: float = arg(0.05, "a cell counts as visited if entered with this probability")
     sweep: bool = arg(False, "after the main run, rerun it at every --sweep-* grid point (~2 min)")
@@ -178,22 +180,47 @@ def parse_config(argv=None):
     return parse_flags(Config, argv, check=config_problem, description=__doc__.split("\n")[0])
 
 
+# Upper bounds that only catch typos. The defaults (5 seeds, 300 steps, 64 units) take 10-20 s;
+# 100 seeds take 20 times as long (about 5 min), 100k steps 333 times (about an hour, and a
+# curves.csv of 4M rows).
+MOST = {"seeds": 100, "steps": 100_000, "hidden": 4096}
+
+
 def config_problem(cfg):
-    """The first problem with a config, in one line, or None if it is fine."""
-    for name in ("lam", "gamma", "visit_threshold"):
+    """The first problem with a config, in one line, or None if it is fine.
+
+    ift.parse_flags has already refused nan and inf; every range test below is written as
+    "not (inside)", so a nan that got here would fail it too. --discount stays >= 0.7: on
+    slippery 8x8 the values of two unequal moves come within 3e-9 of each other at 0.6, next to
+    pi*'s tie tolerance of 1e-9 (optimal_policy_matrix), and at 0.5 pi* splits between moves
+    that are not tied.
+    """
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for name in ("lam", "gamma"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
-            return f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, name)}"
-    if not 0.0 < cfg.discount < 1.0:
-        return f"--discount must lie in (0, 1), got {cfg.discount}"
+            return f"{flag(name)} must lie in [0, 1], got {getattr(cfg, name)}"
+    if not 0.0 < cfg.visit_threshold <= 1.0:
+        return (f"--visit-threshold must lie in (0, 1], got {cfg.visit_threshold}: at 0 every "
+                f"cell would count as visited")
+    if not 0.7 <= cfg.discount < 1.0:
+        return f"--discount must lie in [0.7, 1), got {cfg.discount}"
     for name in ("dpo_beta", "orpo_beta", "lr"):
         if not getattr(cfg, name) > 0.0:
-            return f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}"
+            return f"{flag(name)} must be > 0, got {getattr(cfg, name)}"
     for name in ("sweep_lrs", "sweep_dpo_betas", "sweep_orpo_betas"):
-        if not all(value > 0.0 for value in getattr(cfg, name)):
-            return f"--{name.replace('_', '-')} must all be > 0, got {list(getattr(cfg, name))}"
-    for name in ("seeds", "steps", "hidden"):
+        values = list(getattr(cfg, name))
+        if not all(value > 0.0 for value in values):
+            return f"{flag(name)} must all be > 0, got {values}"
+        if len(set(values)) < len(values):  # a repeated value would be one grid point twice
+            return f"{flag(name)} must not repeat a value, got {values}"
+    for name, most in MOST.items():
         if getattr(cfg, name) < 1:
-            return f"--{name} must be >= 1, got {getattr(cfg, name)}"
+            return f"{flag(name)} must be >= 1, got {getattr(cfg, name)}"
+        if getattr(cfg, name) > most:
+            return (f"{flag(name)} must be <= {most}, got {getattr(cfg, name)}: a guard against "
+                    f"typos; raise MOST in frozen_lake.py if you mean it")
     return None
 
 
@@ -417,13 +444,14 @@ def walk(env, moves):
 
 
 def two_routes(env, rejected_moves=None):
-    """(optimal, sub-optimal) routes from the start (choice 3); ValueError if either is missing.
+    """(optimal, sub-optimal) routes from the start (choice 3); UserError if either is missing.
 
     rejected_moves (e.g. "RRRRDDD") fixes the sub-optimal route; without it, it is searched for.
     """
     best = shortest_route(env, env.start)
     if best is None:
-        raise ValueError("the goal cannot be reached from the start")
+        raise UserError("--map: the goal cannot be reached from the start; pick another map "
+                        "or open a way through its holes in MAPS")
     if rejected_moves is not None:
         return best, walk(env, rejected_moves)
     second = None
@@ -435,7 +463,8 @@ def two_routes(env, rejected_moves=None):
         if rest is not None and (second is None or len(rest.actions) + 1 < len(second.actions)):
             second = Route([env.start] + rest.states, [a] + rest.actions)
     if second is None:
-        raise ValueError("the map has no second route from the start to the goal")
+        raise UserError("--map: the map has no second route from the start to the goal; "
+                        "pick another map or give it a rejected route in REJECTED_ROUTES")
     return best, second
 
 
@@ -661,16 +690,27 @@ def evaluate(pi, env, pi_star, on_route, cfg):
     }
 
 
+def mean_std(values):
+    """Mean and sample std (ddof 1) over the seeds, along axis 0; the std is 0.0 for one seed.
+
+    The spread over seeds everywhere in this file (tables, figures, the sweep), with the same
+    convention as compare.py's mean_std.
+    """
+    values = np.asarray(values, dtype=float)  # (seeds,) or (seeds, steps + 1)
+    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
+    return values.mean(axis=0), std
+
+
 def summarize(runs):
-    """Mean and std over seeds of every number, per (family, method)."""
+    """Mean and sample std over seeds (mean_std) of every number, per (family, method)."""
     summary = {}
     for family in FAMILIES:
         for method in ("start",) + METHODS:
             group = [r for r in runs if r["family"] == family and r["method"] == method]
             entry = {}
             for key in ("mse", "mse_route", "mse_other", "goal_prob", "n_visited"):
-                values = np.array([r[key] for r in group])
-                entry[key] = {"mean": float(values.mean()), "std": float(values.std())}
+                mean, std = mean_std([r[key] for r in group])
+                entry[key] = {"mean": float(mean), "std": float(std)}
             summary[f"{family}/{method}"] = entry
     return summary
 
@@ -748,9 +788,9 @@ def run_sweep(cfg, env, demos, pi_star):
                     ref = reference_logps(policy, demos)
                     curve = train(policy, method, demos, ref, pi_star, ~env.terminal, run_cfg)
                     mses.append(curve[-1][2])  # the MSE after the last step, as in the main run
+                mean, std = mean_std(mses)
                 row = {"family": family, "method": method, "lr": lr, "beta": beta,
-                       "mse_mean": float(np.mean(mses)), "mse_std": float(np.std(mses)),
-                       "mse_seeds": mses}
+                       "mse_mean": float(mean), "mse_std": float(std), "mse_seeds": mses}
                 rows.append(row)
                 print(f"sweep | {family:7s} | lr {lr:<5g} | {variant_label(method, beta):16s} | "
                       f"MSE {row['mse_mean']:.4f} ± {row['mse_std']:.4f} | "
@@ -759,9 +799,10 @@ def run_sweep(cfg, env, demos, pi_star):
 
 
 def print_sweep_table(rows, cfg):
-    """One line per (family, method, beta), one column per lr: mean ± std MSE over the seeds."""
-    print(f"\nsweep: MSE to pi* after {cfg.steps} steps, mean ± std over {cfg.seeds} seed(s) "
-          f"(main run: lr {cfg.lr:g}, DPO beta {cfg.dpo_beta:g}, ORPO beta {cfg.orpo_beta:g})")
+    """One line per (family, method, beta), one column per lr: MSE, mean ± sample std."""
+    print(f"\nsweep: MSE to pi* after {cfg.steps} steps, mean ± sample std over {cfg.seeds} "
+          f"seed(s) (main run: lr {cfg.lr:g}, DPO beta {cfg.dpo_beta:g}, ORPO beta "
+          f"{cfg.orpo_beta:g})")
     print(f"{'policy':8s} {'method':16s} | "
           + " | ".join(f"{f'lr {lr:g}':15s}" for lr in cfg.sweep_lrs))
     for family in FAMILIES:
@@ -885,7 +926,7 @@ def plot_policies(path, env, routes, pi_star, runs, summary, cfg):
 
 
 def plot_curves(path, curves, cfg):
-    """MSE to pi* (top, mean +- std) and the training loss (bottom, each seed) vs step."""
+    """MSE to pi* (top, mean +- sample std) and the training loss (bottom, each seed) vs step."""
     fig, axes = plt.subplots(2, len(FAMILIES), figsize=(11, 7), sharex=True, squeeze=False)
     for col, family in enumerate(FAMILIES):
         for method in METHODS:
@@ -895,7 +936,7 @@ def plot_curves(path, curves, cfg):
             mse = np.array([c["mse"] for c in rows]).reshape(cfg.seeds, -1)  # (seeds, steps+1)
             loss = np.array([c["loss"] for c in rows]).reshape(cfg.seeds, -1)  # (seeds, steps+1)
             color = METHOD_COLORS[method]
-            mean, std = mse.mean(axis=0), mse.std(axis=0)
+            mean, std = mean_std(mse)  # (steps+1,) each
             axes[0, col].plot(steps, mean, color=color, label=method)
             axes[0, col].fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
             # losses fall over orders of magnitude: one thin line per seed on a log scale
@@ -913,7 +954,7 @@ def plot_curves(path, curves, cfg):
 
 
 def plot_sweep(path, rows, start_mse, cfg):
-    """MSE vs lr per method and beta (mean, error bar = std over seeds), a panel per family."""
+    """MSE vs lr per method and beta (mean, error bar = sample std), a panel per family."""
     variants = sweep_variants(cfg)
     fig, axes = plt.subplots(1, len(FAMILIES), figsize=(11, 4.6), squeeze=False)
     for col, family in enumerate(FAMILIES):
@@ -939,7 +980,7 @@ def plot_sweep(path, rows, start_mse, cfg):
         ax.grid(axis="y", alpha=0.3)
     axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"Frozen Lake '{cfg.map}': sensitivity to lr and beta, {cfg.steps} steps, "
-                 f"mean ± std over {cfg.seeds} seed(s)")
+                 f"mean ± sample std over {cfg.seeds} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -947,6 +988,38 @@ def plot_sweep(path, rows, start_mse, cfg):
 
 # -----------------------------------------------------------------------------------------------
 # Main
+
+
+def make_out_dir(cfg):
+    """Create --out-dir and save config.json there: the first write, so a bad folder fails first."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+    except OSError as e:
+        raise UserError(f"cannot write into --out-dir {cfg.out_dir!r}: {e.strerror}; pass a "
+                        f"folder you can write to") from None
+
+
+def set_up(cfg):
+    """The environment, the two routes, V* and pi*; prints the map, the routes and V*(start)."""
+    env = make_env(cfg)
+    chosen, rejected = two_routes(env, REJECTED_ROUTES.get(cfg.map))
+    V, Q = value_iteration(env, cfg.discount)  # (S,), (S, A)
+    pi_star = optimal_policy_matrix(Q)  # (S, A)
+    dynamics = "slippery" if cfg.slippery else "deterministic"
+    print(f"map {cfg.map} ({env.nrow}x{env.ncol}, {dynamics}, time limit "
+          f"{env.max_episode_steps} steps, value-iteration discount {cfg.discount}):")
+    for row in env.desc:
+        print("    " + " ".join(row))
+    for name, route in (("optimal route (chosen)", chosen), ("sub-optimal (rejected)", rejected)):
+        agree = sum(pi_star[s, a] > 0 for s, a in zip(route.states, route.actions))
+        print(f"{name:23s}: {describe_route(route, env)}\n{'':25s}return "
+              f"{route_return(route, cfg.discount, env):.4f}; pi* takes {agree} of its "
+              f"{len(route.actions)} moves")
+    print(f"V*(start) = {V[env.start]:.4f}; optimal P(goal) within the time limit = "
+          f"{goal_probability(env, pi_star, env.max_episode_steps):.3f}")
+    return env, chosen, rejected, V, pi_star
 
 
 def run_experiment(cfg, env, demos, pi_star, on_route):
@@ -978,6 +1051,88 @@ def run_experiment(cfg, env, demos, pi_star, on_route):
     return runs, curves
 
 
+def paper_verdicts(summary):
+    """Per family, the ranking by MSE and the visits verdict, printed next to the paper's."""
+    rankings = {}
+    for family in FAMILIES:
+        order = ranking(summary, family)
+        rankings[family] = order
+        verdict = "matches" if tuple(order) == PAPER_ORDER else "does NOT match"
+        scores = " < ".join(f"{m} {summary[f'{family}/{m}']['mse']['mean']:.4f}" for m in order)
+        print(f"{family} ranking by MSE: {scores}  -> {verdict} the paper's "
+              f"{' > '.join(PAPER_ORDER)}")
+    explorers = {family: visits_verdict(summary, family) for family in FAMILIES}
+    for family, v in explorers.items():
+        counts = ", ".join(f"{m} {v['visited'][m]:.1f}" for m in PAPER_EXPLORERS)
+        verdict = "holds" if v["holds"] else "does NOT hold"
+        print(f"{family} visited cells: {counts} vs SFT {v['visited']['SFT']:.1f} -> more than "
+              f"SFT: {', '.join(v['more_than_sft']) or 'none'} -> the paper's "
+              f"'{', '.join(PAPER_EXPLORERS)} explore more than SFT' {verdict}")
+    return rankings, explorers
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_outputs(cfg, env, routes, pi_star, results, runs, curves):
+    """results.json, results.csv and curves.csv (the numbers) and the two figures; paths printed."""
+    out = cfg.out_dir
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_csv(os.path.join(out, "results.csv"),
+              [{k: (" ".join(map(str, v)) if k == "visited" else v) for k, v in r.items()
+                if k not in ("pi", "visits")} for r in runs])
+    write_csv(os.path.join(out, "curves.csv"), curves)
+    chosen, rejected = routes
+    plot_policies(os.path.join(out, "frozen_lake.png"), env,
+                  ((dict(color="tab:green", label="optimal route (chosen)"), chosen),
+                   (dict(color="tab:orange", ls="--", label="sub-optimal route (rejected)"),
+                    rejected)),
+                  pi_star, runs, results["summary"], cfg)
+    plot_curves(os.path.join(out, "frozen_lake_curves.png"), curves, cfg)
+    for name in ("results.json", "results.csv", "curves.csv", "frozen_lake.png",
+                 "frozen_lake_curves.png"):
+        print("wrote", os.path.join(out, name))
+
+
+def main_run(cfg):
+    """The main run: set-up, every method trained and evaluated, table, verdicts, outputs.
+
+    Returns what --sweep reuses: the environment, the data, pi* and the summary.
+    """
+    make_out_dir(cfg)
+    print("config:", json.dumps(asdict(cfg)))
+    torch.set_num_threads(1)  # tiny tensors: a second thread only adds waiting on a busy CPU
+    env, chosen, rejected, V, pi_star = set_up(cfg)
+    demos = make_demonstrations(env, chosen, rejected)
+    on_route = np.isin(np.arange(env.n_states), chosen.states)  # (S,) bool
+    runs, curves = run_experiment(cfg, env, demos, pi_star, on_route)
+    summary = summarize(runs)
+    print(f"\nresults, mean ± sample std over {cfg.seeds} seed(s) (MSE to pi*: lower is "
+          f"better; visited: cells entered with probability >= {cfg.visit_threshold}):")
+    print_table(summary)
+    rankings, explorers = paper_verdicts(summary)
+    results = {
+        "config": asdict(cfg),
+        "map": env.desc,
+        "routes": {name: {**asdict(route), "return": route_return(route, cfg.discount, env)}
+                   for name, route in (("optimal", chosen), ("suboptimal", rejected))},
+        "optimal_value_at_start": float(V[env.start]),
+        "pi_star": pi_star.tolist(),
+        "summary": summary,
+        "ranking": rankings,
+        "paper_order": list(PAPER_ORDER),
+        "visits_verdict": explorers,
+        "runs": [{**r, "pi": r["pi"].tolist(), "visits": r["visits"].tolist()} for r in runs],
+    }
+    write_outputs(cfg, env, (chosen, rejected), pi_star, results, runs, curves)
+    return env, demos, pi_star, summary
+
+
 def main_sweep(cfg, env, demos, pi_star, summary):
     """--sweep: run the grid, print the table and verdicts, write sweep.json / .csv / .png."""
     print(f"\nsweep over lr {list(cfg.sweep_lrs)}, DPO beta {list(cfg.sweep_dpo_betas)}, "
@@ -999,99 +1154,16 @@ def main_sweep(cfg, env, demos, pi_star, summary):
     print(f"sweep done in {time.time() - t0:.1f}s")
 
 
-def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main(argv=None):
+    """The command line: the main run, then --sweep; a UserError ends it in one line, status 1."""
     cfg = parse_config(argv)
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write into --out-dir {cfg.out_dir!r}: {e.strerror}")
-    print("config:", json.dumps(asdict(cfg)))
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds waiting on a busy CPU
     t0 = time.time()
-
-    env = make_env(cfg)
     try:
-        chosen, rejected = two_routes(env, REJECTED_ROUTES.get(cfg.map))
-    except ValueError as e:
-        raise SystemExit(f"error: map {cfg.map!r}: {e}")
-    V, Q = value_iteration(env, cfg.discount)  # (S,), (S, A)
-    pi_star = optimal_policy_matrix(Q)  # (S, A)
-    dynamics = "slippery" if cfg.slippery else "deterministic"
-    print(f"map {cfg.map} ({env.nrow}x{env.ncol}, {dynamics}, time limit "
-          f"{env.max_episode_steps} steps, value-iteration discount {cfg.discount}):")
-    for row in env.desc:
-        print("    " + " ".join(row))
-    for name, route in (("optimal route (chosen)", chosen), ("sub-optimal (rejected)", rejected)):
-        agree = sum(pi_star[s, a] > 0 for s, a in zip(route.states, route.actions))
-        print(f"{name:23s}: {describe_route(route, env)}\n{'':25s}return "
-              f"{route_return(route, cfg.discount, env):.4f}; pi* takes {agree} of its "
-              f"{len(route.actions)} moves")
-    print(f"V*(start) = {V[env.start]:.4f}; optimal P(goal) within the time limit = "
-          f"{goal_probability(env, pi_star, env.max_episode_steps):.3f}")
-
-    demos = make_demonstrations(env, chosen, rejected)
-    on_route = np.isin(np.arange(env.n_states), chosen.states)  # (S,) bool
-    runs, curves = run_experiment(cfg, env, demos, pi_star, on_route)
-    summary = summarize(runs)
-    print(f"\nresults, mean ± std over {cfg.seeds} seed(s) (MSE to pi*: lower is better; "
-          f"visited: cells entered with probability >= {cfg.visit_threshold}):")
-    print_table(summary)
-    rankings = {}
-    for family in FAMILIES:
-        order = ranking(summary, family)
-        rankings[family] = order
-        verdict = "matches" if tuple(order) == PAPER_ORDER else "does NOT match"
-        scores = " < ".join(f"{m} {summary[f'{family}/{m}']['mse']['mean']:.4f}" for m in order)
-        print(f"{family} ranking by MSE: {scores}  -> {verdict} the paper's "
-              f"{' > '.join(PAPER_ORDER)}")
-    explorers = {family: visits_verdict(summary, family) for family in FAMILIES}
-    for family, v in explorers.items():
-        counts = ", ".join(f"{m} {v['visited'][m]:.1f}" for m in PAPER_EXPLORERS)
-        verdict = "holds" if v["holds"] else "does NOT hold"
-        print(f"{family} visited cells: {counts} vs SFT {v['visited']['SFT']:.1f} -> more than "
-              f"SFT: {', '.join(v['more_than_sft']) or 'none'} -> the paper's "
-              f"'{', '.join(PAPER_EXPLORERS)} explore more than SFT' {verdict}")
-
-    results = {
-        "config": asdict(cfg),
-        "map": env.desc,
-        "routes": {name: {**asdict(route), "return": route_return(route, cfg.discount, env)}
-                   for name, route in (("optimal", chosen), ("suboptimal", rejected))},
-        "optimal_value_at_start": float(V[env.start]),
-        "pi_star": pi_star.tolist(),
-        "summary": summary,
-        "ranking": rankings,
-        "paper_order": list(PAPER_ORDER),
-        "visits_verdict": explorers,
-        "runs": [{**r, "pi": r["pi"].tolist(), "visits": r["visits"].tolist()} for r in runs],
-    }
-    out = cfg.out_dir
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    write_csv(os.path.join(out, "results.csv"),
-              [{k: (" ".join(map(str, v)) if k == "visited" else v) for k, v in r.items()
-                if k not in ("pi", "visits")} for r in runs])
-    write_csv(os.path.join(out, "curves.csv"), curves)
-    plot_policies(os.path.join(out, "frozen_lake.png"), env,
-                  ((dict(color="tab:green", label="optimal route (chosen)"), chosen),
-                   (dict(color="tab:orange", ls="--", label="sub-optimal route (rejected)"),
-                    rejected)),
-                  pi_star, runs, summary, cfg)
-    plot_curves(os.path.join(out, "frozen_lake_curves.png"), curves, cfg)
-    for name in ("results.json", "results.csv", "curves.csv", "frozen_lake.png",
-                 "frozen_lake_curves.png"):
-        print("wrote", os.path.join(out, name))
-    if cfg.sweep:
-        main_sweep(cfg, env, demos, pi_star, summary)
+        env, demos, pi_star, summary = main_run(cfg)
+        if cfg.sweep:
+            main_sweep(cfg, env, demos, pi_star, summary)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     print(f"done in {time.time() - t0:.1f}s")
 
 

@@ -39,7 +39,8 @@ def test_cli_bench_writes_every_row_and_ratio(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "0"], "--steps must lie in [1, 10000]"),
+    (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
     (["--loss", "sft"], "unrecognized arguments: --loss"),
     (["--lam", "2"], "--lam must lie in [0, 1]"),
 ])

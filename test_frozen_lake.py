@@ -7,6 +7,7 @@ iteration against known optima, each loss against its closed form, and the comma
 import dataclasses
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import frozen_lake as fl
+import ift
 from frozen_lake import DOWN, LEFT, RIGHT, UP
 
 SCRIPT = Path(__file__).with_name("frozen_lake.py")
@@ -327,6 +329,57 @@ def test_sft_is_mean_nll_of_the_optimal_route(setup):
 
 
 # -----------------------------------------------------------------------------------------------
+# Spread over seeds
+
+
+def fake_runs(values_per_seed):
+    """Runs as run_experiment returns them, every number of seed k set to values_per_seed[k]."""
+    keys = ("mse", "mse_route", "mse_other", "goal_prob", "n_visited")
+    return [{"family": family, "method": method, "seed": seed, **{key: value for key in keys}}
+            for family in fl.FAMILIES for method in ("start",) + fl.METHODS
+            for seed, value in enumerate(values_per_seed)]
+
+
+def test_summarize_reports_the_sample_std():
+    """summarize: mean and std equal statistics.mean and statistics.stdev (ddof 1) over seeds."""
+    values = [0.1, 0.25, 0.3, 0.7, 0.2]
+    for entry in fl.summarize(fake_runs(values)).values():
+        for key in ("mse", "mse_route", "mse_other", "goal_prob", "n_visited"):
+            assert entry[key]["mean"] == pytest.approx(statistics.mean(values), rel=1e-12)
+            assert entry[key]["std"] == pytest.approx(statistics.stdev(values), rel=1e-12)
+    assert statistics.stdev(values) == pytest.approx(np.std(values) * math.sqrt(5 / 4))
+
+
+def test_one_seed_has_std_zero():
+    """With one seed the std is 0.0, not nan (compare.py's mean_std): summarize and mean_std."""
+    for entry in fl.summarize(fake_runs([0.4])).values():
+        assert all(v == {"mean": 0.4, "std": 0.0} for v in entry.values())
+    mean, std = fl.mean_std(np.array([[0.1, 0.2, 0.3]]))  # (seeds, steps + 1), as plot_curves
+    assert mean.tolist() == [0.1, 0.2, 0.3] and std.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_mean_std_per_step_is_the_sample_std_of_each_column():
+    """mean_std on (seeds, steps): per column, statistics.mean and statistics.stdev."""
+    curves = np.random.default_rng(0).random((4, 6))  # (seeds, steps + 1)
+    mean, std = fl.mean_std(curves)
+    for step in range(6):
+        assert mean[step] == pytest.approx(statistics.mean(curves[:, step]), rel=1e-12)
+        assert std[step] == pytest.approx(statistics.stdev(curves[:, step]), rel=1e-12)
+
+
+def test_sweep_rows_report_the_sample_std(setup):
+    """run_sweep: each row's mse_std is statistics.stdev of its per-seed MSEs (2 seeds)."""
+    cfg, env, chosen, rejected, pi_star, demos = setup
+    cfg = dataclasses.replace(cfg, seeds=2, steps=3, sweep_lrs=(0.05,), sweep_dpo_betas=(0.1,),
+                              sweep_orpo_betas=(0.25,))
+    rows = fl.run_sweep(cfg, env, demos, pi_star)
+    assert len(rows) == len(fl.FAMILIES) * len(fl.METHODS)
+    for row in rows:
+        assert row["mse_mean"] == pytest.approx(statistics.mean(row["mse_seeds"]), rel=1e-12)
+        assert row["mse_std"] == pytest.approx(statistics.stdev(row["mse_seeds"]), rel=1e-12)
+
+
+# -----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -348,6 +401,7 @@ def test_end_to_end_command_line(tmp_path):
         assert f"{family} ranking by MSE:" in result.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["steps"] == 5
+    assert all(v["std"] == 0.0 for entry in results["summary"].values() for v in entry.values())
     assert len(results["runs"]) == len(fl.FAMILIES) * (1 + len(fl.METHODS))
     assert set(results["ranking"]["tabular"]) == set(fl.METHODS)
     curves = (tmp_path / "curves.csv").read_text().splitlines()
@@ -418,6 +472,7 @@ def test_sweep_command_line(tmp_path):
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--sweep-lrs", "0.05", "-1"], "--sweep-lrs must all be > 0"),
     (["--out-dir", "/proc/version/out"], "cannot write into --out-dir"),
+    (["--hidden", "0"], "--hidden must be >= 1"),
 ])
 def test_bad_input_exits_with_one_line(args, message):
     """Bad input ends with a non-zero exit and one 'error:' line on stderr, never a traceback."""
@@ -433,3 +488,82 @@ def test_help_documents_every_option():
     assert result.returncode == 0
     for f in dataclasses.fields(fl.Config):
         assert "--" + f.name.replace("_", "-") in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--visit-threshold", "0"], "--visit-threshold must lie in (0, 1]"),
+    (["--visit-threshold", "1.5"], "--visit-threshold must lie in (0, 1]"),
+    (["--discount", "0.5"], "--discount must lie in [0.7, 1)"),
+    (["--discount", "1"], "--discount must lie in [0.7, 1)"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--orpo-beta", "-1"], "--orpo-beta must be > 0"),
+    (["--sweep-dpo-betas", "0.1", "0"], "--sweep-dpo-betas must all be > 0"),
+    (["--sweep-orpo-betas", "0.25", "0.25"], "--sweep-orpo-betas must not repeat a value"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "100001"], "--steps must be <= 100000"),
+    (["--seeds", "101"], "--seeds must be <= 100"),
+    (["--hidden", "4097"], "--hidden must be <= 4096"),
+])
+def test_every_number_is_range_checked(args, message, capsys):
+    """A number out of range exits at parse time with status 2 and one 'error:' line naming it."""
+    with pytest.raises(SystemExit) as exit_info:
+        fl.parse_config(args)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_limits_accept_their_edges():
+    """The range checks accept the values at their closed edges and the defaults."""
+    assert fl.config_problem(fl.Config()) is None
+    edges = dict(lam=1.0, gamma=0.0, visit_threshold=1.0, discount=0.7, seeds=100, steps=100_000,
+                 hidden=4096)
+    assert fl.config_problem(dataclasses.replace(fl.Config(), **edges)) is None
+
+
+# These need ift.parse_flags to refuse a number that is not finite at parse time.
+@pytest.mark.parametrize("args", [
+    ["--lr", "nan"],
+    ["--lam", "inf"],
+    ["--discount", "nan"],
+    ["--sweep-lrs", "0.05", "nan"],
+    ["--visit-threshold=-inf"],  # "-inf" alone would be read as a flag, as argparse does
+])
+def test_nan_and_inf_are_refused(args, capsys):
+    """nan and inf in any float flag exit with status 2 and one 'must be a finite number' line."""
+    with pytest.raises(SystemExit) as exit_info:
+        fl.parse_config(args)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert "must be a finite number" in lines[0]
+
+
+def test_unwritable_out_dir_is_a_user_error_with_status_1(tmp_path):
+    """An unwritable --out-dir: ift.UserError, printed as one 'error:' line, exit status 1."""
+    assert fl.UserError is ift.UserError
+    with pytest.raises(ift.UserError, match="cannot write into --out-dir"):
+        fl.make_out_dir(fl.Config(out_dir="/proc/version/out"))
+    result = run_cli("--out-dir", "/proc/version/out")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: cannot write into --out-dir '/proc/version/out': Not a directory; "
+                     "pass a folder you can write to"]
+
+
+def test_map_without_two_routes_is_a_user_error():
+    """two_routes raises ift.UserError, naming the fix, for no route or no second route to G."""
+    with pytest.raises(ift.UserError, match="goal cannot be reached from the start"):
+        fl.two_routes(fl.FrozenLake(["SHG"]))
+    with pytest.raises(ift.UserError, match="no second route .* REJECTED_ROUTES"):
+        fl.two_routes(fl.FrozenLake(["SFG"]))  # every other first move bumps into a wall
+
+
+def test_main_prints_a_user_error_as_one_line(tmp_path, monkeypatch):
+    """main() ends a UserError with sys.exit('error: ...'): one line on stderr, status 1."""
+    monkeypatch.setitem(fl.MAPS, "two-routes", ["SFG"])  # a map with a single route
+    with pytest.raises(SystemExit) as exit_info:
+        fl.main(["--out-dir", str(tmp_path)])
+    message = exit_info.value.code  # sys.exit(str) prints it to stderr and exits with status 1
+    assert isinstance(message, str) and message.startswith("error: --map: ")
+    assert "\n" not in message and "no second route" in message

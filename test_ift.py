@@ -37,7 +37,7 @@ def toy_batch(vocab=50, seed=1):
     g = torch.Generator().manual_seed(seed)
     seqs = [(torch.randint(0, vocab, (12,), generator=g).tolist(), 5),
             (torch.randint(0, vocab, (9,), generator=g).tolist(), 3)]
-    return ift.collate(seqs, pad_id=0)
+    return ift.make_batch(seqs, "cpu")[:3]
 
 
 def run_cli(*args, cwd=None, env=None):
@@ -60,13 +60,14 @@ def test_sequence_logps_matches_cross_entropy():
     torch.testing.assert_close(logps, (-ce * mask).sum(-1))
 
 
-def test_collate_shifts_by_one_and_masks_the_answer():
+def test_make_batch_shifts_by_one_and_masks_the_answer():
     """Targets are the inputs shifted by one; the mask covers exactly the answer tokens."""
-    x, y, mask = ift.collate([([10, 11, 12, 13, 14], 3), ([20, 21, 22], 2)], pad_id=0)
+    x, y, mask, real = ift.make_batch([([10, 11, 12, 13, 14], 3), ([20, 21, 22], 2)], "cpu")
     assert x.tolist() == [[10, 11, 12, 13], [20, 21, 0, 0]]
     assert y.tolist() == [[11, 12, 13, 14], [21, 22, 0, 0]]
     # row 0: prompt [10 11 12], answer [13 14] -> targets 13, 14 at positions 2, 3
     assert mask.tolist() == [[False, False, True, True], [False, True, False, False]]
+    assert real.tolist() == [[True, True, True, True], [True, True, False, False]]
 
 
 @pytest.mark.parametrize("loss", ["sft", "ift"])
@@ -271,11 +272,11 @@ def test_lam_schedules():
 # model and generation
 
 def test_batched_cached_generation_equals_one_by_one_full_recompute():
-    """Left-padded, KV-cached batch generation gives the same greedy tokens as the plain loop."""
+    """KV-cached batch generation gives the same greedy tokens as the plain loop, row by row."""
     model = tiny_model(vocab=30, seed=3).eval()
     eot = 29
-    prompts = [[5, 6, 7, 8, 9], [1, 2], [3, 4, 5]]
-    got = ift.generate(model, prompts, eot, 6, "cpu", torch.autocast("cpu", enabled=False))
+    prompts = [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5], [3, 4, 5, 3, 4]]
+    got = ift.generate(model, torch.tensor(prompts), eot, 6, torch.autocast("cpu", enabled=False))
     for prompt, answer in zip(prompts, got):
         seq, want = list(prompt), []
         for _ in range(6):
@@ -295,12 +296,12 @@ def test_evaluate_keeps_each_row_its_own_scores_whatever_the_batches():
     torch.manual_seed(0)
     model = ift.GPT(enc.n_vocab, 128, n_layer=1, n_head=2, n_embd=32)
     off = torch.autocast("cpu", enabled=False)
-    res = ift.evaluate(model, enc, split, "cpu", off, 6, batch_size=16, samples=40)
+    res = ift.evaluate(model, enc, split, "cpu", off, 6, batch_size=16)
     nll = {}  # task -> each row's answer NLL, scored alone
-    for (ids, prompt_len), row, sample in zip(split.chosen, split.rows, res["samples"]):
-        answer = ift.generate(model, [ids[:prompt_len]], enc.eot_token, 6, "cpu", off)[0]
-        assert sample["prompt"] == row["prompt"] and sample["output"] == enc.decode(answer)
-        x, y, mask, real = ift.make_batch([(ids, prompt_len)], enc.eot_token, "cpu")
+    for (ids, prompt_len), row, output in zip(split.chosen, split.rows, res["answers"]):
+        answer = ift.generate(model, torch.tensor([ids[:prompt_len]]), enc.eot_token, 6, off)[0]
+        assert output == enc.decode(answer)
+        x, y, mask, real = ift.make_batch([(ids, prompt_len)], "cpu")
         _, logps = ift.sequence_logps(model(x, real=real), y, mask)
         nll.setdefault(row["task"], []).append((-logps / mask.sum(-1)).item())
     assert res["nll_by_task"] == pytest.approx({t: sum(v) / len(v) for t, v in nll.items()})
@@ -453,6 +454,24 @@ def test_prepare_trains_a_tokenizer_on_a_users_rows(tmp_path):
     assert "no tokenizer.tiktoken" not in r.stdout and f"vocab {enc.n_vocab}" in r.stdout
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--train", "0"], "--train must lie in [1, 20000], got 0"),
+    (["--merges", "-1"], "--merges must lie in [0, 5000], got -1"),
+    (["--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
+    (["--tokenizer-for", "BAD"], "train.jsonl line 1: byte 0xff at column 11 is not UTF-8"),
+])
+def test_prepare_bad_input_is_one_line(tmp_path, args, message):
+    """prepare.py: a size out of range, a bad number or a user's file with a bad byte gives one
+    line and a non-zero exit, and writes nothing."""
+    (tmp_path / "train.jsonl").write_bytes(b'{"task": "\xff"}\n')
+    args = [str(tmp_path) if a == "BAD" else a for a in args]
+    r = subprocess.run([sys.executable, str(DATA / "prepare.py"), *args, "--out-dir",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]
+
+
 def test_learning_rate_defaults_per_loss():
     """--lr 0 (the default) takes the loss's entry of DEFAULT_LR; an explicit --lr wins."""
     assert ift.parse_config(["--loss", "dpo"]).lr == ift.DEFAULT_LR["dpo"] < ift.DEFAULT_LR["sft"]
@@ -469,6 +488,13 @@ def test_learning_rate_defaults_per_loss():
     (["--no-such-flag"], "unrecognized arguments"),
     (["--data", "/nonexistent"], "train.jsonl: data file not found"),
     (["--init-from", "/nonexistent/ckpt.pt"], "no such checkpoint"),
+    (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    (["--dpo-beta", "inf"], "argument --dpo-beta: must be a finite number, got inf"),
+    (["--gamma", "nan"], "argument --gamma: must be a finite number, got nan"),
+    (["--lam", "x"], "argument --lam: invalid finite value: 'x'"),
+    (["--min-lr-ratio", "2"], "--min-lr-ratio must lie in [0, 1]"),
+    (["--seed", "-1"], "--seed must lie in [0, 2^31)"),
+    (["--n-embd", "0"], "must be >= 1"),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(args, message):
     """Bad flags and paths exit non-zero with one clear line on stderr and no traceback."""
@@ -476,6 +502,25 @@ def test_cli_bad_input_is_one_line_and_nonzero(args, message):
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("train.jsonl", b'{"task": "t", "prompt": "p", "chosen": "c"}\n{"task": "\xe9t\xe9"}\n',
+     "train.jsonl line 2: byte 0xe9 at column 11 is not UTF-8; save the file as UTF-8"),
+    ("tokenizer.tiktoken", b"YQ== 0\n\xff\xfe 1\n", "tokenizer.tiktoken line 2: expected "
+     "'base64 rank', got b'\\xff\\xfe 1'"),
+])
+def test_cli_a_bad_byte_in_a_users_file_names_the_file_and_the_line(tmp_path, name, content,
+                                                                   message):
+    """Bytes that are not UTF-8 (Latin-1 here) in a data file, or not base64 in a tokenizer
+    file: one line naming the file and the line, non-zero exit, no traceback."""
+    row = json.dumps({"task": "t", "prompt": "p", "chosen": "c"}) + "\n"
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.jsonl").write_text(row)
+    (tmp_path / name).write_bytes(content)
+    r = run_cli("--data", str(tmp_path), "--out-dir", str(tmp_path / "out"), *TINY)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
 def test_cli_incompatible_or_corrupt_checkpoint_and_nan_keep_files(tmp_path):
@@ -505,19 +550,12 @@ def test_cli_incompatible_or_corrupt_checkpoint_and_nan_keep_files(tmp_path):
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def test_logits_only_at_a_mask_equal_the_full_logits_there():
-    """GPT(only_at=mask), as IFT's no-grad pass calls it, equals the full logits at the mask."""
-    model = tiny_model()
-    x, _, mask = toy_batch()
-    torch.testing.assert_close(model(x, only_at=mask), model(x)[mask])
-
-
 def ragged_batch(vocab=50, seed=4):
     """make_batch of four rows of 5 to 13 tokens (no pad id 0 inside): much of it padding."""
     g = torch.Generator().manual_seed(seed)
     seqs = [(torch.randint(1, vocab, (n,), generator=g).tolist(), p)
             for n, p in ((13, 4), (6, 2), (10, 5), (5, 3))]
-    return ift.make_batch(seqs, pad_id=0, device="cpu")
+    return ift.make_batch(seqs, device="cpu")
 
 
 def test_make_batch_marks_the_real_tokens_and_counts_them():
@@ -525,23 +563,12 @@ def test_make_batch_marks_the_real_tokens_and_counts_them():
     x, y, mask, real = ragged_batch()
     assert real.sum(-1).tolist() == [12, 5, 9, 4]  # a sequence of n tokens has n - 1 inputs
     assert real.tolist() == [[t < n for t in range(12)] for n in (12, 5, 9, 4)]
-    assert not (mask & ~real).any()  # the answer (IFT's only_at) lies within the real tokens
+    assert not (mask & ~real).any()  # every answer target lies within the real tokens
     cfg = ift.Config(loss="sft")
     split = SimpleNamespace(chosen=[(list(range(1, n + 2)), 1) for n in (12, 5, 9, 4)])
-    _, _, ntok = ift.compute_loss(cfg, tiny_model(), split, [0, 1, 2, 3], 0, "cpu",
+    _, _, ntok = ift.compute_loss(cfg, tiny_model(), split, [0, 1, 2, 3], "cpu",
                                   ift.autocast_for(torch.device("cpu")), None, 0.0)
     assert ntok == 12 + 5 + 9 + 4
-
-
-@pytest.mark.parametrize("split", ["train", "val", "test"])
-def test_padding_is_exactly_where_x_is_the_pad_id_in_the_data(split):
-    """In every committed batch x holds <|endoftext|> only as padding, as make_batch assumes."""
-    enc = ift.load_tokenizer(DATA)
-    rows = ift.Split(ift.load_rows(DATA / f"{split}.jsonl"), enc, 128, split)
-    seqs = rows.chosen + [r for r in rows.rejected if r is not None]
-    x, _, _, real = ift.make_batch(seqs, enc.eot_token, "cpu")
-    lengths = torch.tensor([len(ids) - 1 for ids, _ in seqs])               # (B,)
-    torch.testing.assert_close(real, torch.arange(x.shape[1]) < lengths[:, None])
 
 
 @pytest.mark.parametrize("inputs", ["ids", "tok_emb"])
@@ -554,9 +581,6 @@ def test_unpadded_forward_equals_padded_forward_at_real_positions(inputs):
     assert unpadded.shape == padded.shape
     torch.testing.assert_close(unpadded[real], padded[real], rtol=0, atol=1e-5)
     assert (unpadded[~real] == 0).all()
-    # IFT's no-grad pass: only_at within real gives the same rows as without padding skipped
-    torch.testing.assert_close(model(**args, only_at=mask, real=real), padded[mask],
-                               rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["sft", "ift"])

@@ -199,8 +199,11 @@ FAMILIES = {"add": make_add, "reverse": make_reverse, "facts": make_facts,
 
 def unique_rows(rng, make, n, seen):
     """n rows of one family whose prompts are not in seen; adds their prompts to seen."""
-    rows = []
+    rows, tries = [], 0
     while len(rows) < n:
+        tries += 1
+        if tries > 100 * n + 1000:  # the family has fewer distinct prompts left than asked for
+            raise UserError(f"cannot draw {n} rows with distinct prompts; ask for fewer")
         row = make(rng, len(rows))
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
@@ -411,13 +414,26 @@ def main():
                         "learn the BPE on DIR/train.jsonl (your own rows) and write "
                         "DIR/tokenizer.tiktoken, which ift.py --data DIR then uses")
     args = parser.parse_args()
-    if args.tokenizer_for:
-        try:
+    sizes = {"--train": args.train, "--val": args.val, "--test": args.test,
+             "--more-test": args.more_test, "--pretrain": args.pretrain}
+    low = {"--more-test": 0}  # the others need at least one row
+    bad = next((f"{flag} must lie in [{low.get(flag, 1)}, 20000], got {n}"
+                for flag, n in sizes.items() if not low.get(flag, 1) <= n <= 20000), None)
+    if bad or not 0 <= args.merges <= 5000:
+        parser.error(bad or f"--merges must lie in [0, 5000], got {args.merges}")
+    try:
+        if args.tokenizer_for:
             tokenizer_for(args.tokenizer_for, args.merges)
-        except UserError as e:
-            sys.exit(f"error: {e}")
-        return
+        else:
+            make_data(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {e.filename}: cannot write there ({e.strerror}); pass another --out-dir")
 
+
+def make_data(args):
+    """The toy data, its tokenizer and the self-check, into --out-dir."""
     rng = random.Random(args.seed)
     splits = make_splits(rng, {"train": args.train, "val": args.val, "test": args.test})
     splits["pretrain"] = make_pool(rng, args.pretrain, splits)
