@@ -598,8 +598,7 @@ def write_outputs(cfg, info, recipes, base, done, lrs, lrs_pa, sweep, claim_c, o
     """The tables and claims from the finished runs: compare.json, compare.md, claims.png,
     families.png and summary.json in out_dir; the report is printed too."""
     seeds, tasks = info["seeds"], info["tasks"]
-    runs = table_runs(base, seeds, done, {**lrs, BASE: base["lr"]})
-    tried = tried_runs(done)
+    runs, tried = table_runs(base, seeds, done, lrs), tried_runs(done)
     pa_runs = {(name, s): tried[(name, s)][lrs_pa[name]] for name in claim_c for s in seeds}
     base_row = {"name": BASE, "group": "base", "loss": "sft", "steps": cfg.base_steps,
                 "start": "", "lr_of": BASE}
