@@ -127,11 +127,12 @@ def setup(cfg):
     split = ift.Split(ift.load_rows(path, need_rejected=True, limit=cfg.limit_rows), enc,
                       cfg.block_size, str(path))
     first = next(ift.batches(len(split), cfg.batch_size, torch.Generator().manual_seed(cfg.seed)))
+    first = sorted(first, key=lambda j: len(split.chosen[j][0]))  # as compute_loss() orders it
     batch = ift.Split([split.rows[i] for i in first], enc, cfg.block_size, "bench batch")
     model = ift.build_model(cfg, enc, device)
     ref = ift.answer_logps(model.eval(), batch, device, ift.autocast_for(device))  # (B, 2)
     model.train()
-    optimizer = ift.make_optimizer(cfg, model, device)
+    optimizer = ift.make_optimizer(cfg, model)
     return device, out_dir, model, optimizer, ift.wrap_for_training(cfg, model, device), batch, ref
 
 

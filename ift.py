@@ -12,7 +12,7 @@ greedy exact match, preference accuracy and answer NLL.
     torchrun --nproc_per_node=2 ift.py --loss ift           # data parallel (DDP), same steps
     python ift.py --help                     # every setting, with its meaning
 
-On a GPU the same commands use bf16 autocast, fused AdamW and torch.compile. Outputs go to
+On a GPU the same commands use bf16 autocast and torch.compile. Outputs go to
 --out-dir (default out/<loss>): config.json, log.csv, loss.png, ckpt.pt, eval.json. Beside this
 file: compare.py runs the paper's comparison over seeds, bench.py times each loss's step, and
 ift_hf.py trains any Hugging Face causal LM with the same IFT loss.
@@ -33,10 +33,9 @@ Where this code departs from the paper or the official code (the one list; READM
   3. gamma = 0 is special-cased to weights of exactly 1, as in the official code; so IFT with
      lam = 0 and gamma = 0 is SFT exactly.
   4. The mix uses the model's own embedding table E (the paper's wording), trained through both
-     terms. The official trainer feeds both IFT forwards from a frozen copy of E (re-copied after
-     each step), so an untied model (Mistral, Llama) keeps its input embeddings fixed through IFT,
-     also in the lam = 0, gamma = 0 run its script calls equivalent to SFT; its sft loss trains
-     them. ift_hf.py --frozen-embeddings does what the official trainer does.
+     terms. The official trainer feeds both IFT forwards from a frozen copy of E, re-copied after
+     each step: an untied model (Mistral, Llama) never trains its input embeddings under IFT, not
+     even at lam = 0, gamma = 0 (its sft loss does). ift_hf.py --frozen-embeddings does the same.
   5. The official code's lam schedules are offered (--lam-schedule); its other relation-propagation
      variants (position-only weights, L2 / softmax / log norms) are left out.
   6. Toy scale: a 0.4M-parameter GPT trained from scratch on synthetic tasks with AdamW, not
@@ -264,9 +263,11 @@ def make_batch(seqs, device):
 # Unpadding. A training batch mixes rows of 17 to 75 tokens right-padded to the longest: about half
 # of its B x T positions are padding. Given real, the (B, T) mask of the real tokens, GPT.forward
 # runs every per-token layer (LayerNorms, linears, MLPs, the output layer) on the M real tokens
-# alone, as one (M, C) tensor; attention, the one layer that mixes positions, scatters q, k, v back
-# into the padded layout and gathers its output. Exact: with causal attention and right padding no
-# real token sees padding; the logits go back to (B, T, V), zeros at padding. bench.py: ~30% faster.
+# alone, as one (M, C) tensor. Attention, the one layer that mixes positions, pads them again in 4
+# groups of consecutive rows, each to its own longest row; compute_loss() and answer_logps() sort
+# a batch's rows by length, so the rows of a group are alike and little is padding. Exact in any
+# order: with causal attention and right padding no real token sees padding; the logits go back
+# to (B, T, V), zeros at padding.
 
 
 def pad_rows(rows, real):
@@ -284,23 +285,27 @@ class SelfAttention(nn.Module):
     def forward(self, x, real=None, cache=None):
         """x (B, T, C); or unpadded, x (M, C) and real (B, T) marking where its rows belong.
         cache (generation only): a dict that keeps this layer's keys and values so far."""
-        C = x.shape[-1]
         qkv = self.qkv(x)                                                # (B, T, 3C) or (M, 3C)
-        if real is not None:
-            qkv = pad_rows(qkv, real)                                    # (B, T, 3C)
-        B, T = qkv.shape[:2]
-        q, k, v = qkv.split(C, dim=2)                                    # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in (q, k, v))                                   # 3 x (B, H, T, C/H)
+        if real is None:
+            return self.proj(self.attend(qkv, cache))                    # (B, T, C)
+        lengths = real.sum(1).cpu().chunk(4)       # unpadded: 4 groups of rows (see Unpadding)
+        groups = [r[:, :int(n.max())] for r, n in zip(real.chunk(4), lengths)]  # (b, T_g) each
+        parts = qkv.split([int(n.sum()) for n in lengths])               # their rows of (M, 3C)
+        y = torch.cat([self.attend(pad_rows(p, r))[r] for p, r in zip(parts, groups)])  # (M, C)
+        return self.proj(y)                                              # (M, C)
+
+    def attend(self, qkv, cache=None):
+        """Causal multi-head attention: qkv (B, T, 3C) -> (B, T, C)."""
+        # (B, T, 3C) -> (B, T, 3, H, C/H) -> q, k, v, each (B, H, T, C/H)
+        q, k, v = qkv.unflatten(2, (3, self.n_head, -1)).permute(2, 0, 3, 1, 4)
         if cache is not None:  # generation: prepend the keys and values of earlier tokens
             if cache:
                 k = torch.cat([cache["k"], k], dim=2)                    # (B, H, T_past + T, C/H)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         # causal (t sees <= t); a cached step feeds one new token, which sees every key
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=k.shape[2] == T)  # (B, H, T, C/H)
-        y = y.transpose(1, 2).reshape(B, T, C)                           # (B, T, C)
-        return self.proj(y if real is None else y[real])                 # (B, T, C) or (M, C)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=k.shape[2] == q.shape[2])
+        return y.transpose(1, 2).flatten(2)                              # (B, T, C)
 
 
 class Block(nn.Module):
@@ -360,8 +365,9 @@ def sequence_logps(logits, y, mask):
     logits (B, T, V) come from inputs x; y (B, T) are ALREADY shifted by one (make_batch), so
     logits[:, t] scores y[:, t]. Returns token_logps (B, T), zero off the mask, and logps (B,) =
     token_logps.sum(-1): "*_logps" always means summed over answer tokens."""
-    logp = torch.log_softmax(logits.float(), dim=-1)                      # (B, T, V), float32
-    token_logps = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1) * mask     # (B, T)
+    logp = torch.log_softmax(logits[mask].float(), dim=-1)  # (A, V): the A answer positions only
+    picked = logp.gather(-1, y[mask].unsqueeze(-1)).squeeze(-1)           # (A,)
+    token_logps = picked.new_zeros(y.shape).masked_scatter(mask, picked)  # (B, T)
     return token_logps, token_logps.sum(-1)                                # (B, T), (B,)
 
 
@@ -492,11 +498,9 @@ def ift_loss(model, x, y, mask, lam=0.2, gamma=0.95, detach_weights=False, real=
 
 def lam_at(cfg, step, noise):
     """lam for this step: constant, linear warm-up, or the official code's noisy lam."""
-    lam = cfg.lam
-    if cfg.lam_schedule == "warmup":
-        lam = cfg.lam * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    elif cfg.lam_schedule == "noisy":
-        lam = lam + noise * 0.5 * lam
+    lam = {"constant": cfg.lam,
+           "warmup": cfg.lam * min(1.0, (step + 1) / max(1, cfg.warmup_steps)),
+           "noisy": cfg.lam + noise * 0.5 * cfg.lam}[cfg.lam_schedule]
     return min(1.0, max(0.0, lam))
 
 
@@ -598,11 +602,12 @@ def pair_batch(split, idx, device):
 
 
 @torch.no_grad()
-def answer_logps(model, split, device, autocast, batches=None):
+def answer_logps(model, split, device, autocast):
     """Summed log-probs (N, 2) of every row's chosen and rejected answer ((N, 1) without pairs),
-    in batches of row indices (default: 128 in order). DPO's reference; evaluate()'s NLL."""
+    in batches of 128 rows of similar length. DPO's reference; evaluate()'s NLL."""
     out = torch.zeros(len(split), 1 + split.has_pairs, device=device)
-    for idx in batches or [range(i, min(i + 128, len(split))) for i in range(0, len(split), 128)]:
+    order = sorted(range(len(split)), key=lambda j: len(split.chosen[j][0]))  # see Unpadding
+    for idx in (order[i:i + 128] for i in range(0, len(order), 128)):
         x, y, mask, real = pair_batch(split, idx, device)
         with autocast:
             _, logps = sequence_logps(model(x, real=real), y, mask)         # (2b,) or (b,)
@@ -612,6 +617,7 @@ def answer_logps(model, split, device, autocast, batches=None):
 
 def compute_loss(cfg, model, split, idx, device, autocast, ref, lam):
     """cfg.loss on the batch of rows idx: (loss, metrics to log, real tokens read)."""
+    idx = sorted(idx, key=lambda j: len(split.chosen[j][0]))  # rows by length: see Unpadding
     if cfg.loss in ("sft", "ift"):
         x, y, mask, real = make_batch([split.chosen[i] for i in idx], device)
         with autocast:
@@ -635,17 +641,16 @@ def compute_loss(cfg, model, split, idx, device, autocast, ref, lam):
 
 
 def fmt_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s" if seconds >= 60 else f"{int(seconds)}s"
 
 
-def make_optimizer(cfg, model, device):
-    """AdamW, weight decay on the matrices only, fused on CUDA."""
+def make_optimizer(cfg, model):
+    """AdamW, weight decay on the matrices only; fused: one kernel for every parameter."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+                             lr=cfg.lr, betas=(0.9, 0.99), fused=True)
 
 
 def wrap_for_training(cfg, model, device):
@@ -663,7 +668,7 @@ def train(cfg, model, enc, splits, device, out_dir):
     if cfg.loss == "dpo" and not cfg.init_from:
         print("note: DPO without --init-from: the reference is the random initial model")
     ref = answer_logps(model.eval(), train_split, device, autocast) if cfg.loss == "dpo" else None
-    optimizer = make_optimizer(cfg, model, device)
+    optimizer = make_optimizer(cfg, model)
     step_model = wrap_for_training(cfg, model, device)
     stream = batches(len(train_split), cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
     lam_noise = torch.randn(cfg.max_steps, generator=torch.Generator().manual_seed(cfg.seed + 1))
@@ -763,12 +768,10 @@ def evaluate(model, enc, split, device, autocast, max_new_tokens, batch_size=256
     """Exact match per task and overall, preference accuracy, answer NLL, every answer."""
     answers = {}  # by row index
     for idx in prompt_groups(split, batch_size):
-        prompts = torch.tensor([split.chosen[j][0][:split.chosen[j][1]] for j in idx],
-                               device=device)                               # (B, P)
-        out = generate(model, prompts, enc.eot_token, max_new_tokens, autocast)
+        prompts = torch.tensor([split.chosen[j][0][:split.chosen[j][1]] for j in idx])  # (B, P)
+        out = generate(model, prompts.to(device), enc.eot_token, max_new_tokens, autocast)
         answers.update((j, enc.decode(ids)) for j, ids in zip(idx, out))
-    # rows of one prompt length have answers of similar length: little padding per batch
-    logps = answer_logps(model, split, device, autocast, prompt_groups(split, 128)).tolist()
+    logps = answer_logps(model, split, device, autocast).tolist()
     nll = {j: -logps[j][0] / (len(ids) - p) for j, (ids, p) in enumerate(split.chosen)}
     preferred = {j: lp[0] > lp[1] for j, lp in enumerate(logps)} if split.has_pairs else {}
     return score(split, answers, nll, preferred)
@@ -812,18 +815,16 @@ def plot_loss_curve(log, loss_name, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in log], [r["loss"] for r in log], label=f"train {loss_name} loss")
-    ax.set(xlabel="optimizer step", ylabel="loss", title=f"ift.py --loss {loss_name}")
-    ax.legend(loc="upper right")
+    ax.plot([r["step"] for r in log], [r["loss"] for r in log])
+    ax.set(xlabel="optimizer step", ylabel=f"train {loss_name} loss (blue)",
+           title=f"ift.py --loss {loss_name}")
     evals = [r for r in log if "val_exact_match" in r]
     if evals:
         ax2 = ax.twinx()
         ax2.plot([r["step"] for r in evals], [r["val_exact_match"] for r in evals], "o-",
-                 color="tab:orange", label="val exact match")
-        ax2.set(ylabel="val exact match (fraction)", ylim=(0, 1))
-        ax2.legend(loc="center right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+                 color="tab:orange")
+        ax2.set(ylabel="val exact match (orange)", ylim=(0, 1))
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -914,8 +915,7 @@ def run(cfg):
     if RANK != 0:
         return None
     plot_loss_curve(log, cfg.loss, out_dir / "loss.png")
-    t = time.time()
-    test = splits["test"]
+    t, test = time.time(), splits["test"]
     res = evaluate(model, enc, test, device, autocast_for(device), cfg.max_new_tokens)
     res.update(train_seconds=train_time, eval_seconds=time.time() - t, loss=cfg.loss)
     print(f"\ntest split ({res['rows']} rows), after {cfg.max_steps} steps of {cfg.loss} "

@@ -550,11 +550,15 @@ def test_cli_incompatible_or_corrupt_checkpoint_and_nan_keep_files(tmp_path):
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def ragged_batch(vocab=50, seed=4):
-    """make_batch of four rows of 5 to 13 tokens (no pad id 0 inside): much of it padding."""
+FOUR_ROWS = ((13, 4), (6, 2), (10, 5), (5, 3))  # (tokens, prompt length) of each row
+# 11 rows in no order: attention's 4 groups of consecutive rows (3, 3, 3, 2) mix lengths
+ELEVEN_ROWS = FOUR_ROWS + ((8, 2), (12, 6), (4, 2), (9, 3), (7, 4), (11, 5), (6, 3))
+
+
+def ragged_batch(vocab=50, seed=4, rows=FOUR_ROWS):
+    """make_batch of rows of 4 to 13 tokens (no pad id 0 inside): much of it padding."""
     g = torch.Generator().manual_seed(seed)
-    seqs = [(torch.randint(1, vocab, (n,), generator=g).tolist(), p)
-            for n, p in ((13, 4), (6, 2), (10, 5), (5, 3))]
+    seqs = [(torch.randint(1, vocab, (n,), generator=g).tolist(), p) for n, p in rows]
     return ift.make_batch(seqs, device="cpu")
 
 
@@ -571,11 +575,12 @@ def test_make_batch_marks_the_real_tokens_and_counts_them():
     assert ntok == 12 + 5 + 9 + 4
 
 
+@pytest.mark.parametrize("rows", [FOUR_ROWS, ELEVEN_ROWS], ids=["4 rows", "11 rows"])
 @pytest.mark.parametrize("inputs", ["ids", "tok_emb"])
-def test_unpadded_forward_equals_padded_forward_at_real_positions(inputs):
+def test_unpadded_forward_equals_padded_forward_at_real_positions(inputs, rows):
     """GPT(real=...) gives the padded forward's logits at every real position, zeros elsewhere."""
     model = tiny_model()
-    x, _, mask, real = ragged_batch()
+    x, _, mask, real = ragged_batch(rows=rows)
     args = {"idx": x} if inputs == "ids" else {"tok_emb": torch.randn(*x.shape, 16)}
     padded, unpadded = model(**args), model(**args, real=real)             # (B, T, V) each
     assert unpadded.shape == padded.shape
@@ -583,10 +588,11 @@ def test_unpadded_forward_equals_padded_forward_at_real_positions(inputs):
     assert (unpadded[~real] == 0).all()
 
 
+@pytest.mark.parametrize("rows", [FOUR_ROWS, ELEVEN_ROWS], ids=["4 rows", "11 rows"])
 @pytest.mark.parametrize("loss", ["sft", "ift"])
-def test_unpadded_loss_and_gradients_equal_the_padded_ones(loss):
+def test_unpadded_loss_and_gradients_equal_the_padded_ones(loss, rows):
     """SFT's and IFT's loss and every parameter gradient are unchanged by skipping the padding."""
-    x, y, mask, real = ragged_batch()
+    x, y, mask, real = ragged_batch(rows=rows)
     grads = []
     for r in (None, real):
         model = tiny_model()
