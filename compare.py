@@ -3,7 +3,7 @@ The paper's comparison at toy scale: a base model, then every recipe of its Tabl
 ablations fine-tuned from it with the same batch order seed by seed, tested, and judged on
 paired differences.
 
-    python compare.py                     # base, 14 recipes x 7 seeds, lr sweeps: ~1 h on 2 cores
+    python compare.py                     # base, 14 recipes x 5 seeds, lr sweeps: ~45 min, 2 cores
     python compare.py --seeds 1           # the base, one seed and the sweeps: no spread
     python compare.py --mechanism         # then: do the models recover from their own mistakes?
     python compare.py --help              # every setting (the model flags are ift.py's)
@@ -63,7 +63,7 @@ class CompareConfig(ift.Config):
                               "language modelling on <data>/pretrain.jsonl, that every recipe "
                               "fine-tunes (kept in <out-dir>/base and reused while its settings "
                               "and the data files are unchanged)")
-    seeds: int = ift.arg(7, "seeds --seed, --seed + 1, ...; a seed gives every recipe the same "
+    seeds: int = ift.arg(5, "seeds --seed, --seed + 1, ...; a seed gives every recipe the same "
                          "batch order, so recipes are compared seed by seed")
     lr_sweep: tuple = ift.arg((0.1, 0.33, 1.0), "multipliers of each recipe's DEFAULT_LR tried "
                               "on the first seed; each keeps the best on the validation version "
