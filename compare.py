@@ -3,7 +3,7 @@ The paper's comparison at toy scale: a base model, then every recipe of its Tabl
 ablations fine-tuned from it with the same batch order seed by seed, tested, and judged on
 paired differences.
 
-    python compare.py                     # base, 14 recipes x 5 seeds, lr sweeps: ~45 min, 2 cores
+    python compare.py                     # base, 14 recipes x 5 seeds, lr sweeps: ~1 h on 2 cores
     python compare.py --seeds 1           # the base, one seed and the sweeps: no spread
     python compare.py --mechanism         # then: do the models recover from their own mistakes?
     python compare.py --help              # every setting (the model flags are ift.py's)
