@@ -147,7 +147,7 @@ def time_rows(cfg, device, model, optimizer, step_model, batch, ref):
         """The loss of one step of row `name` on the batch, and the real tokens it reads."""
         if name == "nanogpt":  # nanoGPT: every real position against the next token
             with autocast:
-                return F.cross_entropy(module(x, real=real)[real], y[real]), int(real.sum())
+                return F.cross_entropy(module(x, real=real), y[real]), int(real.sum())
         loss, _, ntok = ift.compute_loss(dataclasses.replace(cfg, loss=name), module, batch, idx,
                                          device, autocast, ref, cfg.lam)
         return loss, ntok

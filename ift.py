@@ -244,14 +244,12 @@ def make_batch(seqs, device):
     <|endoftext|>); real[t] is False on the padding (token 0, a filler that GPT(x, real=real) skips
     and no loss reads). Every loss below reads x, y, mask."""
     T = max(len(ids) for ids, _ in seqs) - 1
-    x, y = torch.zeros((2, len(seqs), T), dtype=torch.long)         # (B, T) each
-    mask, real = torch.zeros((2, len(seqs), T), dtype=torch.bool)   # (B, T) each
-    for i, (ids, prompt_len) in enumerate(seqs):
-        n = len(ids) - 1
-        x[i, :n] = torch.tensor(ids[:-1])
-        y[i, :n] = torch.tensor(ids[1:])
-        mask[i, prompt_len - 1:n] = True  # y[prompt_len - 1] is the first answer token
-        real[i, :n] = True
+    seq = torch.tensor([ids + [0] * (T + 1 - len(ids)) for ids, _ in seqs])  # (B, T + 1)
+    n, prompt_len = torch.tensor([(len(ids) - 1, p) for ids, p in seqs]).T[..., None]  # (B, 1) each
+    t = torch.arange(T)                                                      # (T,)
+    real = t < n                                                             # (B, T)
+    mask = real & (t >= prompt_len - 1)  # y[prompt_len - 1] is the first answer token
+    x, y = seq[:, :-1].masked_fill(~real, 0), seq[:, 1:]                     # (B, T) each
     return x.to(device), y.to(device), mask.to(device), real.to(device)
 
 
@@ -263,16 +261,15 @@ def make_batch(seqs, device):
 # Unpadding. A training batch mixes rows of 17 to 75 tokens right-padded to the longest: about half
 # of its B x T positions are padding. Given real, the (B, T) mask of the real tokens, GPT.forward
 # runs every per-token layer (LayerNorms, linears, MLPs, the output layer) on the M real tokens
-# alone, as one (M, C) tensor. Attention, the one layer that mixes positions, pads them again in 4
-# groups of consecutive rows, each to its own longest row; compute_loss() and answer_logps() sort
-# a batch's rows by length, so the rows of a group are alike and little is padding. Exact in any
-# order: with causal attention and right padding no real token sees padding; the logits go back
-# to (B, T, V), zeros at padding.
+# alone, as one (M, C) tensor, and returns their (M, V) logits. Attention, the one layer that mixes
+# positions, pads them again in 4 groups of consecutive rows, each to its own longest row; sorting
+# a batch's rows by length (compute_loss, answer_logps) keeps a group's rows alike. Exact in any
+# order: with causal attention and right padding no real token sees padding.
 
 
 def pad_rows(rows, real):
-    """The inverse of rows = t[real]: (M, D) -> (B, T, D), zeros at the padding."""
-    return rows.new_zeros(*real.shape, rows.shape[-1]).index_put((real,), rows)
+    """The inverse of rows = t[real]: (M, ...) -> (B, T, ...), zeros at the padding."""
+    return rows.new_zeros(*real.shape, *rows.shape[1:]).index_put((real,), rows)
 
 
 class SelfAttention(nn.Module):
@@ -343,8 +340,8 @@ class GPT(nn.Module):
         """Logits (B, T, V) for token ids idx (B, T) or for given token embeddings (B, T, C).
 
         IFT passes tok_emb, a mix of rows of self.wte: positions are added after the mix, as for
-        ordinary tokens. real (B, T) from make_batch skips the padding (Unpadding above; its
-        logits are zeros). cache, one dict per block: new tokens continue its positions."""
+        ordinary tokens. Given real (B, T) from make_batch, only the M real tokens are computed
+        and the logits are (M, V) (Unpadding). cache: one dict per block; new tokens continue it."""
         x = self.wte(idx) if tok_emb is None else tok_emb                  # (B, T, C)
         past = cache[0]["k"].shape[2] if cache and cache[0] else 0         # tokens cached so far
         x = x + self.wpe(torch.arange(past, past + x.shape[1], device=x.device))  # (B, T, C)
@@ -353,19 +350,20 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, real, None if cache is None else cache[i])
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied: the output layer is E itself
-        return logits if real is None else pad_rows(logits, real)          # (B, T, V)
+        return logits                                          # (B, T, V), or (M, V) given real
 
 
 # -----------------------------------------------------------------------------
 # Log-probs: the one helper every loss uses
 
-def sequence_logps(logits, y, mask):
+def sequence_logps(logits, y, mask, real=None):
     """Per-token log-probs of the targets on the answer, and their sum per sequence.
 
-    logits (B, T, V) come from inputs x; y (B, T) are ALREADY shifted by one (make_batch), so
-    logits[:, t] scores y[:, t]. Returns token_logps (B, T), zero off the mask, and logps (B,) =
-    token_logps.sum(-1): "*_logps" always means summed over answer tokens."""
-    logp = torch.log_softmax(logits[mask].float(), dim=-1)  # (A, V): the A answer positions only
+    logits (B, T, V) from inputs x, or (M, V) given real; y (B, T) are ALREADY shifted by one
+    (make_batch), so logits[:, t] scores y[:, t]. Returns token_logps (B, T), zero off the mask,
+    and logps (B,) = token_logps.sum(-1): "*_logps" always means summed over answer tokens."""
+    answer = mask if real is None else mask[real]  # the answer positions among logits' rows
+    logp = torch.log_softmax(logits[answer].float(), dim=-1)  # (A, V): the A answer positions
     picked = logp.gather(-1, y[mask].unsqueeze(-1)).squeeze(-1)           # (A,)
     token_logps = picked.new_zeros(y.shape).masked_scatter(mask, picked)  # (B, T)
     return token_logps, token_logps.sum(-1)                                # (B, T), (B,)
@@ -486,10 +484,11 @@ def ift_loss(model, x, y, mask, lam=0.2, gamma=0.95, detach_weights=False, real=
     padding) -> (loss, {"nll": the mean answer-token NLL of the same forward, unweighted})."""
     gpt = getattr(model, "module", model)  # under torchrun: the GPT inside DDP (its wte is E)
     with torch.no_grad():  # nothing of this pass is kept for the backward
-        yhat = gpt(x, real=real).argmax(-1)                                 # (B, T)
+        yhat = gpt(x, real=real).argmax(-1)                      # (B, T), or (M,) given real
+        yhat = yhat if real is None else pad_rows(yhat, real)               # (B, T)
     x_tilde = shifted_predictions(x, yhat, mask)                            # (B, T)
     tok_emb = (1 - lam) * gpt.wte(x) + lam * gpt.wte(x_tilde)               # (B, T, C)
-    token_logps, _ = sequence_logps(model(tok_emb=tok_emb, real=real), y, mask)  # (B, T)
+    token_logps, _ = sequence_logps(model(tok_emb=tok_emb, real=real), y, mask, real)
     token_losses = -token_logps                                             # (B, T)
     w = relation_weights(token_losses, mask, gamma, detach=detach_weights)  # (B, T)
     loss = ((token_losses * w).sum(-1) / mask.sum(-1)).mean()
@@ -610,7 +609,7 @@ def answer_logps(model, split, device, autocast):
     for idx in (order[i:i + 128] for i in range(0, len(order), 128)):
         x, y, mask, real = pair_batch(split, idx, device)
         with autocast:
-            _, logps = sequence_logps(model(x, real=real), y, mask)         # (2b,) or (b,)
+            _, logps = sequence_logps(model(x, real=real), y, mask, real)   # (2b,) or (b,)
         out[idx] = torch.stack(logps.split(len(idx)), dim=1)                # (b, 2) or (b, 1)
     return out
 
@@ -623,11 +622,12 @@ def compute_loss(cfg, model, split, idx, device, autocast, ref, lam):
         with autocast:
             loss, metrics = (ift_loss(model, x, y, mask, lam, cfg.gamma, cfg.detach_weights, real)
                              if cfg.loss == "ift" else
-                             sft_loss(sequence_logps(model(x, real=real), y, mask)[0], mask))
+                             sft_loss(sequence_logps(model(x, real=real), y, mask, real)[0],
+                                      mask))
         return loss, metrics, int(real.sum())
     x, y, mask, real = pair_batch(split, idx, device)
     with autocast:
-        _, logps = sequence_logps(model(x, real=real), y, mask)             # (2B,)
+        _, logps = sequence_logps(model(x, real=real), y, mask, real)       # (2B,)
     chosen, rejected = logps.split(len(idx))                                # (B,), (B,)
     lengths = mask.sum(-1).float()                                          # (2B,)
     if cfg.loss == "dpo":

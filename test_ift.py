@@ -302,7 +302,7 @@ def test_evaluate_keeps_each_row_its_own_scores_whatever_the_batches():
         answer = ift.generate(model, torch.tensor([ids[:prompt_len]]), enc.eot_token, 6, off)[0]
         assert output == enc.decode(answer)
         x, y, mask, real = ift.make_batch([(ids, prompt_len)], "cpu")
-        _, logps = ift.sequence_logps(model(x, real=real), y, mask)
+        _, logps = ift.sequence_logps(model(x, real=real), y, mask, real)
         nll.setdefault(row["task"], []).append((-logps / mask.sum(-1)).item())
     assert res["nll_by_task"] == pytest.approx({t: sum(v) / len(v) for t, v in nll.items()})
 
@@ -578,14 +578,13 @@ def test_make_batch_marks_the_real_tokens_and_counts_them():
 @pytest.mark.parametrize("rows", [FOUR_ROWS, ELEVEN_ROWS], ids=["4 rows", "11 rows"])
 @pytest.mark.parametrize("inputs", ["ids", "tok_emb"])
 def test_unpadded_forward_equals_padded_forward_at_real_positions(inputs, rows):
-    """GPT(real=...) gives the padded forward's logits at every real position, zeros elsewhere."""
+    """GPT(real=...) gives the padded forward's logits at the real positions, in their order."""
     model = tiny_model()
     x, _, mask, real = ragged_batch(rows=rows)
     args = {"idx": x} if inputs == "ids" else {"tok_emb": torch.randn(*x.shape, 16)}
-    padded, unpadded = model(**args), model(**args, real=real)             # (B, T, V) each
-    assert unpadded.shape == padded.shape
-    torch.testing.assert_close(unpadded[real], padded[real], rtol=0, atol=1e-5)
-    assert (unpadded[~real] == 0).all()
+    padded, unpadded = model(**args), model(**args, real=real)             # (B, T, V), (M, V)
+    assert unpadded.shape == (real.sum(), padded.shape[-1])
+    torch.testing.assert_close(unpadded, padded[real], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [FOUR_ROWS, ELEVEN_ROWS], ids=["4 rows", "11 rows"])
@@ -597,7 +596,7 @@ def test_unpadded_loss_and_gradients_equal_the_padded_ones(loss, rows):
     for r in (None, real):
         model = tiny_model()
         if loss == "sft":
-            value, _ = ift.sft_loss(ift.sequence_logps(model(x, real=r), y, mask)[0], mask)
+            value, _ = ift.sft_loss(ift.sequence_logps(model(x, real=r), y, mask, r)[0], mask)
         else:
             value, _ = ift.ift_loss(model, x, y, mask, lam=0.5, gamma=0.95, real=r)
         value.backward()
