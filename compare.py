@@ -3,7 +3,7 @@ The paper's comparison at toy scale: a base model, then every recipe of its Tabl
 ablations fine-tuned from it with the same batch order seed by seed, tested, and judged on
 paired differences.
 
-    python compare.py                     # base, 14 recipes x 5 seeds, lr sweeps: ~1 h on 2 cores
+    python compare.py                     # base, 14 recipes x 4 seeds, lr sweeps: ~45 min, 2 cores
     python compare.py --seeds 1           # the base, one seed and the sweeps: no spread
     python compare.py --mechanism         # then: do the models recover from their own mistakes?
     python compare.py --help              # every setting (the model flags are ift.py's)
@@ -12,7 +12,7 @@ It imports the lesson, ift.py, and trains each recipe with ift.train() exactly a
 `python ift.py --loss ... --init-from <base>` would. The base model (stage 0) is trained first,
 once, by plain language modelling on data/pretrain.jsonl, and kept for the next run with the
 same settings. Its defaults are smaller than one recipe's (a 2 x 64 GPT, 1000 fine-tuning
-steps, compile off), so that everything fits in under an hour on a laptop; flags given on the
+steps, compile off), so that everything fits in 50 minutes on a laptop; flags given on the
 command line win. The runs train in phases (see "The phases" below), several at a time on a CPU.
 It writes to --out-dir (default out/compare): compare.md (the tables, the claims, the sweep,
 machine, runtime and this command), compare.json (every run of every seed), claims.png (each
@@ -63,7 +63,7 @@ class CompareConfig(ift.Config):
                               "language modelling on <data>/pretrain.jsonl, that every recipe "
                               "fine-tunes (kept in <out-dir>/base and reused while its settings "
                               "and the data files are unchanged)")
-    seeds: int = ift.arg(5, "seeds --seed, --seed + 1, ...; a seed gives every recipe the same "
+    seeds: int = ift.arg(4, "seeds --seed, --seed + 1, ...; a seed gives every recipe the same "
                          "batch order, so recipes are compared seed by seed")
     lr_sweep: tuple = ift.arg((0.1, 0.33, 1.0), "multipliers of each recipe's DEFAULT_LR tried "
                               "on the first seed; each keeps the best on the validation version "
