@@ -35,7 +35,7 @@ def test_compare_defaults_are_smaller_and_yield_to_flags():
     """compare.py shrinks the model and steps unless the command line sets them."""
     cfg = compare.parse_config([])
     assert (cfg.n_layer, cfg.n_embd, cfg.max_steps, cfg.compile) == (2, 64, 1000, "off")
-    assert (cfg.seeds, cfg.base_steps, cfg.workers) == (5, 6000, 0)
+    assert (cfg.seeds, cfg.base_steps, cfg.workers) == (4, 6000, 0)
     assert cfg.out_dir == "out/compare" and cfg.lr_sweep == (0.1, 0.33, 1.0)
     assert cfg.dpo_lr_sweep == (0.1, 0.33, 1.0, 3.0)
     given = compare.parse_config(["--n-layer", "3", "--max-steps", "2000", "--lr-sweep", "2"])
