@@ -1,7 +1,7 @@
 """
 Time one optimizer step of each loss in ift.py, and a plain language-model step, on one batch.
 
-    python bench.py                  # the default model, batch 32: about 1 min on a 2-core CPU
+    python bench.py                  # the default model, batch 32 (run time: README.md)
     python bench.py --steps 30       # more timed steps per row
     python bench.py --help           # every setting (the model flags are ift.py's)
 
@@ -22,7 +22,6 @@ model FLOPs utilisation (MFU).
 
 import dataclasses
 import json
-import platform
 import statistics
 import sys
 import time
@@ -57,19 +56,7 @@ def bench_problem(cfg):
 
 
 # -----------------------------------------------------------------------------
-# Machine, memory and FLOPs
-
-def device_name(device):
-    """A human name of the device: the GPU's, or the CPU's model name on Linux."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return "Apple MPS"
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "unknown CPU"
-
+# Memory and FLOPs
 
 def saved_for_backward(model, fn):
     """fn()'s result, and the bytes of tensors that autograd keeps for fn's backward.
@@ -127,7 +114,7 @@ def setup(cfg):
     split = ift.Split(ift.load_rows(path, need_rejected=True, limit=cfg.limit_rows), enc,
                       cfg.block_size, str(path))
     first = next(ift.batches(len(split), cfg.batch_size, torch.Generator().manual_seed(cfg.seed)))
-    first = sorted(first, key=lambda j: len(split.chosen[j][0]))  # as compute_loss() orders it
+    first = ift.by_length(split, first)  # as compute_loss() orders it
     batch = ift.Split([split.rows[i] for i in first], enc, cfg.block_size, "bench batch")
     model = ift.build_model(cfg, enc, device)
     ref = ift.answer_logps(model.eval(), batch, device, ift.autocast_for(device))  # (B, 2)
@@ -212,7 +199,7 @@ def bench(cfg):
     ratios = {"ift/sft": ms["ift"] / ms["sft"], "dpo/sft": ms["dpo"] / ms["sft"],
               "orpo/sft": ms["orpo"] / ms["sft"], "sft/nanogpt": ms["sft"] / ms["nanogpt"]}
     info = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
-            "device_name": device_name(device), "torch": torch.__version__,
+            "device_name": ift.device_name(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "compile": step_model is not model,
             "batch_size": len(batch), "seq_len": T, "real_tokens": n_real,
             "params": sum(p.numel() for p in model.parameters()),

@@ -2,7 +2,7 @@
 The lesson's teaching figure, drawn from ift.py's own relation_weights: what relation propagation
 does to an answer's token losses, and what its gradient does with them.
 
-    python figures.py                    # writes out/figures/relation_weights.png, in seconds
+    python figures.py                    # writes out/figures/relation_weights.png
     python figures.py --help
 
 Left: the relation weights w_t along an answer of N tokens whose losses are all equal, for a few

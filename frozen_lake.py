@@ -6,11 +6,11 @@ policy pi* is known exactly (value iteration), so "how close did SFT, DPO, ORPO 
 an exact answer: the mean squared error (MSE) between the learned and the optimal
 state x action probability matrices, the paper's metric. Lower is better.
 
-    python frozen_lake.py                      # the defaults: 10-21 s on a 2-core CPU
+    python frozen_lake.py                      # the defaults (run times: README.md)
     python frozen_lake.py --map dead-end       # the second design: a really bad rejected route
     python frozen_lake.py --slippery           # the same on slippery ice
     python frozen_lake.py --map 8x8 --seeds 3  # one of Gymnasium's own maps
-    python frozen_lake.py --sweep              # + every method on an lr x beta grid: 41-68 s
+    python frozen_lake.py --sweep              # + every method on an lr x beta grid
     python frozen_lake.py --help               # every option
 
 It prints one line per run, a table (mean +- sample std over the seeds), the ranking of the
@@ -63,16 +63,12 @@ Choices made where the paper is silent (numbered; the comments below cite them a
  3. The routes: the optimal one is the shortest path of intended moves (ties: lower action
     index first). The sub-optimal one, on two-routes, 4x4 and 8x8, is the shortest path whose
     first move differs and which never comes back to the start (on 4x4 and 8x8 it can be just
-    as short; the script prints both returns). On two-routes pi* takes 8 of its 10 moves, and
-    no route to the goal can disagree with pi* on most of its moves: on a deterministic grid
-    every move changes the distance to G (in moves, around the holes) by one, or by zero when
-    it bumps into a wall, and pi* takes exactly the moves that shorten it. So a route of T
-    moves from S to G without wall bumps disagrees with pi* on (T - d(S)) / 2 of them, d(S)
-    the start's distance: fewer than half (two-routes: (10 - 6) / 2 = 2). A sub-optimal route
-    that pi* rejects move after move must end elsewhere. On dead-end it is therefore fixed by
-    the design (REJECTED_ROUTES), not searched for: RRRRDDD, away from G and into a hole, 7
-    moves of which pi* takes none. The paper's two trajectories go "from start to goal"; this
-    one does not, which is the point of the second design.
+    as short; the script prints both returns, and how many of each route's moves pi* takes).
+    A route that reaches the goal cannot disagree with pi* on most of its moves (the proof is
+    above two_routes), so a sub-optimal route that pi* rejects move after move must end
+    elsewhere. On dead-end it is therefore fixed by the design (REJECTED_ROUTES), not searched
+    for: RRRRDDD, away from G and into a hole. The paper's two trajectories go "from start to
+    goal"; this one does not, which is the point of the second design.
  4. --slippery changes the dynamics behind pi*, the goal and the visit probabilities. The data
     stay the two routes walked with intended moves, so on slippery ice pi* may disagree with the
     demonstrated actions (the script prints on how many moves).
@@ -92,16 +88,16 @@ Choices made where the paper is silent (numbered; the comments below cite them a
     copy of the embedding table: for the tabular policy that table is the whole policy. The
     relation weights are not detached, as in the official code (--detach-weights to detach them).
  8. Training: Adam, lr 0.05, 300 full-batch steps, for every method and both families, fixed
-    before looking at the MSE: by the last step every method's own training loss is below 1% of
-    its start and the MSE curves have long stopped moving (frozen_lake_curves.png). The MSE is
-    reported at the end of training; no hyper-parameter was searched. --sweep shows how the
-    comparison moves with lr and beta, without choosing a setting from it.
+    before looking at the MSE (frozen_lake_curves.png shows whether training has converged;
+    RESULTS.md section 6 says what it showed). The MSE is reported at the end of training; no
+    hyper-parameter was searched. --sweep shows how the comparison moves with lr and beta,
+    without choosing a setting from it.
  9. Extra metrics: the probability of reaching the goal within the time limit when actions are
     sampled from the learned policy, and the states it enters with probability >= 0.05 within
     the time limit ("visited"), both computed exactly. The MSE is also split into the optimal
-    route's states and the other non-terminal states, which explains most of the ranking. The
-    paper's "DPO, ORPO and IFT explore more grids than SFT" is checked per policy family on the
-    mean number of visited cells over the seeds: a method explores more if its mean is larger.
+    route's states and the other non-terminal states. The paper's "DPO, ORPO and IFT explore
+    more grids than SFT" is checked per policy family on the mean number of visited cells over
+    the seeds: a method explores more if its mean is larger.
 
 References: Hua et al., arXiv:2405.11870 (v3: section 5.3, appendix B.2, figure 3; Algorithm 1,
 eq. 17 and eq. 21 for IFT); ift.py (relation_weights, dpo_loss and orpo_loss, shared with the
@@ -111,23 +107,19 @@ language-model part, each under its derivation).
 import copy
 import csv
 import json
-import os
 import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ift import UserError, arg, dpo_loss, orpo_loss, parse_flags, relation_weights
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no window
-import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+from ift import UserError, arg, dpo_loss, mean_std, orpo_loss, parse_flags, relation_weights
 
 # -----------------------------------------------------------------------------------------------
 # Config
@@ -168,7 +160,7 @@ class Config:
                           "are better")
     hidden: int = arg(64, "neural policy: width of its hidden layer")
     visit_threshold: float = arg(0.05, "a cell counts as visited if entered with this probability")
-    sweep: bool = arg(False, "after the main run, rerun it at every --sweep-* grid point (~2 min)")
+    sweep: bool = arg(False, "after the main run, rerun it at every --sweep-* grid point")
     sweep_lrs: tuple = arg((0.01, 0.05, 0.2), "--sweep: Adam learning rates (every method)")
     sweep_dpo_betas: tuple = arg((0.1, 0.5), "--sweep: DPO betas, each at every learning rate")
     sweep_orpo_betas: tuple = arg((0.25, 1.0), "--sweep: ORPO betas, each at every learning rate")
@@ -180,9 +172,8 @@ def parse_config(argv=None):
     return parse_flags(Config, argv, check=config_problem, description=__doc__.split("\n")[0])
 
 
-# Upper bounds that only catch typos. The defaults (5 seeds, 300 steps, 64 units) take 10-20 s;
-# 100 seeds take 20 times as long (about 5 min), 100k steps 333 times (about an hour, and a
-# curves.csv of 4M rows).
+# Upper bounds that only catch typos. The run time grows in proportion to seeds and to steps,
+# and curves.csv holds a row per (family, method, seed, step).
 MOST = {"seeds": 100, "steps": 100_000, "hidden": 4096}
 
 
@@ -190,10 +181,10 @@ def config_problem(cfg):
     """The first problem with a config, in one line, or None if it is fine.
 
     ift.parse_flags has already refused nan and inf; every range test below is written as
-    "not (inside)", so a nan that got here would fail it too. --discount stays >= 0.7: on
-    slippery 8x8 the values of two unequal moves come within 3e-9 of each other at 0.6, next to
-    pi*'s tie tolerance of 1e-9 (optimal_policy_matrix), and at 0.5 pi* splits between moves
-    that are not tied.
+    "not (inside)", so a nan that got here would fail it too. --discount stays >= 0.7: the
+    lower the discount, the closer the values of unequal moves far from the goal come to each
+    other, until on a large slippery map they fall within pi*'s tie tolerance
+    (optimal_policy_matrix) and pi* splits between moves that are not tied (RESULTS.md section 6).
     """
     def flag(name):
         return "--" + name.replace("_", "-")
@@ -443,6 +434,13 @@ def walk(env, moves):
     return Route(states, actions)
 
 
+# Why a route to the goal cannot be bad move by move (choice 3). On a deterministic grid every
+# move changes the distance to G (in moves, around the holes) by one, or by zero when it bumps
+# into a wall, and pi* takes exactly the moves that shorten it. A route of T moves from S to G
+# without wall bumps makes up the start's distance d(S) with a moves that shorten and b that
+# lengthen it: a + b = T and a - b = d(S), so it disagrees with pi* on b = (T - d(S)) / 2 of its
+# moves, fewer than half (two-routes: T = 10, d(S) = 6, b = 2). A sub-optimal route that pi*
+# rejects on most moves must therefore end elsewhere: on dead-end, in a hole (REJECTED_ROUTES).
 def two_routes(env, rejected_moves=None):
     """(optimal, sub-optimal) routes from the start (choice 3); UserError if either is missing.
 
@@ -561,14 +559,14 @@ def reference_logps(policy, demos):
     return chosen, rejected  # (1,), (1,)
 
 
-def sft_loss(policy, demos, ref, cfg):
+def sft_route_loss(policy, demos, ref, cfg):
     """SFT: the mean NLL of the optimal route's actions given its true states (teacher forcing)."""
     inputs = one_hot(demos.chosen_states, demos.n_states)  # (1, T, S)
     logps = step_logps(policy, inputs, demos.chosen_actions)  # (1, T)
     return -logps.mean(dim=-1).mean()  # mean over steps, then over trajectories
 
 
-def dpo_loss_fn(policy, demos, ref, cfg):
+def dpo_route_loss(policy, demos, ref, cfg):
     """DPO, chosen = the optimal route, rejected = the sub-optimal one (the paper's section 3).
 
     h = [log pi(chosen) - log pi_ref(chosen)] - [log pi(rejected) - log pi_ref(rejected)] with
@@ -585,7 +583,7 @@ def dpo_loss_fn(policy, demos, ref, cfg):
     return loss
 
 
-def orpo_loss_fn(policy, demos, ref, cfg):
+def orpo_route_loss(policy, demos, ref, cfg):
     """ORPO: SFT on the optimal route - beta * log sigmoid(log odds(chosen) - log odds(rejected)).
 
     odds(y) = p / (1 - p), p = exp(mean log-prob per move) of the route; ift.orpo_loss computes
@@ -634,7 +632,7 @@ def ift_inputs(policy, demos, lam):
     return inputs
 
 
-def ift_loss(policy, demos, ref, cfg):
+def ift_route_loss(policy, demos, ref, cfg):
     """Steps 3 and 4: relation-weighted NLL of the optimal route on the mixed inputs."""
     inputs = ift_inputs(policy, demos, cfg.lam)  # (1, T, S)
     step_losses = -step_logps(policy, inputs, demos.chosen_actions)  # (1, T) l_t
@@ -644,7 +642,8 @@ def ift_loss(policy, demos, ref, cfg):
     return ((step_losses * weights).sum(dim=-1) / n_moves).mean()
 
 
-LOSSES = {"SFT": sft_loss, "DPO": dpo_loss_fn, "ORPO": orpo_loss_fn, "IFT": ift_loss}
+LOSSES = {"SFT": sft_route_loss, "DPO": dpo_route_loss, "ORPO": orpo_route_loss,
+          "IFT": ift_route_loss}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -688,17 +687,6 @@ def evaluate(pi, env, pi_star, on_route, cfg):
         "visited": [int(s) for s in np.flatnonzero(visits >= cfg.visit_threshold)],
         "visits": visits,
     }
-
-
-def mean_std(values):
-    """Mean and sample std (ddof 1) over the seeds, along axis 0; the std is 0.0 for one seed.
-
-    The spread over seeds everywhere in this file (tables, figures, the sweep), with the same
-    convention as compare.py's mean_std.
-    """
-    values = np.asarray(values, dtype=float)  # (seeds,) or (seeds, steps + 1)
-    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
-    return values.mean(axis=0), std
 
 
 def summarize(runs):
@@ -854,6 +842,15 @@ def sweep_verdicts(rows, cfg):
 # -----------------------------------------------------------------------------------------------
 # Plots
 
+def pyplot():
+    """matplotlib.pyplot drawing into files only (the Agg backend, no window): chosen here,
+    where the figures are drawn, so that importing this file leaves matplotlib alone."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 METHOD_COLORS = {"SFT": "tab:gray", "DPO": "tab:blue", "ORPO": "tab:purple",
                  "IFT": "tab:red"}
 ARROW = {LEFT: (-1, 0), DOWN: (0, 1), RIGHT: (1, 0), UP: (0, -1)}  # (d col, d row) on screen
@@ -894,8 +891,9 @@ def draw_policy(ax, env, pi, visits, title, cmap, routes=()):
 
 def plot_policies(path, env, routes, pi_star, runs, summary, cfg):
     """The map per policy family: pi*, the starting policy and each method's learned policy."""
-    visit_cmap = matplotlib.colors.LinearSegmentedColormap.from_list("visits",
-                                                                     ["white", "#6baed6"])
+    plt = pyplot()
+    from matplotlib.colors import LinearSegmentedColormap, Normalize
+    visit_cmap = LinearSegmentedColormap.from_list("visits", ["white", "#6baed6"])
     columns = ("pi*", "start") + METHODS
     fig, axes = plt.subplots(len(FAMILIES), len(columns), squeeze=False, layout="constrained",
                              figsize=(2.2 * len(columns) + 1.0, 2.5 * len(FAMILIES) + 0.8))
@@ -915,7 +913,7 @@ def plot_policies(path, env, routes, pi_star, runs, summary, cfg):
                         f"{method}\nMSE {mse['mean']:.4f} ± {mse['std']:.4f}", visit_cmap)
     handles = [line for line in axes[0, 0].get_lines() if line.get_label()[0] != "_"]
     fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=9, frameon=False)
-    fig.colorbar(plt.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), visit_cmap),
+    fig.colorbar(plt.cm.ScalarMappable(Normalize(0, 1), visit_cmap),
                  ax=axes, shrink=0.6, pad=0.01, label="P(cell entered within the time limit)")
     dynamics = "slippery" if cfg.slippery else "deterministic"
     fig.suptitle(f"Frozen Lake '{cfg.map}' ({dynamics}): arrows = pi(a|s), mean over {cfg.seeds} "
@@ -927,6 +925,7 @@ def plot_policies(path, env, routes, pi_star, runs, summary, cfg):
 
 def plot_curves(path, curves, cfg):
     """MSE to pi* (top, mean +- sample std) and the training loss (bottom, each seed) vs step."""
+    plt = pyplot()
     fig, axes = plt.subplots(2, len(FAMILIES), figsize=(11, 7), sharex=True, squeeze=False)
     for col, family in enumerate(FAMILIES):
         for method in METHODS:
@@ -955,6 +954,7 @@ def plot_curves(path, curves, cfg):
 
 def plot_sweep(path, rows, start_mse, cfg):
     """MSE vs lr per method and beta (mean, error bar = sample std), a panel per family."""
+    plt = pyplot()
     variants = sweep_variants(cfg)
     fig, axes = plt.subplots(1, len(FAMILIES), figsize=(11, 4.6), squeeze=False)
     for col, family in enumerate(FAMILIES):
@@ -993,9 +993,8 @@ def plot_sweep(path, rows, start_mse, cfg):
 def make_out_dir(cfg):
     """Create --out-dir and save config.json there: the first write, so a bad folder fails first."""
     try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     except OSError as e:
         raise UserError(f"cannot write into --out-dir {cfg.out_dir!r}: {e.strerror}; pass a "
                         f"folder you can write to") from None
@@ -1072,7 +1071,7 @@ def paper_verdicts(summary):
 
 
 def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
+    with Path(path).open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -1080,23 +1079,22 @@ def write_csv(path, rows):
 
 def write_outputs(cfg, env, routes, pi_star, results, runs, curves):
     """results.json, results.csv and curves.csv (the numbers) and the two figures; paths printed."""
-    out = cfg.out_dir
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    write_csv(os.path.join(out, "results.csv"),
+    out = Path(cfg.out_dir)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_csv(out / "results.csv",
               [{k: (" ".join(map(str, v)) if k == "visited" else v) for k, v in r.items()
                 if k not in ("pi", "visits")} for r in runs])
-    write_csv(os.path.join(out, "curves.csv"), curves)
+    write_csv(out / "curves.csv", curves)
     chosen, rejected = routes
-    plot_policies(os.path.join(out, "frozen_lake.png"), env,
+    plot_policies(out / "frozen_lake.png", env,
                   ((dict(color="tab:green", label="optimal route (chosen)"), chosen),
                    (dict(color="tab:orange", ls="--", label="sub-optimal route (rejected)"),
                     rejected)),
                   pi_star, runs, results["summary"], cfg)
-    plot_curves(os.path.join(out, "frozen_lake_curves.png"), curves, cfg)
+    plot_curves(out / "frozen_lake_curves.png", curves, cfg)
     for name in ("results.json", "results.csv", "curves.csv", "frozen_lake.png",
                  "frozen_lake_curves.png"):
-        print("wrote", os.path.join(out, name))
+        print("wrote", out / name)
 
 
 def main_run(cfg):
@@ -1106,7 +1104,7 @@ def main_run(cfg):
     """
     make_out_dir(cfg)
     print("config:", json.dumps(asdict(cfg)))
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds waiting on a busy CPU
+    torch.set_num_threads(1)  # tiny tensors: nothing to share out, and other programs keep a core
     env, chosen, rejected, V, pi_star = set_up(cfg)
     demos = make_demonstrations(env, chosen, rejected)
     on_route = np.isin(np.arange(env.n_states), chosen.states)  # (S,) bool
@@ -1141,16 +1139,16 @@ def main_sweep(cfg, env, demos, pi_star, summary):
     rows = run_sweep(cfg, env, demos, pi_star)
     print_sweep_table(rows, cfg)
     verdicts = sweep_verdicts(rows, cfg)
-    out = cfg.out_dir
-    with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "paper_order": list(PAPER_ORDER), "rows": rows,
-                   "verdicts": verdicts}, f, indent=1)
-    write_csv(os.path.join(out, "sweep.csv"),
+    out = Path(cfg.out_dir)
+    sweep = {"config": asdict(cfg), "paper_order": list(PAPER_ORDER), "rows": rows,
+             "verdicts": verdicts}
+    (out / "sweep.json").write_text(json.dumps(sweep, indent=1))
+    write_csv(out / "sweep.csv",
               [{**r, "mse_seeds": " ".join(map(str, r["mse_seeds"]))} for r in rows])
     start_mse = {family: summary[f"{family}/start"]["mse"]["mean"] for family in FAMILIES}
-    plot_sweep(os.path.join(out, "frozen_lake_sweep.png"), rows, start_mse, cfg)
+    plot_sweep(out / "frozen_lake_sweep.png", rows, start_mse, cfg)
     for name in ("sweep.json", "sweep.csv", "frozen_lake_sweep.png"):
-        print("wrote", os.path.join(out, name))
+        print("wrote", out / name)
     print(f"sweep done in {time.time() - t0:.1f}s")
 
 

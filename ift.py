@@ -5,17 +5,22 @@ A tiny GPT is fine-tuned on a toy instruction set (arithmetic, letter reversal, 
 prompt, long step-by-step additions) with one of four losses, then tested on a held-out split by
 greedy exact match, preference accuracy and answer NLL.
 
-    python ift.py --loss ift                 # 2-5 min on a 2-core laptop CPU, testing included
+    python ift.py --loss ift                 # train and test on the CPU (run time: README.md)
     python ift.py --loss sft                 # the baseline IFT generalises
     python ift.py --loss dpo --init-from out/sft/ckpt.pt    # a sequential recipe: SFT then DPO
     python ift.py --data DIR --loss ift      # your own train/val/test.jsonl (see README.md)
     torchrun --nproc_per_node=2 ift.py --loss ift           # data parallel (DDP), same steps
     python ift.py --help                     # every setting, with its meaning
 
-On a GPU the same commands use bf16 autocast and torch.compile. Outputs go to
---out-dir (default out/<loss>): config.json, log.csv, loss.png, ckpt.pt, eval.json. Beside this
-file: compare.py runs the paper's comparison over seeds, bench.py times each loss's step, and
-ift_hf.py trains any Hugging Face causal LM with the same IFT loss.
+On a GPU the same commands use bf16 autocast and torch.compile. Outputs go to --out-dir (default
+out/<loss>): config.json, log.csv, loss.png, ckpt.pt, eval.json.
+
+The lesson comes first: config, model, log-probs, the four losses, training loop, evaluation,
+main. After the PLUMBING banner, which a reader may skip, comes what the programs beside this one
+(compare.py, bench.py, figures.py, frozen_lake.py, ift_hf.py) share: files and their checks,
+flags, device, formatting. Those programs use that part and, above it, Config, arg, DEFAULT_LR,
+GPT, make_batch, sequence_logps, IFT_COST, by_length and the functions of the losses, training
+and evaluation sections but lr_at: keep their names and signatures.
 
 Reference: Hua et al., "Intuitive Fine-Tuning: Towards Simplifying Alignment into a Single
 Process", arXiv:2405.11870 (ACL 2025); equation numbers are those of v3. Official code:
@@ -48,11 +53,13 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -68,8 +75,6 @@ LOSSES = ("sft", "dpo", "orpo", "ift")
 # Peak learning rates (RESULTS.md says how they were chosen). DPO pushes whole answers' summed
 # log-probs apart; as hot as SFT, it drives the chosen answer's likelihood down too.
 DEFAULT_LR = {"sft": 5e-3, "ift": 5e-3, "orpo": 5e-3, "dpo": 2e-5}
-# torchrun sets these in each process it starts (see "Training loop"); one process without it
-RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def arg(default, help, choices=None):
@@ -117,160 +122,8 @@ class UserError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer: tiktoken, built offline from a rank file that data/prepare.py trains
-
-# Pre-tokenisation regex: every digit is its own chunk (so "478" is 3 tokens and arithmetic stays
-# learnable), words keep one leading space, punctuation runs and whitespace are chunks of their own.
-PAT_STR = r"\d| ?[A-Za-z]+| ?[^\sA-Za-z\d]+|\s+(?!\S)|\s+"
-SPECIAL_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>")
-BUILTIN_TOKENIZER = HERE / "data" / "tokenizer.tiktoken"
-
-
-def load_tokenizer(data_dir):
-    """A tiktoken.Encoding from <data_dir>/tokenizer.tiktoken (one "base64(token) rank" line per
-    token, parsed here: tiktoken.load caches by path), plus the three special tokens. A folder
-    without one gets the built-in byte-level BPE (ranks 0..255 are the bytes): any text encodes."""
-    import base64
-    import tiktoken
-    path = Path(data_dir) / "tokenizer.tiktoken"
-    if not path.is_file() and BUILTIN_TOKENIZER.is_file():
-        print(f"note: {data_dir} has no tokenizer.tiktoken: using the built-in byte-level BPE "
-              f"(python data/prepare.py --tokenizer-for {data_dir} trains one on your data)")
-        path = BUILTIN_TOKENIZER
-    if not path.is_file():
-        raise UserError(f"{path}: tokenizer file not found; run python data/prepare.py")
-    ranks = {}
-    for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except ValueError:  # also a bad base64 or a byte that is not ASCII
-            raise UserError(f"{path} line {lineno}: expected 'base64 rank', got "
-                            f"{line[:40]!r}") from None
-    if not ranks:
-        raise UserError(f"{path}: the file holds no tokens; run python data/prepare.py")
-    n = max(ranks.values()) + 1
-    return tiktoken.Encoding(name="ift-bpe", pat_str=PAT_STR, mergeable_ranks=ranks,
-                             special_tokens={t: n + i for i, t in enumerate(SPECIAL_TOKENS)})
-
-
-# -----------------------------------------------------------------------------
-# Data: JSON-lines rows -> token ids -> padded batches
-
-def load_rows(path, need_rejected=False, limit=0):
-    """Read one split, checking every row; errors name the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found (pass --data with a folder holding "
-                        f"train.jsonl, val.jsonl and test.jsonl)")
-    rows = []
-    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is named, not a traceback
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path} line {lineno}: byte {e.object[e.start]:#04x} at column "
-                                f"{e.start + 1} is not UTF-8; save the file as UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path} line {lineno}: expected a JSON object")
-            for key in ("task", "prompt", "chosen", "rejected"):  # rejected: if needed or given
-                if key == "rejected" and not (need_rejected or key in row):
-                    continue
-                if not isinstance(row.get(key), str):
-                    hint = " (DPO and ORPO need preference pairs)" if key == "rejected" else ""
-                    raise UserError(f"{path} line {lineno}: missing text field '{key}'{hint}")
-            rows.append(row)
-            if limit and len(rows) == limit:
-                break
-    if not rows:
-        raise UserError(f"{path}: no rows")
-    return rows
-
-
-def encode_row(enc, prompt, answer):
-    """Token ids of <|user|> prompt <|assistant|> answer <|endoftext|>, and the prompt length."""
-    eot, user, assistant = (enc.encode_single_token(t) for t in SPECIAL_TOKENS)
-    prompt_ids = [user] + enc.encode_ordinary(prompt) + [assistant]
-    return prompt_ids + enc.encode_ordinary(answer) + [eot], len(prompt_ids)
-
-
-class Split:
-    """One split, tokenised: its rows, and each row's chosen and rejected answer as (ids, prompt
-    length). Rows longer than the context are dropped, and we say how many."""
-    too_long = "raise --block-size to keep them"  # the hint of that note
-
-    def __init__(self, rows, enc, block_size, name):
-        self.enc, self.rows, self.chosen, self.rejected = enc, [], [], []
-        for row in rows:
-            chosen = self.encode(row["prompt"], row["chosen"])
-            rejected = self.encode(row["prompt"], row["rejected"]) if "rejected" in row else None
-            longest = max(len(chosen[0]), len(rejected[0]) if rejected else 0)
-            if longest - 1 > block_size:  # inputs are the sequence minus its last token
-                continue
-            self.rows.append(row)
-            self.chosen.append(chosen)
-            self.rejected.append(rejected)
-        dropped = len(rows) - len(self.rows)
-        if dropped:
-            print(f"note: {name}: skipped {dropped} of {len(rows)} rows longer than the context "
-                  f"of {block_size} tokens ({self.too_long})")
-        if not self.rows:
-            raise UserError(f"{name}: every row is over {block_size} tokens ({self.too_long})")
-        self.has_pairs = all(r is not None for r in self.rejected)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def encode(self, prompt, answer):  # ift_hf.py's split encodes with a model's own tokenizer
-        return encode_row(self.enc, prompt, answer)
-
-
-def load_splits(cfg, enc, need_rejected=()):
-    """train, val and test from --data, tokenised; need_rejected: the splits that need pairs."""
-    paths = {name: Path(cfg.data) / f"{name}.jsonl" for name in ("train", "val", "test")}
-    return {name: Split(load_rows(path, name in need_rejected, cfg.limit_rows), enc,
-                        cfg.block_size, str(path)) for name, path in paths.items()}
-
-
-def make_batch(seqs, device):
-    """Right-pad sequences (ids, prompt_len) into inputs x, targets y, answer mask, real (B, T).
-
-    THE SHIFT BY ONE happens here, once: x = seq[:-1] and y = seq[1:], so the logits at position t
-    predict y[t] = seq[t+1]. mask[t] is True when y[t] is an answer token (the answer and its
-    <|endoftext|>); real[t] is False on the padding (token 0, a filler that GPT(x, real=real) skips
-    and no loss reads). Every loss below reads x, y, mask."""
-    T = max(len(ids) for ids, _ in seqs) - 1
-    seq = torch.tensor([ids + [0] * (T + 1 - len(ids)) for ids, _ in seqs])  # (B, T + 1)
-    n, prompt_len = torch.tensor([(len(ids) - 1, p) for ids, p in seqs]).T[..., None]  # (B, 1) each
-    t = torch.arange(T)                                                      # (T,)
-    real = t < n                                                             # (B, T)
-    mask = real & (t >= prompt_len - 1)  # y[prompt_len - 1] is the first answer token
-    x, y = seq[:, :-1].masked_fill(~real, 0), seq[:, 1:]                     # (B, T) each
-    return x.to(device), y.to(device), mask.to(device), real.to(device)
-
-
-# -----------------------------------------------------------------------------
 # Model: a tiny GPT (nanoGPT's shape) that can also take input embeddings directly
-# B = batch, T = time (tokens), C = channels (n_embd), V = vocabulary, H = heads,
-# M = the real (non-padding) tokens of a batch
-#
-# Unpadding. A training batch mixes rows of 17 to 75 tokens right-padded to the longest: about half
-# of its B x T positions are padding. Given real, the (B, T) mask of the real tokens, GPT.forward
-# runs every per-token layer (LayerNorms, linears, MLPs, the output layer) on the M real tokens
-# alone, as one (M, C) tensor, and returns their (M, V) logits. Attention, the one layer that mixes
-# positions, pads them again in 4 groups of consecutive rows, each to its own longest row; sorting
-# a batch's rows by length (compute_loss, answer_logps) keeps a group's rows alike. Exact in any
-# order: with causal attention and right padding no real token sees padding.
-
-
-def pad_rows(rows, real):
-    """The inverse of rows = t[real]: (M, ...) -> (B, T, ...), zeros at the padding."""
-    return rows.new_zeros(*real.shape, *rows.shape[1:]).index_put((real,), rows)
-
+# B = batch, T = time (tokens), C = channels (n_embd), V = vocabulary, H = heads
 
 class SelfAttention(nn.Module):
     def __init__(self, n_embd, n_head):
@@ -279,17 +132,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
 
-    def forward(self, x, real=None, cache=None):
-        """x (B, T, C); or unpadded, x (M, C) and real (B, T) marking where its rows belong.
-        cache (generation only): a dict that keeps this layer's keys and values so far."""
-        qkv = self.qkv(x)                                                # (B, T, 3C) or (M, 3C)
-        if real is None:
-            return self.proj(self.attend(qkv, cache))                    # (B, T, C)
-        lengths = real.sum(1).cpu().chunk(4)       # unpadded: 4 groups of rows (see Unpadding)
-        groups = [r[:, :int(n.max())] for r, n in zip(real.chunk(4), lengths)]  # (b, T_g) each
-        parts = qkv.split([int(n.sum()) for n in lengths])               # their rows of (M, 3C)
-        y = torch.cat([self.attend(pad_rows(p, r))[r] for p, r in zip(parts, groups)])  # (M, C)
-        return self.proj(y)                                              # (M, C)
+    def forward(self, x, cache=None):
+        """x (B, T, C) -> (B, T, C); cache (generation only): this layer's keys and values."""
+        return self.proj(self.attend(self.qkv(x), cache))                # (B, T, C)
 
     def attend(self, qkv, cache=None):
         """Causal multi-head attention: qkv (B, T, 3C) -> (B, T, C)."""
@@ -314,8 +159,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
                                  nn.Linear(4 * n_embd, n_embd))
 
-    def forward(self, x, real=None, cache=None):
-        x = x + self.attn(self.ln_1(x), real, cache)  # pre-LayerNorm residual blocks
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)  # pre-LayerNorm residual blocks
         return x + self.mlp(self.ln_2(x))
 
 
@@ -340,21 +185,38 @@ class GPT(nn.Module):
         """Logits (B, T, V) for token ids idx (B, T) or for given token embeddings (B, T, C).
 
         IFT passes tok_emb, a mix of rows of self.wte: positions are added after the mix, as for
-        ordinary tokens. Given real (B, T) from make_batch, only the M real tokens are computed
-        and the logits are (M, V) (Unpadding). cache: one dict per block; new tokens continue it."""
+        ordinary tokens. cache: one dict per block; new tokens continue it. real (B, T) from
+        make_batch asks for the same logits at the real tokens only, (M, V): the optimisation of
+        the section "Speed: unpadding", entered here because DDP and torch.compile wrap forward."""
         x = self.wte(idx) if tok_emb is None else tok_emb                  # (B, T, C)
         past = cache[0]["k"].shape[2] if cache and cache[0] else 0         # tokens cached so far
         x = x + self.wpe(torch.arange(past, past + x.shape[1], device=x.device))  # (B, T, C)
         if real is not None:
-            x = x[real]                                                    # (M, C)
+            return unpadded_logits(self, x, real)                          # (M, V)
         for i, block in enumerate(self.blocks):
-            x = block(x, real, None if cache is None else cache[i])
-        logits = F.linear(self.ln_f(x), self.wte.weight)  # tied: the output layer is E itself
-        return logits                                          # (B, T, V), or (M, V) given real
+            x = block(x, None if cache is None else cache[i])
+        return F.linear(self.ln_f(x), self.wte.weight)  # (B, T, V); tied: the output layer is E
 
 
 # -----------------------------------------------------------------------------
-# Log-probs: the one helper every loss uses
+# Batches and log-probs: the shift by one, and the one helper every loss uses
+
+def make_batch(seqs, device):
+    """Right-pad sequences (ids, prompt_len) into inputs x, targets y, answer mask, real (B, T).
+
+    THE SHIFT BY ONE happens here, once: x = seq[:-1] and y = seq[1:], so the logits at position t
+    predict y[t] = seq[t+1]. mask[t] is True when y[t] is an answer token (the answer and its
+    <|endoftext|>); real[t] is False on the padding (token 0, a filler that GPT(x, real=real) skips
+    and no loss reads). Every loss below reads x, y, mask."""
+    T = max(len(ids) for ids, _ in seqs) - 1
+    seq = torch.tensor([ids + [0] * (T + 1 - len(ids)) for ids, _ in seqs])  # (B, T + 1)
+    n, prompt_len = torch.tensor([(len(ids) - 1, p) for ids, p in seqs]).T[..., None]  # (B, 1) each
+    t = torch.arange(T)                                                      # (T,)
+    real = t < n                                                             # (B, T)
+    mask = real & (t >= prompt_len - 1)  # y[prompt_len - 1] is the first answer token
+    x, y = seq[:, :-1].masked_fill(~real, 0), seq[:, 1:]                     # (B, T) each
+    return x.to(device), y.to(device), mask.to(device), real.to(device)
+
 
 def sequence_logps(logits, y, mask, real=None):
     """Per-token log-probs of the targets on the answer, and their sum per sequence.
@@ -504,76 +366,48 @@ def lam_at(cfg, step, noise):
 
 
 # -----------------------------------------------------------------------------
+# Speed: unpadding, an exact optimisation (skip it on a first reading)
+#
+# make_batch right-pads rows to the longest, and no loss reads the padding. Given real, the (B, T)
+# mask of the M real tokens, GPT.forward runs every per-token layer (LayerNorms, linears, MLPs,
+# the output layer) on those M tokens alone, as one (M, C) tensor, and returns their (M, V)
+# logits, which sequence_logps and ift_loss read in that order. Attention, the one layer that
+# mixes positions, pads them again in 4 groups of consecutive rows, each to its own longest row.
+# Exact in any row order (with causal attention and right padding no real token sees padding),
+# but fast only if a group's rows are alike in length. THE PRECONDITION, then: every batch's rows
+# are sorted by length, by by_length, which compute_loss and answer_logps call.
+
+def by_length(split, idx):
+    """The row indices idx of split, shortest chosen answer first (the precondition above)."""
+    return sorted(idx, key=lambda j: len(split.chosen[j][0]))
+
+
+def pad_rows(rows, real):
+    """The inverse of rows = t[real]: (M, ...) -> (B, T, ...), zeros at the padding."""
+    return rows.new_zeros(*real.shape, *rows.shape[1:]).index_put((real,), rows)
+
+
+def unpadded_logits(gpt, x, real):
+    """GPT.forward after the embeddings, on the real tokens: x (B, T, C), real (B, T) -> (M, V)."""
+    lengths = real.sum(1).cpu().chunk(4)                             # rows' lengths, by group
+    groups = [r[:, :int(n.max())] for r, n in zip(real.chunk(4), lengths)]  # (b, T_g) each
+    sizes = [int(n.sum()) for n in lengths]                          # real tokens per group
+    x = x[real]                                                      # (M, C)
+    for block in gpt.blocks:  # Block.forward, with attention on each group padded alone
+        parts = block.attn.qkv(block.ln_1(x)).split(sizes)           # (M_g, 3C) each
+        y = torch.cat([block.attn.attend(pad_rows(p, r))[r] for p, r in zip(parts, groups)])
+        x = x + block.attn.proj(y)                                   # (M, C)
+        x = x + block.mlp(block.ln_2(x))
+    return F.linear(gpt.ln_f(x), gpt.wte.weight)                     # (M, V)
+
+
+# -----------------------------------------------------------------------------
 # Training loop
 #
 # Data parallel, as in nanoGPT: `torchrun --nproc_per_node=N ift.py ...` starts N copies of this
 # script (RANK, WORLD_SIZE set). Each takes its equal slice of the same global batch; every loss
 # is a mean over sequences, so DDP's averaged gradient is the whole batch's. Rank 0 alone prints
 # (its slice's loss), tests and writes.
-
-def pick_device(name):
-    """--device as a torch.device: auto picks cuda, then mps, then cpu."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
-                 "cpu": True}
-    name = next(d for d in available if available[d]) if name == "auto" else name
-    if not available[name]:
-        raise UserError(f"--device {name}: not available on this machine; use --device cpu")
-    return torch.device(name)
-
-
-def start(cfg, save_config=False):
-    """Seed, device (joining torchrun's processes), --out-dir (maybe with config.json) made."""
-    torch.manual_seed(cfg.seed)
-    device, out_dir = pick_device(cfg.device), Path(cfg.out_dir)
-    if WORLD > 1 and device.type == "cuda":  # one GPU per process
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if WORLD > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu":  # tiny weights underflow into subnormal floats, 10-100x slower
-        torch.set_flush_denormal(True)
-    try:
-        if RANK == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if save_config:
-                (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    except OSError as e:
-        raise UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
-    return device, out_dir
-
-
-def autocast_for(device):
-    """bf16 autocast on CUDA (matmuls in bf16, reductions in float32); plain float32 elsewhere."""
-    on_cuda = device.type == "cuda"
-    return torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16, enabled=on_cuda)
-
-
-def model_args(cfg, enc):
-    return {"vocab_size": enc.n_vocab, "block_size": cfg.block_size, "n_layer": cfg.n_layer,
-            "n_head": cfg.n_head, "n_embd": cfg.n_embd}
-
-
-def build_model(cfg, enc, device):
-    """A fresh GPT of the configured size, or the --init-from checkpoint (checked), on device."""
-    model = GPT(**model_args(cfg, enc))
-    path = Path(cfg.init_from)
-    if cfg.init_from and not path.is_file():
-        raise UserError(f"--init-from {path}: no such checkpoint")
-    if cfg.init_from:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            diff = [f"{k} {ckpt['model_args'].get(k)} != {v}"
-                    for k, v in model_args(cfg, enc).items() if ckpt["model_args"].get(k) != v]
-            if not diff:
-                model.load_state_dict(ckpt["model"])
-        except Exception as e:
-            raise UserError(f"--init-from {path}: not a checkpoint of ift.py "
-                            f"({type(e).__name__})") from None
-        if diff:
-            raise UserError(f"--init-from {path}: incompatible model ({', '.join(diff)}); "
-                            f"pass the same model flags and tokenizer it was trained with")
-    return model.to(device)
-
 
 def batches(n_rows, batch_size, generator):
     """Endless stream of row-index batches: a fresh permutation every epoch."""
@@ -605,7 +439,7 @@ def answer_logps(model, split, device, autocast):
     """Summed log-probs (N, 2) of every row's chosen and rejected answer ((N, 1) without pairs),
     in batches of 128 rows of similar length. DPO's reference; evaluate()'s NLL."""
     out = torch.zeros(len(split), 1 + split.has_pairs, device=device)
-    order = sorted(range(len(split)), key=lambda j: len(split.chosen[j][0]))  # see Unpadding
+    order = by_length(split, range(len(split)))
     for idx in (order[i:i + 128] for i in range(0, len(order), 128)):
         x, y, mask, real = pair_batch(split, idx, device)
         with autocast:
@@ -616,14 +450,16 @@ def answer_logps(model, split, device, autocast):
 
 def compute_loss(cfg, model, split, idx, device, autocast, ref, lam):
     """cfg.loss on the batch of rows idx: (loss, metrics to log, real tokens read)."""
-    idx = sorted(idx, key=lambda j: len(split.chosen[j][0]))  # rows by length: see Unpadding
+    idx = by_length(split, idx)  # the precondition of unpadding
     if cfg.loss in ("sft", "ift"):
         x, y, mask, real = make_batch([split.chosen[i] for i in idx], device)
         with autocast:
-            loss, metrics = (ift_loss(model, x, y, mask, lam, cfg.gamma, cfg.detach_weights, real)
-                             if cfg.loss == "ift" else
-                             sft_loss(sequence_logps(model(x, real=real), y, mask, real)[0],
-                                      mask))
+            if cfg.loss == "ift":
+                loss, metrics = ift_loss(model, x, y, mask, lam, cfg.gamma, cfg.detach_weights,
+                                         real)
+            else:
+                token_logps, _ = sequence_logps(model(x, real=real), y, mask, real)  # (B, T)
+                loss, metrics = sft_loss(token_logps, mask)
         return loss, metrics, int(real.sum())
     x, y, mask, real = pair_batch(split, idx, device)
     with autocast:
@@ -638,10 +474,6 @@ def compute_loss(cfg, model, split, idx, device, autocast, ref, lam):
     if cfg.loss == "dpo":
         metrics["margin"] = m["margins"].mean()
     return loss, metrics, int(real.sum())
-
-
-def fmt_time(seconds):
-    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s" if seconds >= 60 else f"{int(seconds)}s"
 
 
 def make_optimizer(cfg, model):
@@ -829,68 +661,7 @@ def plot_loss_curve(log, loss_name, path):
 
 
 # -----------------------------------------------------------------------------
-# main: the command line (the same flag machinery serves every program beside this one)
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (exit status 2), not a usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def finite(text):
-    """The argparse type of every float flag: a finite number ("x": invalid finite value)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def parse_flags(cls, argv=None, check=None, skip=(), description=""):
-    """The config dataclass cls from the command line: every field but those in skip is a --flag
-    (a bool a switch, a tuple several numbers, a float finite). check(cfg) returns the first
-    problem with the values as one line (printed as the error), or None."""
-    parser = ArgumentParser(description=description, allow_abbrev=False)  # --lr is not --lr-sweep
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        kind = ({"action": "store_true"} if isinstance(f.default, bool) else
-                {"type": finite, "nargs": "+"} if isinstance(f.default, tuple) else
-                {"type": finite if isinstance(f.default, float) else type(f.default),
-                 "choices": f.metadata["choices"]})
-        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
-                            help=f"{f.metadata['help']} (default: {f.default})", **kind)
-    given = vars(parser.parse_args(argv))
-    cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
-    problem = check(cfg) if check else None
-    if problem:
-        parser.error(problem)
-    return cfg
-
-
-def config_problem(cfg):
-    """The first problem with a Config's values, as one line, or None."""
-    problems = [
-        *[(not 0 <= getattr(cfg, k) <= 1, f"--{k.replace('_', '-')} must lie in [0, 1], got "
-           f"{getattr(cfg, k)}") for k in ("lam", "gamma", "min_lr_ratio")],
-        *[(getattr(cfg, k) <= 0, f"--{k.replace('_', '-')} must be > 0, got {getattr(cfg, k)}")
-          for k in ("dpo_beta", "orpo_beta")],
-        (min(cfg.lr, cfg.weight_decay, cfg.grad_clip) < 0, "--lr (0: the loss's default), "
-         "--weight-decay and --grad-clip must be >= 0"),
-        (not 0 <= cfg.seed < 2**31, f"--seed must lie in [0, 2^31), got {cfg.seed}"),
-        (min(cfg.max_steps, cfg.batch_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size,
-             cfg.log_interval, cfg.max_new_tokens) < 1, "--max-steps, --batch-size, --n-layer, "
-         "--n-head, --n-embd, --block-size, --log-interval and --max-new-tokens must be >= 1"),
-        (min(cfg.eval_interval, cfg.warmup_steps, cfg.limit_rows) < 0,
-         "--eval-interval, --warmup-steps and --limit-rows must be >= 0"),
-        (cfg.n_embd % max(cfg.n_head, 1), f"--n-embd {cfg.n_embd} must be divisible by --n-head "
-                                          f"{cfg.n_head}"),
-        (cfg.batch_size % WORLD, f"--batch-size {cfg.batch_size} must be divisible by the "
-                                 f"{WORLD} processes torchrun started: each takes an equal slice"),
-        (WORLD > 1 and cfg.device == "mps", "torchrun runs on cuda or cpu here: pass --device cpu"),
-    ]
-    return next((message for bad, message in problems if bad), None)
-
+# main: the command line
 
 def parse_config(argv=None):
     """The Config of `python ift.py ...`: flags, checks, and the loss's defaults filled in."""
@@ -944,6 +715,297 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# =============================================================================
+# PLUMBING shared by the programs beside this one. The lesson ends above: a reader may stop here.
+# Below: tokenizer and data files and their checks, flags, device and processes, formatting.
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# Tokenizer: tiktoken, built offline from a rank file that data/prepare.py trains
+
+# Pre-tokenisation regex: every digit is its own chunk (so "478" is 3 tokens and arithmetic stays
+# learnable), words keep one leading space, punctuation runs and whitespace are chunks of their own.
+PAT_STR = r"\d| ?[A-Za-z]+| ?[^\sA-Za-z\d]+|\s+(?!\S)|\s+"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>")
+BUILTIN_TOKENIZER = HERE / "data" / "tokenizer.tiktoken"
+
+
+def load_tokenizer(data_dir):
+    """A tiktoken.Encoding from <data_dir>/tokenizer.tiktoken (one "base64(token) rank" line per
+    token, parsed here: tiktoken.load caches by path), plus the three special tokens. A folder
+    without one gets the built-in byte-level BPE (ranks 0..255 are the bytes): any text encodes."""
+    import base64
+    import tiktoken
+    path = Path(data_dir) / "tokenizer.tiktoken"
+    if not path.is_file() and BUILTIN_TOKENIZER.is_file():
+        print(f"note: {data_dir} has no tokenizer.tiktoken: using the built-in byte-level BPE "
+              f"(python data/prepare.py --tokenizer-for {data_dir} trains one on your data)")
+        path = BUILTIN_TOKENIZER
+    if not path.is_file():
+        raise UserError(f"{path}: tokenizer file not found; run python data/prepare.py")
+    ranks = {}
+    for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:  # also a bad base64 or a byte that is not ASCII
+            raise UserError(f"{path} line {lineno}: expected 'base64 rank', got "
+                            f"{line[:40]!r}") from None
+    if not ranks:
+        raise UserError(f"{path}: the file holds no tokens; run python data/prepare.py")
+    n = max(ranks.values()) + 1
+    return tiktoken.Encoding(name="ift-bpe", pat_str=PAT_STR, mergeable_ranks=ranks,
+                             special_tokens={t: n + i for i, t in enumerate(SPECIAL_TOKENS)})
+
+
+# -----------------------------------------------------------------------------
+# Data files: JSON-lines rows -> checked rows -> token ids (make_batch pads them, above)
+
+def load_rows(path, need_rejected=False, limit=0):
+    """Read one split, checking every row; errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found (pass --data with a folder holding "
+                        f"train.jsonl, val.jsonl and test.jsonl)")
+    rows = []
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is named, not a traceback
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {lineno}: byte {e.object[e.start]:#04x} at column "
+                                f"{e.start + 1} is not UTF-8; save the file as UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {lineno}: expected a JSON object")
+            for key in ("task", "prompt", "chosen", "rejected"):  # rejected: if needed or given
+                if key == "rejected" and not (need_rejected or key in row):
+                    continue
+                if not isinstance(row.get(key), str):
+                    hint = " (DPO and ORPO need preference pairs)" if key == "rejected" else ""
+                    raise UserError(f"{path} line {lineno}: missing text field '{key}'{hint}")
+            rows.append(row)
+            if limit and len(rows) == limit:
+                break
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    return rows
+
+
+def encode_row(enc, prompt, answer):
+    """Token ids of <|user|> prompt <|assistant|> answer <|endoftext|>, and the prompt length."""
+    eot, user, assistant = (enc.encode_single_token(t) for t in SPECIAL_TOKENS)
+    prompt_ids = [user] + enc.encode_ordinary(prompt) + [assistant]
+    return prompt_ids + enc.encode_ordinary(answer) + [eot], len(prompt_ids)
+
+
+class Split:
+    """One split, tokenised: its rows, and each row's chosen and rejected answer as (ids, prompt
+    length). Rows longer than the context are dropped, and we say how many."""
+    too_long = "raise --block-size to keep them"  # the hint of that note
+
+    def __init__(self, rows, enc, block_size, name):
+        self.enc, self.rows, self.chosen, self.rejected = enc, [], [], []
+        for row in rows:
+            chosen = self.encode(row["prompt"], row["chosen"])
+            rejected = self.encode(row["prompt"], row["rejected"]) if "rejected" in row else None
+            longest = max(len(chosen[0]), len(rejected[0]) if rejected else 0)
+            if longest - 1 > block_size:  # inputs are the sequence minus its last token
+                continue
+            self.rows.append(row)
+            self.chosen.append(chosen)
+            self.rejected.append(rejected)
+        dropped = len(rows) - len(self.rows)
+        if dropped:
+            print(f"note: {name}: skipped {dropped} of {len(rows)} rows longer than the context "
+                  f"of {block_size} tokens ({self.too_long})")
+        if not self.rows:
+            raise UserError(f"{name}: every row is over {block_size} tokens ({self.too_long})")
+        self.has_pairs = all(r is not None for r in self.rejected)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def encode(self, prompt, answer):  # ift_hf.py's split encodes with a model's own tokenizer
+        return encode_row(self.enc, prompt, answer)
+
+
+def load_splits(cfg, enc, need_rejected=()):
+    """train, val and test from --data, tokenised; need_rejected: the splits that need pairs."""
+    paths = {name: Path(cfg.data) / f"{name}.jsonl" for name in ("train", "val", "test")}
+    return {name: Split(load_rows(path, name in need_rejected, cfg.limit_rows), enc,
+                        cfg.block_size, str(path)) for name, path in paths.items()}
+
+
+# -----------------------------------------------------------------------------
+# Flags: the same machinery serves every program beside this one
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (exit status 2), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def finite(text):
+    """The argparse type of every float flag: a finite number ("x": invalid finite value)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def parse_flags(cls, argv=None, check=None, skip=(), description=""):
+    """The config dataclass cls from the command line: every field but those in skip is a --flag
+    (a bool a switch, a tuple several numbers, a float finite). check(cfg) returns the first
+    problem with the values as one line (printed as the error), or None."""
+    parser = ArgumentParser(description=description, allow_abbrev=False)  # --lr is not --lr-sweep
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = ({"action": "store_true"} if isinstance(f.default, bool) else
+                {"type": finite, "nargs": "+"} if isinstance(f.default, tuple) else
+                {"type": finite if isinstance(f.default, float) else type(f.default),
+                 "choices": f.metadata["choices"]})
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                            help=f"{f.metadata['help']} (default: {f.default})", **kind)
+    given = vars(parser.parse_args(argv))
+    cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    problem = check(cfg) if check else None
+    if problem:
+        parser.error(problem)
+    return cfg
+
+
+def config_problem(cfg):
+    """The first problem with a Config's values, as one line, or None."""
+    for name in ("lam", "gamma", "min_lr_ratio"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            return f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, name)}"
+    for name in ("dpo_beta", "orpo_beta"):
+        if getattr(cfg, name) <= 0:
+            return f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}"
+    if min(cfg.lr, cfg.weight_decay, cfg.grad_clip) < 0:
+        return "--lr (0: the loss's default), --weight-decay and --grad-clip must be >= 0"
+    if not 0 <= cfg.seed < 2**31:
+        return f"--seed must lie in [0, 2^31), got {cfg.seed}"
+    if min(cfg.max_steps, cfg.batch_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size,
+           cfg.log_interval, cfg.max_new_tokens) < 1:
+        return ("--max-steps, --batch-size, --n-layer, --n-head, --n-embd, --block-size, "
+                "--log-interval and --max-new-tokens must be >= 1")
+    if min(cfg.eval_interval, cfg.warmup_steps, cfg.limit_rows) < 0:
+        return "--eval-interval, --warmup-steps and --limit-rows must be >= 0"
+    if cfg.n_embd % cfg.n_head:
+        return f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}"
+    if cfg.batch_size % WORLD:
+        return (f"--batch-size {cfg.batch_size} must be divisible by the {WORLD} processes "
+                f"torchrun started: each takes an equal slice")
+    if WORLD > 1 and cfg.device == "mps":
+        return "torchrun runs on cuda or cpu here: pass --device cpu"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Device and processes; checkpoints
+
+# torchrun sets these in each process it starts (see "Training loop"); one process without it
+RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+def pick_device(name):
+    """--device as a torch.device: auto picks cuda, then mps, then cpu."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
+    name = next(d for d in available if available[d]) if name == "auto" else name
+    if not available[name]:
+        raise UserError(f"--device {name}: not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def start(cfg, save_config=False):
+    """Seed, device (joining torchrun's processes), --out-dir (maybe with config.json) made."""
+    torch.manual_seed(cfg.seed)
+    device, out_dir = pick_device(cfg.device), Path(cfg.out_dir)
+    if WORLD > 1 and device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if WORLD > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":  # tiny weights underflow into subnormal floats, much slower
+        torch.set_flush_denormal(True)
+    try:
+        if RANK == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if save_config:
+                (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    except OSError as e:
+        raise UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
+    return device, out_dir
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA (matmuls in bf16, reductions in float32); plain float32 elsewhere."""
+    on_cuda = device.type == "cuda"
+    return torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16, enabled=on_cuda)
+
+
+def model_args(cfg, enc):
+    return {"vocab_size": enc.n_vocab, "block_size": cfg.block_size, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_embd": cfg.n_embd}
+
+
+def build_model(cfg, enc, device):
+    """A fresh GPT of the configured size, or the --init-from checkpoint (checked), on device."""
+    model = GPT(**model_args(cfg, enc))
+    path = Path(cfg.init_from)
+    if cfg.init_from and not path.is_file():
+        raise UserError(f"--init-from {path}: no such checkpoint")
+    if cfg.init_from:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            diff = [f"{k} {ckpt['model_args'].get(k)} != {v}"
+                    for k, v in model_args(cfg, enc).items() if ckpt["model_args"].get(k) != v]
+            if not diff:
+                model.load_state_dict(ckpt["model"])
+        except Exception as e:
+            raise UserError(f"--init-from {path}: not a checkpoint of ift.py "
+                            f"({type(e).__name__})") from None
+        if diff:
+            raise UserError(f"--init-from {path}: incompatible model ({', '.join(diff)}); "
+                            f"pass the same model flags and tokenizer it was trained with")
+    return model.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Formatting and summaries
+
+def fmt_time(seconds):
+    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s" if seconds >= 60 else f"{int(seconds)}s"
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) along axis 0: Python
+    floats for 1-D input (JSON-ready), numpy arrays for (n, ...) input (e.g. seeds x steps)."""
+    values = np.asarray(values, dtype=float)                         # (n,) or (n, ...)
+    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
+    mean = values.mean(axis=0)
+    return (float(mean), float(std)) if values.ndim == 1 else (mean, std)
+
+
+def device_name(device):
+    """A human name of the device: the GPU's, or the CPU's model name on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

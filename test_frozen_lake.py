@@ -247,8 +247,8 @@ def test_ift_with_lam_0_and_gamma_0_is_sft(setup, family):
     cfg, env, chosen, rejected, pi_star, demos = setup
     cfg = dataclasses.replace(cfg, lam=0.0, gamma=0.0)
     policy = seeded_policy(family, env.n_states)
-    sft_value, sft_grads = loss_and_grads(fl.sft_loss, policy, demos, None, cfg)
-    ift_value, ift_grads = loss_and_grads(fl.ift_loss, policy, demos, None, cfg)
+    sft_value, sft_grads = loss_and_grads(fl.sft_route_loss, policy, demos, None, cfg)
+    ift_value, ift_grads = loss_and_grads(fl.ift_route_loss, policy, demos, None, cfg)
     assert ift_value == pytest.approx(sft_value, rel=1e-12)
     for g_ift, g_sft in zip(ift_grads, sft_grads):
         torch.testing.assert_close(g_ift, g_sft, rtol=1e-10, atol=1e-12)
@@ -262,7 +262,7 @@ def test_ift_relation_weights_match_hand_computation(setup):
     with torch.no_grad():
         losses = -fl.step_logps(policy, fl.one_hot(demos.chosen_states, env.n_states),
                                 demos.chosen_actions)[0].numpy()  # (T,)
-        value = fl.ift_loss(policy, demos, None, cfg).item()
+        value = fl.ift_route_loss(policy, demos, None, cfg).item()
     n = len(losses)
     suffix = [sum(0.95 ** (j - t) * losses[j] / n for j in range(t, n)) for t in range(n)]
     weights = np.array(suffix) * n / sum(suffix)
@@ -293,7 +293,7 @@ def test_dpo_at_reference_is_ln2(setup, family):
     cfg, env, chosen, rejected, pi_star, demos = setup
     policy = seeded_policy(family, env.n_states)
     ref = fl.reference_logps(policy, demos)
-    value, grads = loss_and_grads(fl.dpo_loss_fn, policy, demos, ref, cfg)
+    value, grads = loss_and_grads(fl.dpo_route_loss, policy, demos, ref, cfg)
     assert value == pytest.approx(math.log(2), rel=1e-12)
     policy.zero_grad()
     h = (fl.route_logps(policy, demos.chosen_states, demos.chosen_actions, env.n_states)
@@ -308,7 +308,7 @@ def test_orpo_matches_closed_form(setup):
     cfg, env, chosen, rejected, pi_star, demos = setup
     policy = seeded_policy("neural", env.n_states)
     with torch.no_grad():
-        value = fl.orpo_loss_fn(policy, demos, None, cfg).item()
+        value = fl.orpo_route_loss(policy, demos, None, cfg).item()
         lc = fl.route_logps(policy, demos.chosen_states, demos.chosen_actions, env.n_states)
         lr = fl.route_logps(policy, demos.rejected_states, demos.rejected_actions, env.n_states)
     p_chosen = math.exp(lc.item() / len(chosen.actions))  # length-normalised probabilities
@@ -325,7 +325,8 @@ def test_sft_is_mean_nll_of_the_optimal_route(setup):
     pi = fl.policy_matrix(policy, env.n_states)  # (S, A)
     expected = -np.mean([math.log(pi[s, a]) for s, a in zip(chosen.states, chosen.actions)])
     with torch.no_grad():
-        assert fl.sft_loss(policy, demos, None, cfg).item() == pytest.approx(expected, rel=1e-10)
+        value = fl.sft_route_loss(policy, demos, None, cfg).item()
+        assert value == pytest.approx(expected, rel=1e-10)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -351,7 +352,7 @@ def test_summarize_reports_the_sample_std():
 
 
 def test_one_seed_has_std_zero():
-    """With one seed the std is 0.0, not nan (compare.py's mean_std): summarize and mean_std."""
+    """With one seed the std is 0.0, not nan (ift.mean_std, shared): summarize and mean_std."""
     for entry in fl.summarize(fake_runs([0.4])).values():
         assert all(v == {"mean": 0.4, "std": 0.0} for v in entry.values())
     mean, std = fl.mean_std(np.array([[0.1, 0.2, 0.3]]))  # (seeds, steps + 1), as plot_curves
@@ -567,3 +568,15 @@ def test_main_prints_a_user_error_as_one_line(tmp_path, monkeypatch):
     message = exit_info.value.code  # sys.exit(str) prints it to stderr and exits with status 1
     assert isinstance(message, str) and message.startswith("error: --map: ")
     assert "\n" not in message and "no second route" in message
+
+
+def test_importing_leaves_matplotlib_alone_and_the_losses_keep_their_own_names():
+    """Importing frozen_lake loads no matplotlib (the backend is chosen where figures are drawn),
+    and no loss of its own reuses a loss name of ift.py (whose signatures differ)."""
+    code = ("import sys, frozen_lake, ift; print('matplotlib' in sys.modules, sorted("
+            "n for n in ('sft_loss', 'dpo_loss', 'orpo_loss', 'ift_loss') "
+            "if getattr(frozen_lake, n, None) not in (None, getattr(ift, n))))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=SCRIPT.parent, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "[]"]

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from collections import Counter
@@ -93,6 +94,8 @@ def test_prompt_and_padding_positions_get_zero_gradient(loss):
     assert grad[mask].abs().max() > 0
 
 
+@pytest.mark.temporal_residual
+@pytest.mark.exposure_bias
 def test_mix_replaces_answer_inputs_only():
     """x~ takes the prediction at answer inputs (position after a masked target), x elsewhere."""
     x = torch.tensor([[1, 2, 3, 4, 5, 6]])
@@ -114,6 +117,7 @@ def test_sft_loss_is_mean_token_nll_per_sequence_then_mean():
     assert loss.item() == pytest.approx(((1 + 3) / 2 + 2) / 2) and metrics == {}
 
 
+@pytest.mark.dpo
 def test_dpo_is_ln2_at_the_reference_with_closed_form_gradient():
     """DPO at pi = pi_ref is ln 2; its gradient is -beta * sigmoid(-beta h) / B per chosen logp."""
     logps = torch.tensor([-3.0, -7.0, -1.5])
@@ -147,6 +151,7 @@ def test_orpo_matches_independent_formula():
 # -----------------------------------------------------------------------------
 # relation propagation
 
+@pytest.mark.relation_propagation
 def test_relation_weights_closed_form_for_uniform_losses():
     """Equal losses: S_t = (1 - gamma^(N - t)) / (N (1 - gamma)), mean 1 (~1.64->0.13)."""
     N, gamma = 20, 0.95
@@ -157,6 +162,8 @@ def test_relation_weights_closed_form_for_uniform_losses():
     assert w[0, -1].item() == pytest.approx(0.1280, abs=1e-3)
 
 
+@pytest.mark.relation_propagation
+@pytest.mark.sft_reduction
 def test_relation_weights_masks_and_special_cases():
     """Zero off the answer, mean 1 on it; gamma = 0 gives the mask exactly."""
     torch.manual_seed(0)
@@ -169,6 +176,7 @@ def test_relation_weights_masks_and_special_cases():
     assert torch.equal(ift.relation_weights(losses, mask, 0.0), mask.float())
 
 
+@pytest.mark.relation_propagation
 def test_relation_weights_gradient_worked_example():
     """ift.py's worked gradient example: autograd = finite differences = its closed form."""
     # the closed form: dL/dl_j = (S_j + (1/N) sum_{t<=j} gamma^(j-t) (l_t - L)) / S, some of its
@@ -207,6 +215,8 @@ def test_relation_weights_gradient_worked_example():
 # -----------------------------------------------------------------------------
 # IFT: the reductions
 
+@pytest.mark.temporal_residual
+@pytest.mark.sft_reduction
 def test_ift_with_lam0_gamma0_is_sft_in_value_and_gradient():
     """IFT with lam = 0 and gamma = 0 equals SFT exactly, loss and every parameter gradient."""
     x, y, mask = toy_batch()
@@ -221,6 +231,7 @@ def test_ift_with_lam0_gamma0_is_sft_in_value_and_gradient():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-8, msg=name)
 
 
+@pytest.mark.sft_reduction
 def test_ift_differs_from_sft_when_lam_or_gamma_is_positive():
     """Each mechanism on its own moves the loss away from SFT's (the reduction is not trivial)."""
     model = tiny_model()
@@ -231,6 +242,8 @@ def test_ift_differs_from_sft_when_lam_or_gamma_is_positive():
     assert ift.ift_loss(model, x, y, mask, lam=0.0, gamma=0.95)[0].item() != pytest.approx(sft)
 
 
+@pytest.mark.temporal_residual
+@pytest.mark.exposure_bias
 def test_mix_leaves_the_first_answer_token_loss_unchanged():
     """One answer token per row: IFT equals SFT for any lam and gamma (its context is unmixed)."""
     model = tiny_model()
@@ -243,6 +256,9 @@ def test_mix_leaves_the_first_answer_token_loss_unchanged():
     torch.testing.assert_close(loss, sft)
 
 
+@pytest.mark.temporal_residual
+@pytest.mark.exposure_bias
+@pytest.mark.sft_reduction
 def test_mix_uses_the_models_own_predictions():
     """lam = 1, gamma = 0: IFT is SFT on inputs x~ rebuilt here from the model's own predictions."""
     model = tiny_model()
@@ -643,3 +659,28 @@ def test_torchrun_two_processes_match_one_process(tmp_path, loss):
     for name, w in weights.items():
         torch.testing.assert_close(ddp_weights[name], w, rtol=0, atol=1e-5, msg=name)
     assert ddp_eval["nll"] == pytest.approx(evals["nll"], rel=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# plumbing shared with the other programs
+
+def test_mean_std_is_the_sample_mean_and_std_along_the_first_axis():
+    """ift.mean_std against statistics.mean / stdev: floats for 1-D, per column for 2-D, std 0."""
+    values = [0.25, 0.5, 1.0, 0.125]
+    mean, std = ift.mean_std(values)
+    assert type(mean) is float and type(std) is float  # JSON-ready, as compare.py writes them
+    assert mean == pytest.approx(statistics.mean(values), rel=1e-12)
+    assert std == pytest.approx(statistics.stdev(values), rel=1e-12)
+    assert ift.mean_std([0.75]) == (0.75, 0.0)
+    rows = [[1.0, 2.0, 4.0], [3.0, 2.0, 0.0]]                                 # (seeds, steps)
+    mean, std = ift.mean_std(rows)
+    assert mean.tolist() == [2.0, 2.0, 2.0]
+    assert std.tolist() == pytest.approx([statistics.stdev(c) for c in zip(*rows)], rel=1e-12)
+    assert ift.mean_std([[1.0, 2.0]])[1].tolist() == [0.0, 0.0]
+
+
+def test_by_length_sorts_rows_by_their_chosen_length_and_keeps_ties_in_order():
+    """by_length (the unpadding precondition): shortest chosen sequence first, stable on ties."""
+    split = SimpleNamespace(chosen=[([0] * n, 1) for n in (5, 3, 5, 2, 3)])
+    assert ift.by_length(split, [0, 1, 2, 3, 4]) == [3, 1, 4, 0, 2]
+    assert ift.by_length(split, [4, 2, 1]) == [4, 1, 2]
