@@ -589,6 +589,8 @@ def bench(trainer, n):
     first batch, taking turns so background load slows both alike; prints the ratio."""
     model, args = trainer.model, trainer.args
     model.train()
+    if args.activation_checkpointing:  # as Trainer.train turns it on (default settings)
+        model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=args.learning_rate)
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -616,8 +618,13 @@ def bench(trainer, n):
           f"trained), vocab {model.get_input_embeddings().num_embeddings} | batch {x.shape[0]} x "
           f"T {x.shape[1]} ({int(real.sum())} real tokens) | {x.device}, "
           f"{torch.get_num_threads()} threads | median of {n} steps")
+    # FLOPs, a forward = 1: SFT 1 + 2 (the backward: activation and weight gradients), IFT one
+    # no-grad forward more: 4/3 (ift.IFT_COST). Under LoRA the frozen weights get no gradient
+    # (backward 1): 3/2. Gradient checkpointing adds a forward to both: 5/4, LoRA 4/3.
+    sft = 1 + (1 if hasattr(model, "get_base_model") else 2) + bool(args.activation_checkpointing)
     print(f"sft {ms['sft']:.1f} ms/step | ift {ms['ift']:.1f} ms/step | ift/sft "
-          f"{ms['ift'] / ms['sft']:.2f} (FLOP bound {ift.IFT_COST:.2f})")
+          f"{ms['ift'] / ms['sft']:.2f} (FLOP bound {(sft + 1) / sft:.2f}"
+          f"{', gradient checkpointing' if args.activation_checkpointing else ''})")
     return ms
 
 
@@ -627,6 +634,7 @@ def bench(trainer, n):
 def run(script, args, model_args):
     """Load, fine-tune, save and test, as the flags say; the test results (None off rank 0)."""
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     out = check_out_dir(args.output_dir, script.model, args.resume_from_checkpoint)
     model, tok = load_model(script.model, model_args, args.trust_remote_code)
