@@ -63,6 +63,7 @@ import csv
 import dataclasses
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -157,8 +158,11 @@ class Parser(trl.TrlParser):
 
 def parse_config(argv=None):
     """(ScriptArguments, IFTConfig, trl.ModelConfig) of `python ift_hf.py ...`."""
-    script, args, model_args = Parser((ScriptArguments, IFTConfig, trl.ModelConfig)) \
-        .parse_args_and_config(argv)
+    try:
+        script, args, model_args = Parser((ScriptArguments, IFTConfig, trl.ModelConfig)) \
+            .parse_args_and_config(argv)
+    except ValueError as e:  # e.g. a flag that no dataclass has
+        raise ift.UserError(f"{str(e).strip().splitlines()[0]} (see --help)") from None
     problems = [(not (script.model or model_args.model_name_or_path),
                  "--model is required: a local folder written by save_pretrained, or a hub id"),
                 (min(script.limit_rows, script.bench) < 0, "--limit_rows and --bench must be >= 0"),
@@ -167,7 +171,12 @@ def parse_config(argv=None):
                 (script.bench and ift.WORLD > 1, "--bench times one process: run it without "
                                                  "torchrun"),
                 (script.bench and script.loss == "sft", "--bench times IFT against SFT: leave "
-                                                        "out --loss sft")]
+                                                        "out --loss sft"),
+                (not (math.isfinite(args.learning_rate) and args.learning_rate > 0),
+                 f"--learning_rate must be a finite number > 0, got {args.learning_rate}"),
+                (not math.isfinite(args.max_grad_norm), "--max_grad_norm must be finite"),
+                (min(args.per_device_train_batch_size, args.gradient_accumulation_steps) < 1,
+                 "--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")]
     problem = next((message for bad, message in problems if bad), None)
     if problem:
         raise ift.UserError(problem)

@@ -571,9 +571,11 @@ def bad_folders(tmp_path_factory, folders):
     ("out_is_model", "holds or lies inside --model"),
     ("out_not_ours", "exists and was not written by ift_hf.py"),
     ("lam", "--lam must lie in [0, 1], got 1.5"),
+    ("nan_lr", "--learning_rate must be a finite number > 0, got nan"),
     ("packing", "--packing (packing=True) merges sequences: not with IFT"),
     ("loss_type", "--loss_type dft is another loss: not with IFT"),
     ("no_model", "--model is required"),
+    ("unknown_flag", "not used by the HfArgumentParser: ['--bogus', '1'] (see --help)"),
     ("bad_format", 'train.jsonl line 2: no accepted row format; a row is {"prompt", "completion"}'),
     ("bad_bytes", "train.jsonl line 2: byte 0xff at column 13 is not UTF-8"),
 ])
@@ -592,10 +594,14 @@ def test_bad_input_is_one_line_and_touches_nothing(case, message, folders, bad_f
         (out / "notes.txt").write_text("mine")
     elif case == "lam":
         extra = ["--lam", 1.5]
+    elif case == "nan_lr":
+        extra = ["--learning_rate", "nan"]
     elif case == "packing":
         extra = ["--packing"]
     elif case == "loss_type":
         extra = ["--loss_type", "dft"]
+    elif case == "unknown_flag":
+        extra = ["--bogus", 1]
     elif case in ("bad_format", "bad_bytes"):
         data = write_data(tmp_path / "bad")
         good = json.dumps(swap_rows()[0]).encode()
