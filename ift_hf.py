@@ -1,151 +1,327 @@
 """
-IFT on a real model: ift.py's loss on any Hugging Face causal LM, trained by transformers.Trainer.
+IFT on a real model: ift.py's loss as a TRL trainer. IFTTrainer is a trl.SFTTrainer whose loss is
+ift_loss below; IFTConfig is trl.SFTConfig plus IFT's knobs. Everything else (loading the rows,
+the chat template, tokenising, the collator, LoRA, gradient checkpointing, evaluation loss,
+checkpoints and resuming, logging, torchrun and accelerate) is TRL's and transformers' own.
+
+From Python, with your own model and dataset (any dataset SFTTrainer takes):
+
+    from ift_hf import IFTConfig, IFTTrainer
+    trainer = IFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
+                         args=IFTConfig(output_dir="out/ift", lam=0.2, gamma=0.95))
+    trainer.train()
+
+From the command line (every TrainingArguments, SFTConfig and trl ModelConfig flag works):
 
     pip install -r requirements.txt -r requirements-hf.txt
     python ift_hf.py --model DIR --data DIR                  # IFT, lam 0.2, gamma 0.95
-    python ift_hf.py --model DIR --data DIR --loss sft       # SFT: IFT with lam = 0, gamma = 0
-    python ift_hf.py --model DIR --data DIR --frozen-embeddings   # as the official trainer
+    python ift_hf.py --model DIR --data DIR --loss sft       # IFT with lam = 0, gamma = 0
+    python ift_hf.py --model DIR --data DIR --use_peft       # LoRA (--lora_r, --lora_alpha, ...)
     torchrun --nproc_per_node=8 ift_hf.py --model DIR --data DIR  # data parallel, one GPU each
     accelerate launch ift_hf.py --model DIR --data DIR       # the same, from accelerate's config
     python ift_hf.py --model DIR --data DIR --bench 20       # time IFT's step against SFT's
     python ift_hf.py --help                                  # every setting
 
---model is a local folder in save_pretrained layout (config.json, the weights, the tokenizer's
-files): this program never downloads. --data holds train.jsonl and test.jsonl in ift.py's schema
-(task, prompt, chosen; rejected for preference accuracy). It trains on train.jsonl, writes a
-folder that from_pretrained loads (--out-dir: the model, the tokenizer, ift_hf.json with this
-run's settings, log.csv, eval.json) and tests on test.jsonl with ift.py's table. A prompt goes
-through the tokenizer's chat template if it has one, as a user turn; the answer's tokens and an
-end-of-sequence token are the targets, the prompt is masked. Rows longer than the model's
-context (or --max-length) are dropped, with a note. Distribution is the Trainer's: one process
-(CPU, one CUDA GPU with bf16, MPS), torchrun, accelerate launch; FSDP and DeepSpeed through
-accelerate's config. This file adds no distribution code of its own.
+--model is a local folder in save_pretrained layout, or a hub id. --data holds train.jsonl and
+maybe val.jsonl (the evaluation loss during training) and test.jsonl (ift.py's exact-match table
+at the end). A row is prompt/completion, messages, text (TRL's formats) or this project's
+{task, prompt, chosen, rejected} (task and rejected optional). Those last rows become
+prompt/completion rows: a user turn and an assistant turn when the tokenizer has a chat template,
+else the prompt, --separator, the answer, as strings.
 
-What differs from ift.py's ift_loss, and why (everything else is ift.py's own functions:
-shifted_predictions, sequence_logps, relation_weights, sft_loss, lam_at, the data rows):
-  1. The mix. ift.py's GPT takes the mixed embeddings as its input (tok_emb). Here the mix
-     replaces the output of the model's own input-embedding layer, get_input_embeddings(), inside
-     the model's forward (a forward hook): the same tensor that inputs_embeds would carry, so any
-     causal LM works, and wrappers that hold E's weight only during the forward (FSDP, DeepSpeed
-     ZeRO-3) see an ordinary forward. test_ift_hf.py checks it against inputs_embeds and against
-     ift.ift_loss on a transplanted lesson GPT, to float32 rounding.
-  2. The no-grad pass keeps only the logits from the batch's first answer position on
-     (logits_to_keep, where the model takes it): a real model's output layer over a 32k-150k
-     vocabulary is a large share of a forward. ift.py computes all of them (402 tokens: cheap).
-  3. lam = 0 (--loss sft) skips the no-grad pass: the mix is E(x) whatever yhat is, so the loss,
-     exactly SFT's, costs what SFT costs.
-  4. The attention mask is passed (real), as some models need it; positions stay 0..T-1 with
-     right padding, as in ift.py.
-  5. --frozen-embeddings: the official trainer's IFT, which feeds both forwards from a frozen
-     copy of E (ift.py's departure 4): the mix is detached, so the input embeddings get no
-     gradient from the inputs; an untied model's stay fixed (they are also frozen for the
-     optimizer), a tied model's (GPT-2) still learn through the output layer.
+What the trainer does beyond SFTTrainer, and why:
+  1. The loss. compute_loss turns TRL's batch (input_ids, attention_mask, labels) into ift.py's
+     x, y, mask, real and calls ift_loss, the function test_ift_hf.py proves equal to
+     ift.ift_loss on a lesson GPT copied into GPT-2. The log adds nll_loss (the mean answer-token
+     NLL of the same forward) and lam. The loss is a mean per sequence, then over sequences, as
+     ift.py's and the official code's; SFTTrainer's own loss is a mean over the batch's tokens.
+  2. The mix. ift.py's GPT takes mixed embeddings as input; here the mix replaces the output of
+     the model's get_input_embeddings() inside its forward (a forward hook): the tensor
+     inputs_embeds would carry, so any causal LM works, and wrappers that hold E's weight only
+     during the forward (FSDP, DeepSpeed ZeRO-3) see an ordinary forward.
+  3. The no-grad pass keeps only the logits from the batch's first answer position on
+     (logits_to_keep, asked of the model inside any PEFT or DDP wrapper): a real model's output
+     layer is a large share of a forward. lam = 0 skips that pass: the loss is then SFT's.
+  4. Weights in float32 whatever the checkpoint's dtype (half_weights keeps the checkpoint's
+     half precision, as the official recipe's pure bf16): updates of a small lr fall below
+     bf16's resolution and are lost. --bf16 is autocast over those weights, on by default only
+     on CUDA (SFTConfig turns it on everywhere). The saved model is float32 (LoRA: the adapter).
+  5. Dropout off in both passes (disable_dropout, LoRA's dropout too), as the official trainer.
+  6. The target ends where the chat template ends an assistant turn (its end-of-turn token,
+     which may differ from the tokenizer's eos): TRL renders conversational rows so. That token
+     is added to the model's generation_config, so generate() stops there. Messages rows train
+     (loss and mix) on every assistant turn, as the official code: assistant_only_loss is on for
+     them unless set (the template needs {% generation %} marks, or one TRL knows).
+  7. Refused, in one line: options that merge sequences or change the forward's logits
+     (packing, padding_free, Liger kernels, loss_type other than nll, label smoothing).
+  8. --frozen_embeddings: the official trainer's IFT, which feeds both forwards from a frozen
+     copy of E: the mix is detached, an untied model's input embeddings stay fixed, a tied
+     model's (GPT-2) still learn through the output layer.
 """
 
 import csv
 import dataclasses
 import inspect
 import json
+import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the network: a model is a local folder
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-import torch  # noqa: E402 (after the environment above, which transformers reads on import)
+import datasets  # noqa: E402 (after the environment above, which transformers reads on import)
+import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers.trainer_callback import PrinterCallback, TrainerCallback  # noqa: E402
+import trl  # noqa: E402
+from trl.data_utils import common_prefix_length  # noqa: E402
+from trl.trainer.utils import disable_dropout_in_model  # noqa: E402
 
 import ift  # noqa: E402
 
 # -----------------------------------------------------------------------------
-# Config
+# Config: trl.SFTConfig plus IFT's fields; the command line's own few
 
 
 @dataclass
-class HFConfig:
-    model: str = ift.arg("", "local folder of a causal LM in save_pretrained layout (required)")
-    data: str = ift.arg(str(ift.HERE / "data"), "folder with train.jsonl and test.jsonl")
-    out_dir: str = ift.arg("", "output folder, a from_pretrained folder; empty = out/hf-<loss>")
-    loss: str = ift.arg("ift", "ift, or sft (IFT with lam = 0 and gamma = 0)", ("ift", "sft"))
-    lam: float = ift.arg(0.2, "IFT lambda: weight of the model's own predictions in its inputs")
-    gamma: float = ift.arg(0.95, "IFT relation-propagation decay; 0 = uniform token weights")
-    detach_weights: bool = ift.arg(False, "IFT: constant relation weights (the official code: not)")
-    lam_schedule: str = ift.arg("constant", "IFT lambda schedule, as ift.py's",
-                                ("constant", "warmup", "noisy"))
-    frozen_embeddings: bool = ift.arg(False, "mix a frozen copy of the input embeddings, as the "
-                                      "official trainer (their inputs get no gradient)")
-    max_steps: int = ift.arg(500, "optimizer steps")
-    batch_size: int = ift.arg(8, "sequences per optimizer step, over all processes")
-    grad_accum: int = ift.arg(1, "micro-batches per step in each process (gradient accumulation)")
-    lr: float = ift.arg(1e-5, "peak learning rate (AdamW)")
-    min_lr_ratio: float = ift.arg(0.1, "final lr as a fraction of the peak (cosine decay)")
-    warmup_steps: int = ift.arg(10, "linear warm-up steps")
-    weight_decay: float = ift.arg(0.0, "AdamW weight decay")
-    grad_clip: float = ift.arg(1.0, "clip the gradient norm (0 = off)")
-    seed: int = ift.arg(1337, "seed of the batch order (and of the noisy lam)")
-    max_length: int = ift.arg(0, "drop rows longer than this many tokens (0 = the model's context)")
-    max_new_tokens: int = ift.arg(64, "generation budget per test answer")
-    eval_batch_size: int = ift.arg(32, "test rows per generation batch")
-    log_interval: int = ift.arg(10, "steps between log lines")
-    limit_rows: int = ift.arg(0, "use only the first N rows of each split (0 = all; for tests)")
-    device: str = ift.arg("auto", "auto picks cuda, then mps, then cpu",
-                          ("auto", "cpu", "cuda", "mps"))
-    bf16: str = ift.arg("auto", "bf16 mixed precision (auto = on for cuda)", ("auto", "on", "off"))
-    bench: int = ift.arg(0, "instead of training: time this many IFT and SFT steps on the first "
-                         "batch, taking turns, and print the ratio")
+class IFTConfig(trl.SFTConfig):
+    """trl.SFTConfig (so transformers.TrainingArguments) with IFT's settings. Defaults that
+    differ from SFTConfig's: bf16 (on only where CUDA is), assistant_only_loss (on for messages
+    rows), and the dropout that disable_dropout switches off."""
+
+    lam: float = field(default=0.2, metadata={"help": "IFT lambda: weight of the model's own "
+                                              "predictions in its inputs (0 = SFT)"})
+    gamma: float = field(default=0.95, metadata={"help": "IFT relation-propagation decay; "
+                                                 "0 = uniform token weights"})
+    detach_weights: bool = field(default=False, metadata={
+        "help": "IFT: constant relation weights (the official code lets gradient through them)"})
+    lam_schedule: str = field(default="constant", metadata={
+        "help": "lam per step, as ift.py: constant, warmup (0 -> lam over the warm-up steps) or "
+                "noisy (lam + N(0, 1) lam / 2, the official code's option)",
+        "choices": ["constant", "warmup", "noisy"]})
+    frozen_embeddings: bool = field(default=False, metadata={
+        "help": "mix a frozen copy of the input embeddings, as the official trainer"})
+    disable_dropout: bool = field(default=True, metadata={
+        "help": "switch every dropout off (both passes), as the official trainer"})
+    half_weights: bool = field(default=False, metadata={
+        "help": "train the weights in the model's own half precision (pure bf16, as the "
+                "official recipe); default: float32 weights"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 autocast (mixed precision); default: on where CUDA is, else off"})
+    assistant_only_loss: bool | None = field(default=None, metadata={
+        "help": "loss on assistant tokens only; default: on for messages rows, else off"})
+
+    def __post_init__(self):
+        for name in ("lam", "gamma"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ift.UserError(f"--{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.bf16 is None:
+            self.bf16 = torch.cuda.is_available() and not self.use_cpu and not self.fp16
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new) is None:  # SFTConfig's default under transformers' new name
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
+        super().__post_init__()
 
 
-def config_problem(cfg):
-    """The first problem with an HFConfig's values, as one line, or None."""
-    problems = [
-        (not cfg.model, "--model is required: a local folder written by save_pretrained"),
-        *[(not 0 <= getattr(cfg, k) <= 1, f"--{k.replace('_', '-')} must lie in [0, 1], got "
-           f"{getattr(cfg, k)}") for k in ("lam", "gamma", "min_lr_ratio")],
-        (cfg.lr <= 0, f"--lr must be > 0, got {cfg.lr}"),
-        (min(cfg.weight_decay, cfg.grad_clip) < 0, "--weight-decay and --grad-clip must be >= 0"),
-        (not 0 <= cfg.seed < 2**31, f"--seed must lie in [0, 2^31), got {cfg.seed}"),
-        (min(cfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.max_new_tokens,
-             cfg.eval_batch_size, cfg.log_interval) < 1, "--max-steps, --batch-size, "
-         "--grad-accum, --max-new-tokens, --eval-batch-size and --log-interval must be >= 1"),
-        (min(cfg.warmup_steps, cfg.max_length, cfg.limit_rows, cfg.bench) < 0,
-         "--warmup-steps, --max-length, --limit-rows and --bench must be >= 0"),
-        (cfg.batch_size % (ift.WORLD * cfg.grad_accum), f"--batch-size {cfg.batch_size} must be "
-         f"divisible by {ift.WORLD} process(es) x --grad-accum {cfg.grad_accum}"),
-        (cfg.bench and ift.WORLD > 1, "--bench times one process: run it without torchrun"),
-        (cfg.bench and cfg.loss == "sft", "--bench times IFT against SFT: leave out --loss sft"),
-    ]
-    return next((message for bad, message in problems if bad), None)
+@dataclass
+class ScriptArguments:
+    """The command line's own settings (IFTConfig and trl.ModelConfig give the rest)."""
+
+    model: str = field(default="", metadata={"help": "local folder of a causal LM in "
+                                             "save_pretrained layout, or a hub id (required)"})
+    data: str = field(default=str(ift.HERE / "data"), metadata={
+        "help": "folder with train.jsonl, maybe val.jsonl and test.jsonl"})
+    loss: str = field(default="ift", metadata={
+        "help": "ift, or sft (IFT with lam = 0 and gamma = 0)", "choices": ["ift", "sft"]})
+    separator: str = field(default="\n", metadata={
+        "help": "between prompt and answer of this project's rows when the tokenizer has no chat "
+                "template ('' joins them as SFTTrainer does)"})
+    limit_rows: int = field(default=0, metadata={"help": "use only the first N rows of each "
+                                                 "file (0 = all)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "generation budget per test row"})
+    eval_batch_size: int = field(default=32, metadata={"help": "test rows per generation batch"})
+    bench: int = field(default=0, metadata={"help": "instead of training: time this many IFT "
+                                            "and SFT steps on the first batch, print the ratio"})
+
+
+class Parser(trl.TrlParser):
+    """TrlParser that reports a bad command line in one line, as ift.py's parser does."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse_config(argv=None):
-    """The HFConfig of `python ift_hf.py ...`: flags, checks, and the loss's defaults filled in."""
-    cfg = ift.parse_flags(HFConfig, argv, check=config_problem,
-                          description=__doc__.split("\n\n")[0].strip())
-    if cfg.loss == "sft":  # SFT is IFT with lam = 0 and gamma = 0 (ift.py's reduction)
-        cfg.lam, cfg.gamma, cfg.lam_schedule = 0.0, 0.0, "constant"
-    cfg.out_dir = cfg.out_dir or str(Path("out") / f"hf-{cfg.loss}")
-    return cfg
+    """(ScriptArguments, IFTConfig, trl.ModelConfig) of `python ift_hf.py ...`."""
+    try:
+        script, args, model_args = Parser((ScriptArguments, IFTConfig, trl.ModelConfig)) \
+            .parse_args_and_config(argv)
+    except ValueError as e:  # e.g. a flag that no dataclass has
+        raise ift.UserError(f"{str(e).strip().splitlines()[0]} (see --help)") from None
+    problems = [(not (script.model or model_args.model_name_or_path),
+                 "--model is required: a local folder written by save_pretrained, or a hub id"),
+                (min(script.limit_rows, script.bench) < 0, "--limit_rows and --bench must be >= 0"),
+                (min(script.max_new_tokens, script.eval_batch_size) < 1,
+                 "--max_new_tokens and --eval_batch_size must be >= 1"),
+                (script.bench and ift.WORLD > 1, "--bench times one process: run it without "
+                                                 "torchrun"),
+                (script.bench and script.loss == "sft", "--bench times IFT against SFT: leave "
+                                                        "out --loss sft"),
+                (not (math.isfinite(args.learning_rate) and args.learning_rate > 0),
+                 f"--learning_rate must be a finite number > 0, got {args.learning_rate}"),
+                (not math.isfinite(args.max_grad_norm), "--max_grad_norm must be finite"),
+                (min(args.per_device_train_batch_size, args.gradient_accumulation_steps) < 1,
+                 "--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")]
+    problem = next((message for bad, message in problems if bad), None)
+    if problem:
+        raise ift.UserError(problem)
+    script.model = script.model or model_args.model_name_or_path
+    if script.loss == "sft":  # SFT is IFT with lam = 0 and gamma = 0 (ift.py's reduction)
+        args.lam, args.gamma, args.lam_schedule = 0.0, 0.0, "constant"
+    if args.output_dir == "trainer_output":  # TrainingArguments' default: none given
+        args.output_dir = str(Path("out") / f"hf-{script.loss}")
+    if model_args.dtype in ("bfloat16", "float16"):  # asked for explicitly: pure half precision
+        args.half_weights = True
+    if isinstance(args.resume_from_checkpoint, str) and args.resume_from_checkpoint.lower() in (
+            "true", "last"):
+        args.resume_from_checkpoint = True  # Trainer.train: the output folder's last checkpoint
+    return script, args, model_args
 
 
 # -----------------------------------------------------------------------------
-# The model and its tokenizer, from a local folder, checked
+# Data: rows of any accepted format; this project's rows bridged to prompt/completion
+
+FORMATS = ('{"prompt", "completion"} (text or message lists), {"messages": [...]}, {"text"}, '
+           'or this project\'s {"prompt", "chosen"} (task, rejected optional)')
+
+
+def read_rows(path, limit=0):
+    """The JSON objects of a JSON-lines file, each checked to be of one accepted format (all of
+    the file's of the same one); errors name the file and the line, as ift.load_rows'."""
+    path, rows, kinds = Path(path), [], set()
+    if not path.is_file():
+        raise ift.UserError(f"{path}: data file not found (pass --data with a folder holding "
+                            f"train.jsonl)")
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ift.UserError(f"{path} line {lineno}: byte {e.object[e.start]:#04x} at "
+                                    f"column {e.start + 1} is not UTF-8; save the file as UTF-8"
+                                    ) from None
+            except json.JSONDecodeError as e:
+                raise ift.UserError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+            kind = row_format(row)
+            if kind is None:
+                raise ift.UserError(f"{path} line {lineno}: no accepted row format; a row is "
+                                    f"{FORMATS}")
+            kinds.add(kind)
+            if len(kinds) > 1:
+                raise ift.UserError(f"{path} line {lineno}: a {kind} row among {kinds - {kind}} "
+                                    f"rows; keep one format per file")
+            rows.append(row)
+            if limit and len(rows) == limit:
+                break
+    if not rows:
+        raise ift.UserError(f"{path}: no rows")
+    return rows
+
+
+def row_format(row):
+    """"ift", "prompt/completion", "messages", "text", or None: which format a row has."""
+    def turns(v):  # a message list: [{"role": str, "content": str}, ...]
+        return isinstance(v, list) and v and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and
+            isinstance(m.get("content"), str) for m in v)
+    if not isinstance(row, dict):
+        return None
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("chosen"), str) and all(
+            isinstance(row.get(k, ""), str) for k in ("task", "rejected")):
+        return "ift"
+    p, c = row.get("prompt"), row.get("completion")
+    if (isinstance(p, str) and isinstance(c, str)) or (turns(p) and turns(c)):
+        return "prompt/completion"
+    if turns(row.get("messages")):
+        return "messages"
+    return "text" if isinstance(row.get("text"), str) else None
+
+
+def bridge_row(row, tok, separator):
+    """This project's row as TRL's prompt/completion row: a user turn and an assistant turn if
+    tok has a chat template (the template then ends the answer), else strings joined by the
+    separator (SFTTrainer appends the eos)."""
+    if tok.chat_template:
+        return {"prompt": [{"role": "user", "content": row["prompt"]}],
+                "completion": [{"role": "assistant", "content": row["chosen"]}]}
+    return {"prompt": row["prompt"] + separator, "completion": row["chosen"]}
+
+
+def to_dataset(rows, tok, separator):
+    """A datasets.Dataset that SFTTrainer takes: TRL's rows as they are, this project's bridged."""
+    if row_format(rows[0]) == "ift":
+        rows = [bridge_row(r, tok, separator) for r in rows]
+    return datasets.Dataset.from_list(rows)
+
+
+def encode_pair(tok, prompt, completion):
+    """(ids, prompt length) of one prompt/completion row, tokenised as SFTTrainer does (the
+    parity test checks it): the template around message lists, the eos after a text."""
+    if isinstance(prompt, list):
+        def render(msgs, **kw):
+            return tok.apply_chat_template(msgs, tokenize=True, return_dict=True, **kw)[
+                "input_ids"]
+        prompt_ids, ids = render(prompt, add_generation_prompt=True), render(prompt + completion)
+    else:
+        eos = "" if completion.endswith(tok.eos_token) else tok.eos_token
+        prompt_ids, ids = tok(text=prompt)["input_ids"], tok(text=prompt + completion + eos)[
+            "input_ids"]
+    return ids, common_prefix_length(prompt_ids, ids)
+
+
+def trl_batch(inputs):
+    """SFTTrainer's collated batch (input_ids, attention_mask, labels: (B, L), right-padded)
+    -> ift.make_batch's x, y, mask, real (B, T), T = L - 1: the same shift by one."""
+    if not {"input_ids", "attention_mask", "labels"} <= set(inputs):
+        raise ift.UserError(f"the batch holds {sorted(inputs)}; IFT needs input_ids, "
+                            f"attention_mask and labels (SFTTrainer's own collator)")
+    ids, labels = inputs["input_ids"], inputs["labels"]                     # (B, L)
+    real = inputs["attention_mask"][:, 1:].bool()                           # (B, T)
+    mask = (labels[:, 1:] != -100) & real     # y[t] = ids[t + 1] is a target: labels say which
+    return (ids[:, :-1].masked_fill(~real, 0), ids[:, 1:].masked_fill(~real, 0), mask, real)
+
+
+def end_of_turn(tok):
+    """The token that closes an assistant turn in tok's chat template: the first special token
+    after the answer's text; the eos without a template or without such a token."""
+    if not tok.chat_template:
+        return tok.eos_token_id
+    text = tok.apply_chat_template([{"role": "user", "content": "q"},
+                                    {"role": "assistant", "content": "ANSWER"}], tokenize=False)
+    tail = tok(text[text.rindex("ANSWER") + len("ANSWER"):], add_special_tokens=False)
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items()
+                                          if t.special}
+    return next((i for i in tail["input_ids"] if i in special), tok.eos_token_id)
+
+
+# -----------------------------------------------------------------------------
+# The model and its tokenizer, from a local folder (checked) or a hub id
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                    "spiece.model")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "auto": "auto"}
 
 
-def load_model(path):
-    """(model, tokenizer) from a local save_pretrained folder; a bad folder is one UserError."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ift.UserError(f"--model {path}: not a local folder; pass a folder written by "
-                            f"save_pretrained (config.json, weights, tokenizer files): ift_hf.py "
-                            f"never downloads")
+def check_folder(path):
+    """A local model folder's problem as a UserError: no config, not a causal LM, no tokenizer."""
     if not (path / "config.json").is_file():
         raise ift.UserError(f"--model {path}: no config.json; pass a folder written by "
                             f"save_pretrained")
@@ -164,59 +340,43 @@ def load_model(path):
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ift.UserError(f"--model {path}: no tokenizer files; save the tokenizer there too "
                             f"(tokenizer.save_pretrained(DIR))")
+
+
+def load_model(name, model_args, trust_remote_code=False):
+    """(model, tokenizer) from a local folder or a hub id, in model_args.dtype (float32 unless
+    asked); any problem is one UserError."""
+    path, local = Path(name), Path(name).exists()
+    if local and not path.is_dir():
+        raise ift.UserError(f"--model {name}: a file, not a folder written by save_pretrained")
+    if local:
+        check_folder(path)
+    kwargs = {"revision": model_args.model_revision,
+              "trust_remote_code": trust_remote_code}
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # a corrupt or missing weights file, a tokenizer that cannot load
-        raise ift.UserError(f"--model {path}: cannot load it ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120]})") from None
+        tok = transformers.AutoTokenizer.from_pretrained(name, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            name, dtype=DTYPES[model_args.dtype or "float32"],
+            attn_implementation=model_args.attn_implementation, **kwargs)
+    except Exception as e:  # a corrupt weights file, a tokenizer that cannot load, no network
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        if not local:
+            raise ift.UserError(f"--model {name}: no such local folder, and the hub did not give "
+                                f"it (offline, HF_HUB_OFFLINE=1, or no such model); where there is "
+                                f"a network run `hf download {name} --local-dir DIR`, then pass "
+                                f"--model DIR") from None
+        raise ift.UserError(f"--model {name}: cannot load it ({type(e).__name__}: {first})"
+                            ) from None
     if tok.eos_token_id is None:
-        raise ift.UserError(f"--model {path}: the tokenizer has no end-of-sequence token; set "
+        raise ift.UserError(f"--model {name}: the tokenizer has no end-of-sequence token; set "
                             f"tokenizer.eos_token and save it")
-    try:
-        E = model.get_input_embeddings()
-    except NotImplementedError:
-        E = None
+    E = model.get_input_embeddings()
     if not isinstance(E, torch.nn.Embedding):
-        raise ift.UserError(f"--model {path}: its input embeddings are not a torch.nn.Embedding "
+        raise ift.UserError(f"--model {name}: its input embeddings are not a torch.nn.Embedding "
                             f"(get_input_embeddings()); IFT mixes token embeddings")
     if len(tok) > E.num_embeddings:
-        raise ift.UserError(f"--model {path}: the tokenizer has {len(tok)} tokens, the model's "
+        raise ift.UserError(f"--model {name}: the tokenizer has {len(tok)} tokens, the model's "
                             f"embedding {E.num_embeddings}: they do not belong together")
     return model, tok
-
-
-def context_length(model, cfg):
-    """The most tokens a row's input may have: the model's context, or less (--max-length)."""
-    n = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None)
-    if not (n or cfg.max_length):
-        raise ift.UserError(f"--model {cfg.model}: its config gives no context length; pass "
-                            f"--max-length")
-    return min(k for k in (n, cfg.max_length) if k)
-
-
-class HFSplit(ift.Split):
-    """ift.Split encoded with a Hugging Face tokenizer: the prompt (in the chat template, if the
-    tokenizer has one, as a user turn), then the answer and the end-of-sequence token."""
-
-    too_long = "the model's context, or --max-length if that is lower"
-
-    def encode(self, prompt, answer):
-        tok = self.enc
-        try:
-            if tok.chat_template:
-                text = tok.apply_chat_template([{"role": "user", "content": prompt}],
-                                               add_generation_prompt=True, tokenize=False)
-                prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
-            else:  # the tokenizer's own special tokens (e.g. BOS), then the prompt's text
-                prompt_ids = tok(prompt, split_special_tokens=True)["input_ids"]
-            answer_ids = tok(answer, add_special_tokens=False, split_special_tokens=True)[
-                "input_ids"]
-        except (TypeError, ValueError) as e:  # e.g. an unpaired surrogate in the JSON text
-            raise ift.UserError(f"the tokenizer cannot encode the row {prompt[:40]!r} -> "
-                                f"{answer[:40]!r} ({type(e).__name__})") from None
-        return prompt_ids + answer_ids + [tok.eos_token_id], len(prompt_ids)
 
 
 # -----------------------------------------------------------------------------
@@ -225,15 +385,17 @@ class HFSplit(ift.Split):
 def ift_loss(model, x, y, mask, lam=0.2, gamma=0.95, detach_weights=False, real=None,
              frozen_embeddings=False):
     """ift.ift_loss's arguments (x, y, mask, real (B, T) from ift.make_batch) and result, for a
-    Hugging Face causal LM (maybe inside DDP); frozen_embeddings detaches the mix."""
-    hf = getattr(model, "module", model)                 # under DDP: the model inside it
+    Hugging Face causal LM (maybe inside DDP or PEFT); frozen_embeddings detaches the mix."""
+    hf = getattr(model, "module", model)                   # under DDP: the model inside it
+    inner = hf.get_base_model() if hasattr(hf, "get_base_model") else hf  # under PEFT: its model
     attention_mask = None if real is None else real.long()
     x_tilde = None
     if lam > 0:
         with torch.no_grad():  # 1. inference one step ahead, from the first answer position on
             first = int(mask.any(0).nonzero()[0])
             keep = ({"logits_to_keep": torch.arange(first, x.shape[1], device=x.device)}
-                    if "logits_to_keep" in inspect.signature(hf.forward).parameters else {})
+                    if "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+                    else {})  # the class's forward: TRL's patch and PEFT hide it behind **kwargs
             logits = model(input_ids=x, attention_mask=attention_mask, **keep).logits
             yhat = torch.zeros_like(x)                                      # (B, T)
             yhat[:, first:] = logits[:, first - x.shape[1]:].argmax(-1)     # (B, T - first)
@@ -256,108 +418,137 @@ def ift_loss(model, x, y, mask, lam=0.2, gamma=0.95, detach_weights=False, real=
 
 
 # -----------------------------------------------------------------------------
-# Training through transformers.Trainer
+# The trainer: SFTTrainer with ift_loss
 
-class IFTTrainer(transformers.Trainer):
-    """transformers.Trainer whose loss is ift_loss. Its log lines add, as TRL's trainers name
-    them, nll_loss (the mean answer-token NLL of the same forward) and lam."""
+def incompatible(args, compute_loss_func):
+    """The first SFTConfig option IFT cannot honour, as one line, or None."""
+    why = "IFT needs every sequence alone, padded, with the model's own logits at every position"
+    options = [(args.packing, "--packing (packing=True) merges sequences"),
+               (args.padding_free, "--padding_free (padding_free=True) merges sequences"),
+               (args.eval_packing, "--eval_packing merges sequences"),
+               (args.use_liger_kernel, "--use_liger_kernel replaces the model's layers and loss"),
+               (args.loss_type != "nll", f"--loss_type {args.loss_type} is another loss"),
+               (args.label_smoothing_factor > 0, "--label_smoothing_factor changes the loss"),
+               (compute_loss_func is not None, "compute_loss_func replaces the loss")]
+    return next((f"{what}: not with IFT ({why}); leave it out" for bad, what in options if bad),
+                None)
 
-    loss_is_scaled_for_ga = False  # a mean per batch: the Trainer divides it by --grad-accum
 
-    def __init__(self, *args, ift_cfg, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.ift_cfg = ift_cfg
-        self.lam_noise = torch.randn(ift_cfg.max_steps,
-                                     generator=torch.Generator().manual_seed(ift_cfg.seed + 1))
-        self.since_log = {"nll_loss": [], "lam": []}
+class IFTTrainer(trl.SFTTrainer):
+    """trl.SFTTrainer whose loss is ift_loss, configured by IFTConfig (the module docstring
+    lists what it adds to SFTTrainer). Its log adds nll_loss and lam."""
+
+    loss_is_scaled_for_ga = False  # a mean per batch: the Trainer divides it by the accumulation
+    _tag_names = ["trl", "sft", "ift"]
+
+    def __init__(self, model, args=None, train_dataset=None, **kwargs):
+        if not isinstance(args, IFTConfig):
+            raise ift.UserError("IFTTrainer takes an IFTConfig as args (SFTConfig plus lam, "
+                                "gamma, ...)")
+        problem = incompatible(args, kwargs.get("compute_loss_func"))
+        if problem:
+            raise ift.UserError(problem)
+        if args.assistant_only_loss is None:  # messages rows: every assistant turn, as official
+            args.assistant_only_loss = train_dataset is not None and "messages" in next(
+                iter(train_dataset))
+        super().__init__(model, args=args, train_dataset=train_dataset, **kwargs)
+        m = self.model
+        peft = hasattr(m, "get_base_model")
+        if not args.half_weights:  # float32 weights (see the docstring, 4.)
+            if peft:
+                for p in m.parameters():
+                    if p.requires_grad and p.dtype != torch.float32:
+                        p.data = p.data.float()
+            else:
+                m.float()
+        if args.disable_dropout:
+            disable_dropout_in_model(m)
+        out_emb = m.get_output_embeddings()
+        if args.frozen_embeddings and (out_emb is None or out_emb.weight is not
+                                       m.get_input_embeddings().weight):
+            m.get_input_embeddings().requires_grad_(False)  # untied: no gradient reaches them
+        eot, gen = end_of_turn(self.processing_class), m.generation_config
+        stops = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [
+            i for i in (gen.eos_token_id,) if i is not None]
+        if eot not in stops:  # generate() stops where the template ends a turn
+            gen.eos_token_id = [eot, *stops]
+
+    def lam_now(self):
+        """lam at this optimizer step, by ift.lam_at (the noise: seeded by the seed and step)."""
+        step, args = self.state.global_step, self.args
+        noise = (torch.randn(1, generator=torch.Generator().manual_seed(args.seed + 1 + step))
+                 .item() if args.lam_schedule == "noisy" else 0.0)
+        warmup = args.get_warmup_steps(self.state.max_steps) if self.state.max_steps else 0
+        return ift.lam_at(SimpleNamespace(lam=args.lam, lam_schedule=args.lam_schedule,
+                                          warmup_steps=warmup), step, noise)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        cfg, step = self.ift_cfg, min(self.state.global_step, self.ift_cfg.max_steps - 1)
-        lam = ift.lam_at(cfg, step, self.lam_noise[step].item())
-        loss, metrics = ift_loss(model, inputs["x"], inputs["y"], inputs["mask"], lam, cfg.gamma,
-                                 cfg.detach_weights, inputs["real"], cfg.frozen_embeddings)
-        self.since_log["nll_loss"].append(metrics["nll"].item())
-        self.since_log["lam"].append(lam)
-        return loss
+        x, y, mask, real = trl_batch(inputs)
+        lam, args = self.lam_now(), self.args
+        loss, metrics = ift_loss(model, x, y, mask, lam, args.gamma, args.detach_weights, real,
+                                 args.frozen_embeddings)
+        mode = "train" if model.training else "eval"
+        self._metrics[mode]["nll_loss"].append(
+            self.accelerator.gather_for_metrics(metrics["nll"]).mean().item())
+        self._metrics[mode]["lam"].append(lam)
+        return (loss, None) if return_outputs else loss
 
-    def log(self, logs, start_time=None):
-        if "loss" in logs and self.since_log["lam"]:  # means since the last log, over processes
-            means = torch.tensor([sum(v) / len(v) for v in self.since_log.values()],
-                                 device=self.args.device)
-            if self.args.world_size > 1:
-                means = self.accelerator.reduce(means, reduction="mean")
-            logs.update(zip(self.since_log, means.tolist()))
-            self.since_log = {k: [] for k in self.since_log}
-        super().log(logs, start_time)
-
-
-class LogLine(TrainerCallback):
-    """One line per logging step on the main process, as ift.py prints them."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs and "loss" in logs:
-            extra = "".join(f" | {k} {logs[k]:.4f}" for k in ("nll_loss", "lam") if k in logs)
-            print(f"step {state.global_step:5d} | loss {logs['loss']:.4f}{extra} | lr "
-                  f"{logs.get('learning_rate', 0):.1e} | grad_norm {logs.get('grad_norm', 0):.3f}",
-                  flush=True)
-
-
-def training_args(cfg, device, out_dir):
-    """transformers.TrainingArguments from cfg: the Trainer does the rest (devices, processes)."""
-    return transformers.TrainingArguments(
-        output_dir=str(out_dir), report_to="none", save_strategy="no", disable_tqdm=True,
-        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size // (
-            ift.WORLD * cfg.grad_accum), gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio}, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, adam_beta2=0.99,
-        logging_steps=cfg.log_interval, seed=cfg.seed, use_cpu=device == "cpu",
-        bf16=cfg.bf16 == "on" or (cfg.bf16 == "auto" and device == "cuda"),
-        remove_unused_columns=False, dataloader_drop_last=True, ddp_find_unused_parameters=False)
-
-
-def collate(seqs):
-    """A batch of (ids, prompt length) -> ift.make_batch's x, y, mask, real, by name."""
-    return dict(zip(("x", "y", "mask", "real"), ift.make_batch(seqs, "cpu")))
-
-
-def train(cfg, model, tok, split, device, tmp_dir):
-    """Fine-tune model on split with IFTTrainer; save it, with its tokenizer, into tmp_dir
-    (every process takes part, as FSDP needs). Returns the Trainer."""
-    if cfg.frozen_embeddings and model.get_output_embeddings() is not None and (
-            model.get_output_embeddings().weight is not model.get_input_embeddings().weight):
-        model.get_input_embeddings().requires_grad_(False)  # untied: no gradient reaches them
-    trainer = IFTTrainer(model=model, args=training_args(cfg, device, tmp_dir),
-                         train_dataset=split.chosen, data_collator=collate,
-                         processing_class=tok, ift_cfg=cfg)
-    trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(LogLine())
-    trainer.train()
-    trainer.save_model(str(tmp_dir))
-    trainer.accelerator.wait_for_everyone()
-    return trainer
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The evaluation loss (ift_loss at this step's lam), no logits."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: ift.py's metrics and table, with the model's own generate()
+# Evaluation: ift.py's metrics and table on test.jsonl, with the model's own generate()
+
+class TestSplit(ift.Split):
+    """ift.Split of rows with a text prompt, tokenised as the trainer tokenises them."""
+
+    too_long = "the model's context, or --max_length if that is lower"
+
+    def __init__(self, rows, tok, block_size, name, separator):
+        self.separator = separator
+        super().__init__(rows, tok, block_size, name)
+
+    def encode(self, prompt, answer):
+        row = bridge_row({"prompt": prompt, "chosen": answer}, self.enc, self.separator)
+        return encode_pair(self.enc, row["prompt"], row["completion"])
+
+
+def test_rows(rows):
+    """test.jsonl's rows as ift.py's (task, prompt, chosen, maybe rejected), or None for rows
+    without one text prompt and answer (messages, text, message-list prompts)."""
+    kind = row_format(rows[0])
+    if kind == "ift":
+        return [{"task": "all", **r} for r in rows]
+    if kind == "prompt/completion" and isinstance(rows[0]["prompt"], str):
+        return [{"task": r.get("task", "all"), "prompt": r["prompt"], "chosen": r["completion"]}
+                for r in rows]
+    return None
+
 
 @torch.no_grad()
-def evaluate(model, tok, split, cfg, context):
-    """Exact match (greedy generation), preference accuracy and answer NLL, via ift.score."""
+def evaluate(model, tok, split, max_new_tokens, batch_size, context):
+    """Exact match (greedy generation to the end-of-turn token), preference accuracy and answer
+    NLL, via ift.score."""
     model.eval()
-    device, eos = model.device, tok.eos_token_id
+    device, stops = model.device, {end_of_turn(tok), tok.eos_token_id}
     answers, nll, preferred = {}, {}, {}
-    for idx in ift.prompt_groups(split, cfg.eval_batch_size):  # one prompt length: no padding
+    for idx in ift.prompt_groups(split, batch_size):  # one prompt length: no padding
         prompts = torch.tensor([split.chosen[j][0][:split.chosen[j][1]] for j in idx],
                                device=device)                               # (B, P)
-        new = max(1, min(cfg.max_new_tokens, context - prompts.shape[1]))
+        new = max(1, min(max_new_tokens, context - prompts.shape[1]))
         gen = transformers.GenerationConfig(max_new_tokens=new, do_sample=False,
-                                            eos_token_id=eos, pad_token_id=eos)
-        out = model.generate(prompts, attention_mask=torch.ones_like(prompts),
+                                            eos_token_id=sorted(stops),
+                                            pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
                              generation_config=gen)[:, prompts.shape[1]:].tolist()
         for j, ids in zip(idx, out):
-            answers[j] = tok.decode(ids[:ids.index(eos)] if eos in ids else ids,
-                                    skip_special_tokens=True)
+            end = next((k for k, i in enumerate(ids) if i in stops), len(ids))
+            answers[j] = tok.decode(ids[:end], skip_special_tokens=True)
         x, y, mask, real = ift.pair_batch(split, idx, device)
         _, logps = ift.sequence_logps(model(input_ids=x, attention_mask=real.long()).logits,
                                       y, mask)                              # (B,) or (2B,)
@@ -368,64 +559,61 @@ def evaluate(model, tok, split, cfg, context):
 
 
 # -----------------------------------------------------------------------------
-# The output folder: checked first, replaced only when the new model is saved whole
+# The output folder: checked first, so that no run writes over the model or a user's folder
 
-def check_out_dir(cfg):
-    """--out-dir as a Path, refusing one that would overwrite the model or a folder of the
+MARK = "ift_hf.json"  # this run's settings; also marks a folder as this program's
+
+
+def check_out_dir(out_dir, model, resuming):
+    """--output_dir as a Path, refusing one that would overwrite the model or a folder of the
     user's: it must be new, empty, or an earlier output of this program."""
-    out, model = Path(cfg.out_dir).resolve(), Path(cfg.model).resolve()
+    out, model = Path(out_dir).resolve(), Path(model).resolve()
     if out == model or model in out.parents or out in model.parents:
-        raise ift.UserError(f"--out-dir {cfg.out_dir} holds or lies inside --model {cfg.model}; "
-                            f"pass another folder, so that the model you brought stays as it is")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (
-            out / "ift_hf.json").is_file():
-        raise ift.UserError(f"--out-dir {cfg.out_dir} exists and was not written by ift_hf.py; "
+        raise ift.UserError(f"--output_dir {out_dir} holds or lies inside --model; pass another "
+                            f"folder, so that the model you brought stays as it is")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / MARK).is_file():
+        raise ift.UserError(f"--output_dir {out_dir} exists and was not written by ift_hf.py; "
                             f"pass a new folder")
+    if resuming is True and not any(out.glob("checkpoint-*")):
+        raise ift.UserError(f"--resume_from_checkpoint: no checkpoint-* in --output_dir "
+                            f"{out_dir}; pass the checkpoint's folder, or start afresh")
     return out
 
 
-def publish(tmp_dir, out_dir, cfg):
-    """Move the saved model from tmp_dir to out_dir (an earlier output there is replaced only
-    now that the new one is complete), with this run's settings in ift_hf.json."""
-    (tmp_dir / "ift_hf.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    (tmp_dir / "training_args.bin").unlink(missing_ok=True)
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-    tmp_dir.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_log(history, path):
-    """The Trainer's log lines (loss, nll_loss, lam, lr, grad norm per logging step) as CSV."""
-    rows = [h for h in history if "loss" in h]
-    keys = ["step", "loss", "nll_loss", "lam", "learning_rate", "grad_norm"]
+    """The Trainer's log (loss, nll_loss, lam, lr, grad norm, eval loss per log step) as CSV."""
+    keys = ["step", "loss", "nll_loss", "lam", "learning_rate", "grad_norm", "eval_loss",
+            "eval_nll_loss"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(h for h in history if "loss" in h or "eval_loss" in h)
 
 
 # -----------------------------------------------------------------------------
 # The step benchmark (--bench): IFT against SFT on this model
 
-def bench(cfg, model, split, device):
-    """Median ms of N optimizer steps of IFT and of SFT (lam = 0, gamma = 0) on the first batch,
-    taking turns so background load slows both alike; prints the ratio."""
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    first = next(ift.batches(len(split), cfg.batch_size, torch.Generator().manual_seed(cfg.seed)))
-    x, y, mask, real = ift.make_batch([split.chosen[i] for i in first], device)
-    settings = {"ift": (cfg.lam, cfg.gamma), "sft": (0.0, 0.0)}
+def bench(trainer, n):
+    """Median ms of n optimizer steps of IFT and of SFT (lam = 0, gamma = 0) on the trainer's
+    first batch, taking turns so background load slows both alike; prints the ratio."""
+    model, args = trainer.model, trainer.args
+    model.train()
+    if args.activation_checkpointing:  # as Trainer.train turns it on (default settings)
+        model.activation_checkpointing_enable()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=args.learning_rate)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    x, y, mask, real = trl_batch(inputs)
+    settings = {"ift": (args.lam, args.gamma), "sft": (0.0, 0.0)}
     seconds = {name: [] for name in settings}
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for i in range(cfg.bench + 2):  # two warm-up steps of each
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for i in range(n + 2):  # two warm-up steps of each
         for name, (lam, gamma) in settings.items():
             sync()
             t = time.perf_counter()
-            loss, _ = ift_loss(model, x, y, mask, lam, gamma, cfg.detach_weights, real,
-                               cfg.frozen_embeddings)
+            with trainer.compute_loss_context_manager():  # autocast, as in training
+                loss, _ = ift_loss(model, x, y, mask, lam, gamma, args.detach_weights, real,
+                                   args.frozen_embeddings)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -433,71 +621,96 @@ def bench(cfg, model, split, device):
             if i >= 2:
                 seconds[name].append(time.perf_counter() - t)
     ms = {name: 1000 * sorted(s)[len(s) // 2] for name, s in seconds.items()}
-    params = sum(p.numel() for p in model.parameters())
-    print(f"bench | {type(model).__name__}, {params / 1e6:.1f}M parameters, vocab "
-          f"{model.get_input_embeddings().num_embeddings} | batch {len(first)} x T {x.shape[1]} "
-          f"({int(real.sum())} real tokens) | {device}, {torch.get_num_threads()} threads | "
-          f"median of {cfg.bench} steps")
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"bench | {type(model).__name__}, {total / 1e6:.1f}M parameters ({trained / 1e6:.2f}M "
+          f"trained), vocab {model.get_input_embeddings().num_embeddings} | batch {x.shape[0]} x "
+          f"T {x.shape[1]} ({int(real.sum())} real tokens) | {x.device}, "
+          f"{torch.get_num_threads()} threads | median of {n} steps")
+    # FLOPs, a forward = 1: SFT 1 + 2 (the backward: activation and weight gradients), IFT one
+    # no-grad forward more: 4/3 (ift.IFT_COST). Under LoRA the frozen weights get no gradient
+    # (backward 1): 3/2. Gradient checkpointing adds a forward to both: 5/4, LoRA 4/3.
+    sft = 1 + (1 if hasattr(model, "get_base_model") else 2) + bool(args.activation_checkpointing)
     print(f"sft {ms['sft']:.1f} ms/step | ift {ms['ift']:.1f} ms/step | ift/sft "
-          f"{ms['ift'] / ms['sft']:.2f} (FLOP bound {ift.IFT_COST:.2f})")
+          f"{ms['ift'] / ms['sft']:.2f} (FLOP bound {(sft + 1) / sft:.2f}"
+          f"{', gradient checkpointing' if args.activation_checkpointing else ''})")
     return ms
 
 
 # -----------------------------------------------------------------------------
 # main
 
-def run(cfg):
-    """Load, fine-tune, save and test, as cfg says; returns the test results (None off rank 0)."""
-    device = ift.pick_device(cfg.device).type
-    out_dir = check_out_dir(cfg)
+def run(script, args, model_args):
+    """Load, fine-tune, save and test, as the flags say; the test results (None off rank 0)."""
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    model, tok = load_model(cfg.model)
-    context = context_length(model, cfg)
-    splits = {}
-    for name in ("train", "test"):
-        path = Path(cfg.data) / f"{name}.jsonl"
-        splits[name] = HFSplit(ift.load_rows(path, limit=cfg.limit_rows), tok, context, str(path))
-    if len(splits["train"]) < cfg.batch_size:
-        raise ift.UserError(f"{Path(cfg.data) / 'train.jsonl'}: {len(splits['train'])} rows, "
-                            f"fewer than --batch-size {cfg.batch_size}; lower it")
-    if cfg.bench:
-        return bench(cfg, model, splits["train"], device)
-    print(f"{cfg.loss} | {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters | {len(splits['train'])} train rows | context {context} | device {device}"
-          + (f" | {ift.WORLD} processes" if ift.WORLD > 1 else ""), flush=True)
-    tmp_dir = out_dir.with_name(out_dir.name + ".saving")
-    if ift.RANK == 0:  # a crashed run's leftovers would be saved with the model
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    datasets.disable_progress_bars()
+    out = check_out_dir(args.output_dir, script.model, args.resume_from_checkpoint)
+    model, tok = load_model(script.model, model_args, args.trust_remote_code)
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None)
+    if context and (args.max_length is None or args.max_length > context):
+        args.max_length = context  # TRL truncates to it (keep_start); learned positions end there
+    files = {name: Path(script.data) / f"{name}.jsonl" for name in ("train", "val", "test")}
+    train_rows = read_rows(files["train"], script.limit_rows)
+    evals = (to_dataset(read_rows(files["val"], script.limit_rows), tok, script.separator)
+             if files["val"].is_file() else None)
+    if evals is not None and args.eval_strategy == "no":  # an evaluation set: use it
+        args.eval_strategy = transformers.IntervalStrategy.STEPS
+        args.eval_steps = args.eval_steps or args.logging_steps
+    try:
+        trainer = IFTTrainer(model, args=args, processing_class=tok, eval_dataset=evals,
+                             train_dataset=to_dataset(train_rows, tok, script.separator),
+                             peft_config=trl.get_peft_config(model_args))
+    except (ValueError, RuntimeError, TypeError) as e:  # TRL's own checks of data and options
+        raise ift.UserError(f"TRL refused the setup: {str(e).strip().splitlines()[0]}") from None
+    if script.bench:
+        return bench(trainer, script.bench)
+    print(f"{script.loss} | {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,}"
+          f" parameters | {len(trainer.train_dataset)} train rows | lam {args.lam}, gamma "
+          f"{args.gamma} | {args.device}" + (f" | {ift.WORLD} processes" if ift.WORLD > 1 else ""),
+          flush=True)
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARK).write_text(json.dumps({"script": dataclasses.asdict(script),
+                                            "model": dataclasses.asdict(model_args),
+                                            "trainer": args.to_dict()}, indent=2, default=str))
     t = time.time()
-    trainer = train(cfg, model, tok, splits["train"], device, tmp_dir)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     train_seconds = time.time() - t
+    trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
-        trainer.accelerator.wait_for_everyone()
         return None
-    publish(tmp_dir, out_dir, cfg)
-    write_log(trainer.state.log_history, out_dir / "log.csv")
+    write_log(trainer.state.log_history, out / "log.csv")
+    rows = test_rows(read_rows(files["test"], script.limit_rows)) if files["test"].is_file() \
+        else None
+    if rows is None:
+        print(f"wrote {out} (no test.jsonl of text prompts: no exact-match table)")
+        return {}
+    context = args.max_length or 1 << 20  # no --max_length and no context in the config: none
+    test = TestSplit(rows, tok, context, str(files["test"]), script.separator)
     t = time.time()
-    res = evaluate(trainer.model, tok, splits["test"], cfg, context)
-    res.update(train_seconds=train_seconds, eval_seconds=time.time() - t, loss=cfg.loss)
-    trainer.accelerator.wait_for_everyone()
-    print(f"\ntest split ({res['rows']} rows), after {cfg.max_steps} steps of {cfg.loss} "
-          f"({ift.fmt_time(train_seconds)} training, {ift.fmt_time(res['eval_seconds'])} "
-          f"evaluation):")
+    res = evaluate(trainer.model, tok, test, script.max_new_tokens, script.eval_batch_size,
+                   context)
+    res.update(train_seconds=train_seconds, eval_seconds=time.time() - t, loss=script.loss)
+    print(f"\ntest split ({res['rows']} rows), after {trainer.state.global_step} steps of "
+          f"{script.loss} ({ift.fmt_time(train_seconds)} training, "
+          f"{ift.fmt_time(res['eval_seconds'])} evaluation):")
     ift.print_eval_table(res)
-    (out_dir / "eval.json").write_text(json.dumps(res, indent=2))
-    print(f"wrote {out_dir} (from_pretrained loads it: the model, its tokenizer, ift_hf.json, "
-          f"log.csv, eval.json)")
+    (out / "eval.json").write_text(json.dumps(res, indent=2))
+    print(f"wrote {out} (the model or LoRA adapter, its tokenizer, {MARK}, log.csv, eval.json)")
     return res
 
 
 def main(argv=None):
     if ift.RANK != 0:  # under torchrun only rank 0 prints
         sys.stdout = open(os.devnull, "w")
-    cfg = parse_config(argv)
-    print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     try:
-        run(cfg)
+        script, args, model_args = parse_config(argv)
+        print("config: " + json.dumps({**dataclasses.asdict(script), "lam": args.lam,
+                                       "gamma": args.gamma, "output_dir": args.output_dir}),
+              flush=True)
+        return run(script, args, model_args)
     except ift.UserError as e:
         sys.exit(f"error: {e}")
     finally:

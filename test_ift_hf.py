@@ -1,9 +1,10 @@
-"""Tests of ift_hf.py, the bridge to Hugging Face causal LMs: the lesson's GPT transplanted into
-GPT2LMHeadModel gives the same logits and the same IFT loss and gradients; an untied Llama with
-rotary positions reduces to SFT; --frozen-embeddings freezes what the official trainer freezes;
-end-to-end runs through the real command line (one of them under torchrun); bad inputs.
-Every model and tokenizer is built here from a config, in tmp_path, and loaded through the real
-from_pretrained code: nothing is downloaded.
+"""Tests of ift_hf.py, IFT as a TRL trainer: the lesson's GPT transplanted into GPT2LMHeadModel
+gives the same logits, IFT loss and gradients; TRL's preprocessing and collator give ift.py's
+batch; lam = 0, gamma = 0 is SFTTrainer's own loss on an untied Llama; every row format trains,
+with and without LoRA; the chat template's own stop token, float32 master weights for a bf16
+checkpoint, resuming, the frozen embeddings; the command line end to end (one run under
+torchrun); bad inputs, one line each. Every model and tokenizer is built here, in tmp_path, and
+loaded through the real from_pretrained code: nothing is downloaded.
 
     python -m pytest -q test_ift_hf.py
 """
@@ -18,8 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # before the hub library reads it: no test may download
+import peft  # noqa: E402
 import transformers  # noqa: E402
+import trl  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 import ift  # noqa: E402
@@ -28,6 +31,13 @@ import ift_hf  # noqa: E402
 HERE = Path(__file__).resolve().parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 WORDS = ["cat", "dog", "sun", "red", "sky", "fox", "owl", "bee", "elk", "yak", "ant", "emu"]
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# ChatML's shape: a turn ends with <|im_end|>, which is not the tokenizer's eos (<eos>); the
+# generation marks let TRL mask everything but the assistant's turns
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+          "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+          "{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def swap_rows():
@@ -39,39 +49,45 @@ def swap_rows():
              "rejected": f" {a} {b}"} for a, b in pairs]
 
 
-def write_data(folder):
+def write_data(folder, rows=None):
     """train.jsonl (120 rows) and test.jsonl (12 rows, pairs that train never shows)."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = swap_rows()
+    rows = rows or swap_rows()
     for name, part in (("train", rows[:120]), ("test", rows[120:])):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     return folder
 
 
-def make_tokenizer(folder):
-    """A byte-level BPE trained here on the swap rows, saved by save_pretrained."""
+def make_tokenizer(folder, chat=False):
+    """A byte-level BPE trained here on the swap rows, saved by save_pretrained; chat=True adds
+    ChatML's two tokens and a template that ends a turn with <|im_end|>."""
     texts = [r["prompt"] + r["chosen"] for r in swap_rows()]
+    special = ["<pad>", "<eos>", "<unk>"] + (CHAT_TOKENS if chat else [])
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(texts, trainer=trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<eos>", "<unk>"], show_progress=False,
+        vocab_size=300, special_tokens=special, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>",
-                                               pad_token="<pad>", unk_token="<unk>")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens=CHAT_TOKENS if chat else [])
+    if chat:
+        tok.chat_template = CHATML
     tok.save_pretrained(folder)
     return tok
 
 
-def make_model(folder, kind, seed=0, layers=1, width=32, context=64):
+def make_model(folder, kind, seed=0, layers=1, width=32, context=64, chat=False,
+               dtype=torch.float32):
     """A tiny GPT-2 (tied embeddings, learned positions) or Llama (untied, rotary) with its
     tokenizer, saved in folder by save_pretrained (RESULTS.md's benchmark makes wider ones)."""
-    tok = make_tokenizer(folder)
+    tok = make_tokenizer(folder, chat)
     torch.manual_seed(seed)
     if kind == "gpt2":
         config = transformers.GPT2Config(vocab_size=len(tok), n_layer=layers, n_head=2,
-                                         n_embd=width, n_positions=context, resid_pdrop=0.0,
-                                         embd_pdrop=0.0, attn_pdrop=0.0,
+                                         n_embd=width, n_positions=context, resid_pdrop=0.1,
+                                         embd_pdrop=0.1, attn_pdrop=0.1,
                                          bos_token_id=tok.eos_token_id,
                                          eos_token_id=tok.eos_token_id)
         model = transformers.GPT2LMHeadModel(config)
@@ -83,15 +99,61 @@ def make_model(folder, kind, seed=0, layers=1, width=32, context=64):
                                           tie_word_embeddings=False,
                                           bos_token_id=None, eos_token_id=tok.eos_token_id)
         model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder)
     return folder
 
 
-def run_cli(*args, env=None, torchrun=False):
+def run_cli(*args, torchrun=False):
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
               "--standalone"] if torchrun else [sys.executable]
     return subprocess.run([*launch, str(HERE / "ift_hf.py"), *args], capture_output=True,
-                          text=True, env=env or ONE_THREAD, timeout=600, cwd=HERE)
+                          text=True, env=ONE_THREAD, timeout=600, cwd=HERE)
+
+
+def main(*args):
+    """ift_hf.main in this process (the real parser and run): its result, or the error line."""
+    try:
+        return ift_hf.main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+
+
+FAST = ["--gradient_checkpointing", "false", "--report_to", "none", "--disable_tqdm", "true",
+        "--use_cpu", "true", "--save_strategy", "no", "--dataloader_drop_last", "true"]
+
+
+def config(out, **kw):
+    """An IFTConfig for a short CPU run in out."""
+    defaults = dict(output_dir=str(out), max_steps=8, per_device_train_batch_size=8,
+                    learning_rate=3e-3, logging_steps=1, report_to="none", use_cpu=True,
+                    gradient_checkpointing=False, save_strategy="no", disable_tqdm=True,
+                    dataloader_drop_last=True)
+    return ift_hf.IFTConfig(**{**defaults, **kw})
+
+
+def load(folder, dtype=torch.float32):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+# -----------------------------------------------------------------------------
+# fixtures: built once per session
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    """Tiny models by name: gpt2 and llama (no chat template), chat-gpt2 and chat-llama."""
+    root = tmp_path_factory.mktemp("models")
+    return {f"{c}{k}": make_model(root / f"{c}{k}", k, chat=bool(c))
+            for k in ("gpt2", "llama") for c in ("", "chat-")}
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"))
 
 
 # -----------------------------------------------------------------------------
@@ -122,8 +184,8 @@ def transplant(gpt):
 
 @pytest.fixture(scope="module")
 def lesson():
-    """A lesson GPT (trained a few steps, so its predictions are not all alike), its transplant
-    loaded back through save_pretrained / from_pretrained, and a batch of the lesson's data."""
+    """A lesson GPT (trained a few steps, so its predictions are not all alike) and a batch of
+    the lesson's data."""
     enc = ift.load_tokenizer(HERE / "data")
     split = ift.Split(ift.load_rows(HERE / "data" / "val.jsonl", limit=12), enc, 128, "val")
     torch.manual_seed(0)
@@ -185,29 +247,81 @@ def test_the_hook_mix_equals_inputs_embeds(lesson):
 
 
 # -----------------------------------------------------------------------------
-# an untied Llama: the reduction to SFT, and the frozen embeddings
+# TRL's batch is ift.py's batch; lam = 0, gamma = 0 is SFTTrainer's loss
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("llama"), "llama")
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("gpt2"), "gpt2")
+def trl_batches(trainer, n):
+    """The first n rows of the trainer's prepared dataset, collated by its own collator."""
+    rows = [trainer.train_dataset[i] for i in range(n)]
+    return trainer.data_collator(rows)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_data(tmp_path_factory.mktemp("data"))
+@pytest.mark.parametrize("chat", [False, True])
+def test_trl_preprocessing_and_collator_give_make_batchs_batch(chat, folders, tmp_path):
+    """On 64 rows of this project's data: SFTTrainer's tokenisation and collator, through
+    trl_batch, give exactly ift.make_batch's x, y, mask, real for the same rows tokenised here:
+    without a template the prompt, the separator, the answer, the eos; with one the template's
+    user turn, then the answer and the end-of-turn token (<|im_end|>, and its newline) as the
+    target. The one possible difference, a BPE merge across the prompt/answer boundary (TRL then
+    starts the answer where the two tokenisations diverge), does not occur in these rows."""
+    model, tok = load(folders["chat-gpt2" if chat else "gpt2"])
+    rows = ift.load_rows(HERE / "data" / "val.jsonl", limit=64)
+    trainer = ift_hf.IFTTrainer(model, args=config(tmp_path), processing_class=tok,
+                                train_dataset=ift_hf.to_dataset(rows, tok, "\n"))
+    x, y, mask, real = ift_hf.trl_batch(trl_batches(trainer, 64))
+    seqs = []
+    for r in rows:
+        if chat:
+            prompt = tok(f"<|im_start|>user\n{r['prompt']}<|im_end|>\n<|im_start|>assistant\n")
+            answer = tok(r["chosen"] + "<|im_end|>\n")["input_ids"]
+        else:
+            prompt, answer = tok(r["prompt"] + "\n"), tok(r["chosen"])["input_ids"] + [
+                tok.eos_token_id]
+        seqs.append((prompt["input_ids"] + answer, len(prompt["input_ids"])))
+    want = ift.make_batch(seqs, "cpu")
+    for name, got, w in zip("x y mask real".split(), (x, y, mask, real), want):
+        assert torch.equal(got, w), name
+    eot = tok.convert_tokens_to_ids("<|im_end|>") if chat else tok.eos_token_id
+    assert all(eot in y[i][mask[i]].tolist() for i in range(len(rows)))
 
 
-def test_llama_with_lam0_gamma0_is_sft_computed_independently(llama_dir, data_dir):
+def test_lam0_gamma0_is_sfttrainers_own_loss_on_an_untied_llama(folders, data_dir, tmp_path):
+    """IFTTrainer at lam = 0, gamma = 0 against SFTTrainer (its fused, chunked log-probs) on the
+    same batch of an untied Llama: the same per-token log-probs; with every row's answer of one
+    length, the same loss and gradients. (With unequal lengths they differ on purpose: SFTTrainer
+    means over the batch's tokens, IFT over each sequence's, then over sequences.)"""
+    rows = ift.load_rows(data_dir / "train.jsonl", limit=8)
+    runs = {}
+    for name, cls, args in (("sft", trl.SFTTrainer, trl.SFTConfig),
+                            ("ift", ift_hf.IFTTrainer, ift_hf.IFTConfig)):
+        model, tok = load(folders["llama"])
+        kw = dict(lam=0.0, gamma=0.0) if name == "ift" else dict(bf16=False)
+        trainer = cls(model, processing_class=tok, train_dataset=ift_hf.to_dataset(rows, tok, "\n"),
+                      args=args(output_dir=str(tmp_path / name), report_to="none", use_cpu=True,
+                                **kw))
+        batch = trl_batches(trainer, 8)
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        runs[name] = loss, {n: p.grad for n, p in model.named_parameters()}, model, batch
+    (sft, sft_grads, model, batch), (ift_value, ift_grads, _, _) = runs["sft"], runs["ift"]
+    x, y, mask, real = ift_hf.trl_batch(batch)
+    assert len(set(mask.sum(-1).tolist())) == 1  # every answer of one length
+    torch.testing.assert_close(ift_value, sft, rtol=0, atol=1e-6)
+    for name, g in sft_grads.items():
+        torch.testing.assert_close(ift_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    with torch.no_grad():
+        fused = model(**batch, fused_lm_head=True).log_probs                # (B, L - 1)
+        logits = model(input_ids=x, attention_mask=real.long()).logits     # (B, T, V)
+    token_logps, _ = ift.sequence_logps(logits, y, mask)
+    torch.testing.assert_close(token_logps, fused, rtol=0, atol=1e-5)
+
+
+def test_llama_with_lam0_gamma0_is_sft_computed_independently(folders, data_dir):
     """lam = 0, gamma = 0 on an untied Llama: the loss and gradients of plain cross-entropy on
     the answer tokens (the prompt masked with -100), mean per row, then over rows."""
-    model, tok = ift_hf.load_model(llama_dir)
-    split = ift_hf.HFSplit(ift.load_rows(data_dir / "train.jsonl", limit=6), tok, 64, "train")
-    x, y, mask, real = ift.make_batch(split.chosen, "cpu")
+    model, tok = load(folders["llama"])
+    rows = ift.load_rows(data_dir / "train.jsonl", limit=6)
+    x, y, mask, real = ift.make_batch([ift_hf.encode_pair(tok, r["prompt"] + "\n", r["chosen"])
+                                       for r in rows], "cpu")
     loss, _ = ift_hf.ift_loss(model, x, y, mask, 0.0, 0.0, False, real)
     loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -223,174 +337,303 @@ def test_llama_with_lam0_gamma0_is_sft_computed_independently(llama_dir, data_di
     assert got["model.embed_tokens.weight"].abs().sum() > 0
 
 
-def test_rows_go_through_the_chat_template_when_the_tokenizer_has_one(gpt2_dir):
-    """HFSplit: the prompt as the template's user turn, then the answer and the eos; the mask
-    (make_batch) starts at the answer. Without a template: the prompt's own tokens."""
-    _, tok = ift_hf.load_model(gpt2_dir)
-    row = {"task": "t", "prompt": "swap cat dog:", "chosen": " dog cat"}
-    plain = ift_hf.HFSplit([row], tok, 64, "plain").chosen[0]
-    assert plain == (tok(row["prompt"])["input_ids"] + tok(row["chosen"])["input_ids"]
-                     + [tok.eos_token_id], len(tok(row["prompt"])["input_ids"]))
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
-    ids, prompt_len = ift_hf.HFSplit([row], tok, 64, "chat").chosen[0]
-    assert ids[:prompt_len] == tok("<user>swap cat dog:<assistant>")["input_ids"]
-    assert tok.decode(ids[prompt_len:], skip_special_tokens=True) == " dog cat"
-    _, y, mask, _ = ift.make_batch([(ids, prompt_len)], "cpu")
-    assert y[mask].tolist() == ids[prompt_len:]
+def test_logits_to_keep_reaches_the_model_under_peft(folders, data_dir, tmp_path):
+    """Under LoRA (a PeftModel, inside TRL's patched forward) the no-grad pass still computes the
+    output layer only from the batch's first answer position on."""
+    model, tok = load(folders["llama"])
+    rows = ift.load_rows(data_dir / "train.jsonl", limit=8)
+    trainer = ift_hf.IFTTrainer(model, args=config(tmp_path), processing_class=tok,
+                                train_dataset=ift_hf.to_dataset(rows, tok, "\n"),
+                                peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert isinstance(trainer.model, peft.PeftModel)
+    x, y, mask, real = ift_hf.trl_batch(trl_batches(trainer, 8))
+    widths = []
+    head = trainer.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    ift_hf.ift_loss(trainer.model, x, y, mask, 0.2, 0.95, False, real)
+    hook.remove()
+    first = int(mask.any(0).nonzero()[0])
+    assert widths == [x.shape[1] - first, x.shape[1]] and first > 0
 
 
-def embeddings(folder):
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
-    return model.get_input_embeddings().weight.detach().clone()
+# -----------------------------------------------------------------------------
+# every row format, with and without LoRA; messages rows train on every assistant turn
+
+def rows_of(fmt):
+    """The swap rows in one of the accepted formats (messages: two turns per row)."""
+    rows = swap_rows()[:64]
+    if fmt == "ift":
+        return [{k: r[k] for k in ("prompt", "chosen")} for r in rows]  # task is optional
+    if fmt == "prompt/completion":
+        return [{"prompt": r["prompt"] + "\n", "completion": r["chosen"]} for r in rows]
+    return [{"messages": [{"role": "user", "content": a["prompt"]},
+                          {"role": "assistant", "content": a["chosen"]},
+                          {"role": "user", "content": b["prompt"]},
+                          {"role": "assistant", "content": b["chosen"]}]}
+            for a, b in zip(rows[::2], rows[1::2])]
+
+
+@pytest.mark.parametrize("kind, fmt, lora", [  # each model and each format with and without
+    ("gpt2", "ift", False), ("gpt2", "prompt/completion", True), ("gpt2", "messages", False),
+    ("llama", "ift", True), ("llama", "prompt/completion", False), ("llama", "messages", True)])
+def test_every_row_format_trains_with_and_without_lora(kind, fmt, lora, folders, tmp_path):
+    """Eight steps of IFT on 64 rows: the loss falls. With LoRA only the adapter changes (the
+    base's weights stay), and the saved adapter loads with peft. Messages rows: the mask holds
+    both assistant turns (their <|im_end|> too) and nothing of the user's."""
+    folder = folders[("chat-" if fmt == "messages" else "") + kind]
+    model, tok = load(folder)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = ift_hf.IFTTrainer(
+        model, args=config(tmp_path, learning_rate=1e-2 if lora else 3e-3), processing_class=tok,
+        train_dataset=ift_hf.to_dataset(rows_of(fmt), tok, "\n"),
+        peft_config=peft.LoraConfig(r=8, lora_alpha=16) if lora else None)
+    if fmt == "messages":
+        x, y, mask, real = ift_hf.trl_batch(trl_batches(trainer, 1))
+        answers = tok.decode(y[0][mask[0]])
+        assert answers.count("<|im_end|>") == 2 and "swap" not in answers
+    trainer.train()
+    seen = losses(trainer)
+    assert sum(seen[-3:]) / 3 < seen[0], seen
+    if not lora:
+        return
+    trainer.save_model(str(tmp_path / "adapter"))
+    reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    merged = reloaded.merge_and_unload()
+    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+            for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(base[n], before[n]) for n in before)
+    assert any(not torch.equal(p, before[n]) for n, p in merged.named_parameters())
+    assert all(p.dtype == torch.float32 for n, p in trainer.model.named_parameters()
+               if p.requires_grad)
+
+
+# -----------------------------------------------------------------------------
+# float32 master weights; the frozen embeddings; resuming
+
+def changed(folder, model):
+    """The fraction of the weights of model that differ from those saved in folder."""
+    start = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    old = dict(start.named_parameters())
+    n = sum(p.numel() for p in old.values())
+    return sum((p.detach().float() != old[k]).sum().item() for k, p in model.named_parameters()) / n
+
+
+def test_a_bf16_checkpoint_trains_in_float32(tmp_path, data_dir):
+    """A Llama saved in bf16 and the same weights saved in float32, 10 steps at lr 1e-5: the bf16
+    one (loaded in its own dtype, as from_pretrained does) changes about as many weights as the
+    float32 one, and is float32 after; pure bf16 (half_weights) keeps far fewer of its updates."""
+    bf16, fp32 = tmp_path / "bf16", tmp_path / "fp32"
+    make_model(bf16, "llama", width=64, dtype=torch.bfloat16)
+    make_model(fp32, "llama", width=64, dtype=torch.bfloat16)  # rounded to bf16, then
+    transformers.AutoModelForCausalLM.from_pretrained(fp32, dtype=torch.float32).save_pretrained(
+        fp32)                                                    # saved in float32
+    rows = ift.load_rows(data_dir / "train.jsonl", limit=80)
+    fraction = {}
+    for name, folder, half in (("bf16", bf16, False), ("fp32", fp32, False), ("pure", bf16, True)):
+        model, tok = load(folder, dtype="auto")
+        trainer = ift_hf.IFTTrainer(model, args=config(tmp_path / name, max_steps=10,
+                                                       learning_rate=1e-5, half_weights=half),
+                                    processing_class=tok,
+                                    train_dataset=ift_hf.to_dataset(rows, tok, "\n"))
+        trainer.train()
+        fraction[name] = changed(folder, trainer.model)
+        dtypes = {p.dtype for p in trainer.model.parameters()}
+        assert dtypes == {torch.bfloat16 if half else torch.float32}
+    assert fraction["bf16"] > 0.9 * fraction["fp32"] > 0.4, fraction
+    assert fraction["pure"] < 0.5 * fraction["bf16"], fraction
 
 
 @pytest.mark.parametrize("kind, frozen, changes", [("llama", False, True), ("llama", True, False),
                                                    ("gpt2", True, True)])
 def test_frozen_embeddings_freeze_what_the_official_trainer_freezes(
-        kind, frozen, changes, llama_dir, gpt2_dir, data_dir, tmp_path):
-    """After training: the default trains the input embeddings; --frozen-embeddings keeps an
+        kind, frozen, changes, folders, data_dir, tmp_path):
+    """After training: the default trains the input embeddings; frozen_embeddings keeps an
     untied model's unchanged; a tied model's (GPT-2) still learn through the output layer."""
-    folder = llama_dir if kind == "llama" else gpt2_dir
-    r = run_cli("--model", str(folder), "--data", str(data_dir), "--out-dir", str(tmp_path / "o"),
-                "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--device", "cpu",
-                *(["--frozen-embeddings"] if frozen else []))
-    assert r.returncode == 0, r.stderr
-    before, after = embeddings(folder), embeddings(tmp_path / "o")
-    assert (before != after).any() == changes
+    model, tok = load(folders[kind])
+    before = model.get_input_embeddings().weight.detach().clone()
+    trainer = ift_hf.IFTTrainer(model, args=config(tmp_path, max_steps=3, frozen_embeddings=frozen),
+                                processing_class=tok, train_dataset=ift_hf.to_dataset(
+                                    ift.load_rows(data_dir / "train.jsonl", limit=24), tok, "\n"))
+    trainer.train()
+    assert (model.get_input_embeddings().weight != before).any() == changes
+
+
+def test_resuming_from_a_checkpoint_gives_the_uninterrupted_runs_loss(folders, data_dir,
+                                                                      tmp_path):
+    """The command line, 6 steps with a checkpoint at 3 (noisy lam, so the step's noise must
+    come back too); then again from checkpoint-3: steps 4-6 log the same losses, to 1e-5."""
+    args = ["--model", folders["llama"], "--data", data_dir, "--output_dir", tmp_path / "run",
+            "--max_steps", 6, "--per_device_train_batch_size", 8, "--learning_rate", 3e-3,
+            "--logging_steps", 1, "--lam_schedule", "noisy", *FAST, "--save_strategy", "steps",
+            "--save_steps", 3]
+    assert isinstance(main(*args), dict)
+    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert isinstance(main(*args, "--resume_from_checkpoint", tmp_path / "run" / "checkpoint-3"),
+                      dict)
+    again = (tmp_path / "run" / "log.csv").read_text().splitlines()
+
+    def loss_by_step(lines):
+        return {int(r.split(",")[0]): float(r.split(",")[1]) for r in lines[1:] if r.split(",")[1]}
+    first, second = loss_by_step(log), loss_by_step(again)
+    assert sorted(second) == [1, 2, 3, 4, 5, 6]  # 1-3 from checkpoint-3's trainer state
+    for step in (4, 5, 6):
+        assert abs(second[step] - first[step]) < 1e-5, (step, first, second)
 
 
 # -----------------------------------------------------------------------------
-# the command line, end to end
+# the command line, end to end: the template's own stop token; torchrun; the bench
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_cli_fine_tunes_tests_and_writes_a_loadable_folder(kind, llama_dir, gpt2_dir, data_dir,
-                                                           tmp_path):
-    """A tiny model learns the user's task family: the answer NLL falls, the folder loads."""
-    folder, out = (llama_dir if kind == "llama" else gpt2_dir), tmp_path / "out"
-    args = ["--model", str(folder), "--data", str(data_dir), "--batch-size", "8", "--lr", "3e-3",
-            "--warmup-steps", "5", "--log-interval", "20", "--device", "cpu"]
-    r = run_cli(*args, "--max-steps", "120", "--out-dir", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "step    20 | loss" in r.stdout and "| nll_loss" in r.stdout
-    assert "| lam 0.2000" in r.stdout
-    assert "overall" in r.stdout and "swap" in r.stdout
-    res = json.loads((out / "eval.json").read_text())
-    assert res["rows"] == 12 and 0 <= res["preference_accuracy"] <= 1
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
-    assert type(reloaded).__name__ == ("GPT2LMHeadModel" if kind == "gpt2" else "LlamaForCausalLM")
-    transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
-    assert json.loads((out / "ift_hf.json").read_text())["loss"] == "ift"
-    assert (out / "log.csv").read_text().splitlines()[0].startswith("step,loss,nll_loss,lam")
-    untrained = run_cli(*args, "--max-steps", "1", "--out-dir", str(tmp_path / "one"))
-    assert untrained.returncode == 0, untrained.stderr
-    nll = json.loads((tmp_path / "one" / "eval.json").read_text())["nll"]
-    assert res["nll"] < 0.5 * nll
-    again = run_cli(*args, "--loss", "sft", "--max-steps", "2", "--out-dir", str(out))
-    assert again.returncode == 0, again.stderr  # an earlier output of ift_hf.py is replaced
-    assert json.loads((out / "ift_hf.json").read_text())["loss"] == "sft"
+def test_cli_on_a_chat_llama_stops_at_the_templates_end_of_turn(folders, data_dir, tmp_path):
+    """python ift_hf.py on a Llama whose template ends a turn with <|im_end|> (not its eos), 8
+    rows learnt by heart, val.jsonl for the evaluation loss: the saved model, given each training
+    prompt through the template, generates the answer and then <|im_end|>; the exact-match
+    table, the log with the evaluation loss."""
+    data = write_data(tmp_path / "data")
+    (data / "val.jsonl").write_text((data_dir / "test.jsonl").read_text())
+    out = tmp_path / "out"
+    res = main("--model", folders["chat-llama"], "--data", data, "--output_dir", out,
+               "--limit_rows", 8, "--max_steps", 60, "--per_device_train_batch_size", 8,
+               "--learning_rate", 1e-2, "--logging_steps", 20, *FAST)
+    assert isinstance(res, dict) and res["rows"] == 8 and 0 <= res["exact_match"] <= 1, res
+    header, *lines = (out / "log.csv").read_text().splitlines()
+    assert header.startswith("step,loss,nll_loss,lam") and "eval_loss" in header
+    train = [line.split(",") for line in lines if line.split(",")[1]]
+    assert len(train) == 3 and all(abs(float(r[3]) - 0.2) < 1e-9 for r in train)
+    assert any(line.split(",")[6] for line in lines)  # an evaluation loss
+    model, tok = load(out)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert eot != tok.eos_token_id and eot in model.generation_config.eos_token_id
+    for row in swap_rows()[:8]:
+        prompt = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                         add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True)["input_ids"]
+        new = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:]
+        assert tok.decode(new) == row["chosen"] + "<|im_end|>"
+    assert json.loads((out / "ift_hf.json").read_text())["script"]["loss"] == "ift"
 
 
-def test_torchrun_two_processes_match_one_process(gpt2_dir, data_dir, tmp_path):
-    """torchrun with 2 CPU processes (the Trainer's DDP, gloo) ends with one process's weights."""
-    args = ["--model", str(gpt2_dir), "--data", str(data_dir), "--batch-size", "4", "--lr",
-            "1e-3", "--max-steps", "4", "--device", "cpu"]
-    ddp = run_cli(*args, "--out-dir", str(tmp_path / "ddp"), torchrun=True)
+def test_torchrun_two_processes_match_one_process(folders, data_dir, tmp_path):
+    """torchrun with 2 CPU processes (the Trainer's DDP, gloo) ends with one process's weights,
+    and prints the test table once."""
+    args = ["--model", folders["gpt2"], "--data", data_dir, "--learning_rate", 1e-3,
+            "--max_steps", 4, "--seed", 3, *FAST]
+    ddp = run_cli(*map(str, args), "--per_device_train_batch_size", "2", "--output_dir",
+                  str(tmp_path / "ddp"), torchrun=True)
     assert ddp.returncode == 0, ddp.stderr
     assert "2 processes" in ddp.stdout and ddp.stdout.count("test split") == 1
-    one = run_cli(*args, "--out-dir", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
+    assert isinstance(main(*args, "--per_device_train_batch_size", 4, "--output_dir",
+                           tmp_path / "one"), dict)
     weights = [transformers.AutoModelForCausalLM.from_pretrained(tmp_path / d).state_dict()
                for d in ("ddp", "one")]
     for name, w in weights[1].items():
         torch.testing.assert_close(weights[0][name], w, rtol=0, atol=1e-5, msg=name)
 
 
-def test_bench_prints_the_ift_over_sft_ratio(gpt2_dir, data_dir):
-    """--bench times IFT's and SFT's steps on the first batch and prints their ratio."""
-    r = run_cli("--model", str(gpt2_dir), "--data", str(data_dir), "--bench", "2",
-                "--batch-size", "4", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
-    assert "ift/sft" in r.stdout and "FLOP bound 1.33" in r.stdout
+def test_bench_prints_the_ift_over_sft_ratio(folders, data_dir, capsys, tmp_path):
+    """--bench times IFT's and SFT's steps on the first batch and prints their ratio (LoRA too)."""
+    main("--model", folders["llama"], "--data", data_dir, "--bench", 2, "--use_peft",
+         "--per_device_train_batch_size", 4, "--output_dir", tmp_path / "out", *FAST)
+    printed = capsys.readouterr().out
+    assert "ift/sft" in printed and "FLOP bound 1.50" in printed and "M trained" in printed
 
 
-def bad_model_folders(root, gpt2_dir):
+# -----------------------------------------------------------------------------
+# bad input: one line, no traceback, nothing of the user's touched
+
+@pytest.fixture(scope="session")
+def bad_folders(tmp_path_factory, folders):
     """Folders that are not a usable causal LM, by name."""
-    folders = {"empty": root / "empty"}
-    folders["empty"].mkdir()
-    bert = root / "bert"
+    root, gpt2 = tmp_path_factory.mktemp("bad"), folders["gpt2"]
+    found = {"empty": root / "empty", "no_tokenizer": root / "no_tokenizer",
+             "broken": root / "broken", "bert": root / "bert"}
+    found["empty"].mkdir()
     transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
                                                    num_attention_heads=2, intermediate_size=64,
-                                                   vocab_size=50)).save_pretrained(bert)
-    make_tokenizer(bert)
-    folders["bert"] = bert
-    no_tok = root / "no_tokenizer"
-    no_tok.mkdir()
+                                                   vocab_size=50)).save_pretrained(found["bert"])
+    make_tokenizer(found["bert"])
+    found["no_tokenizer"].mkdir()
     for name in ("config.json", "model.safetensors"):
-        (no_tok / name).write_bytes((gpt2_dir / name).read_bytes())
-    folders["no_tokenizer"] = no_tok
-    broken = root / "broken"
-    broken.mkdir()
-    for f in gpt2_dir.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    weights = (broken / "model.safetensors").read_bytes()
-    (broken / "model.safetensors").write_bytes(weights[:len(weights) // 2])
-    folders["broken"] = broken
-    return folders
+        (found["no_tokenizer"] / name).write_bytes((gpt2 / name).read_bytes())
+    found["broken"].mkdir()
+    for f in gpt2.iterdir():
+        (found["broken"] / f.name).write_bytes(f.read_bytes())
+    weights = (found["broken"] / "model.safetensors").read_bytes()
+    (found["broken"] / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    return found
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", "not a local folder; pass a folder written by save_pretrained"),
+    ("hub_id", "no such local folder, and the hub did not give it"),
     ("empty", "no config.json"),
     ("bert", "a bert model (BertModel), not a causal LM"),
     ("no_tokenizer", "no tokenizer files; save the tokenizer there too"),
-    ("broken", "cannot load it (SafetensorError"),
+    ("broken", "cannot load it ("),
     ("out_is_model", "holds or lies inside --model"),
     ("out_not_ours", "exists and was not written by ift_hf.py"),
-    ("nan_lr", "argument --lr: must be a finite number, got nan"),
-    ("big_batch", "train.jsonl: 120 rows, fewer than --batch-size 512; lower it"),
+    ("lam", "--lam must lie in [0, 1], got 1.5"),
+    ("nan_lr", "--learning_rate must be a finite number > 0, got nan"),
+    ("packing", "--packing (packing=True) merges sequences: not with IFT"),
+    ("loss_type", "--loss_type dft is another loss: not with IFT"),
     ("no_model", "--model is required"),
+    ("unknown_flag", "not used by the HfArgumentParser: ['--bogus', '1'] (see --help)"),
+    ("bad_format", 'train.jsonl line 2: no accepted row format; a row is {"prompt", "completion"}'),
     ("bad_bytes", "train.jsonl line 2: byte 0xff at column 13 is not UTF-8"),
 ])
-def test_bad_input_is_one_line_and_touches_nothing(case, message, gpt2_dir, data_dir, tmp_path):
-    """Each bad input: one line, non-zero exit, no traceback, no network; the files stay."""
-    folders = bad_model_folders(tmp_path, gpt2_dir)
-    model, data, out = gpt2_dir, data_dir, tmp_path / "out"
-    extra = []
-    if case == "missing":
-        model = tmp_path / "nowhere" / "model"
-    elif case in folders:
-        model = folders[case]
+def test_bad_input_is_one_line_and_touches_nothing(case, message, folders, bad_folders,
+                                                   data_dir, tmp_path):
+    """Each bad input: the one line "error: ...", no network; the model and files stay."""
+    model, data, out, extra = folders["gpt2"], data_dir, tmp_path / "out", []
+    if case == "hub_id":
+        model = "someone/some-model"
+    elif case in bad_folders:
+        model = bad_folders[case]
     elif case == "out_is_model":
-        out = gpt2_dir
+        out = folders["gpt2"]
     elif case == "out_not_ours":
         out.mkdir()
         (out / "notes.txt").write_text("mine")
+    elif case == "lam":
+        extra = ["--lam", 1.5]
     elif case == "nan_lr":
-        extra = ["--lr", "nan"]
-    elif case == "big_batch":
-        extra = ["--batch-size", "512"]
-    elif case == "bad_bytes":
+        extra = ["--learning_rate", "nan"]
+    elif case == "packing":
+        extra = ["--packing"]
+    elif case == "loss_type":
+        extra = ["--loss_type", "dft"]
+    elif case == "unknown_flag":
+        extra = ["--bogus", 1]
+    elif case in ("bad_format", "bad_bytes"):
         data = write_data(tmp_path / "bad")
         good = json.dumps(swap_rows()[0]).encode()
-        (data / "train.jsonl").write_bytes(good + b'\n{"task": "sw\xffp"}\n')
-    before = {p: p.read_bytes() for p in gpt2_dir.iterdir()}
-    args = [] if case == "no_model" else ["--model", str(model)]
-    r = run_cli(*args, "--data", str(data), "--out-dir", str(out), "--max-steps", "1",
-                "--device", "cpu", *extra)
-    assert r.returncode != 0 and message in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    assert {p: p.read_bytes() for p in gpt2_dir.iterdir()} == before
+        bad = b'{"question": "swap a b", "answer": "b a"}' if case == "bad_format" else \
+            b'{"task": "sw\xffp"}'
+        (data / "train.jsonl").write_bytes(good + b"\n" + bad + b"\n")
+    before = {p: p.read_bytes() for p in folders["gpt2"].iterdir()}
+    args = [] if case == "no_model" else ["--model", model]
+    error = main(*args, "--data", data, "--output_dir", out, "--max_steps", 1, *FAST, *extra)
+    assert isinstance(error, str) and error.startswith("error: ") and message in error, error
+    assert "\n" not in error
+    assert {p: p.read_bytes() for p in folders["gpt2"].iterdir()} == before
     if case == "out_not_ours":
         assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_hub_id_offline_is_one_line_on_stderr(data_dir, tmp_path):
+    """Through the real command line: a hub id with HF_HUB_OFFLINE=1 prints one line, which says
+    how to make a local folder, and no traceback."""
+    r = run_cli("--model", "someone/some-model", "--data", str(data_dir), "--output_dir",
+                str(tmp_path / "out"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "--local-dir DIR`, then pass --model DIR" in r.stderr
 
 
 def test_the_lesson_and_its_companions_import_no_hugging_face_package():
     """ift.py, compare.py, bench.py, frozen_lake.py and figures.py run on torch, numpy,
     tiktoken and matplotlib alone: importing them loads none of the bridge's packages."""
     code = ("import sys, ift, compare, bench, frozen_lake, figures; print(sorted(m for m in "
-            "('transformers', 'accelerate', 'tokenizers', 'huggingface_hub', 'safetensors') "
-            "if m in sys.modules))")
+            "('transformers', 'accelerate', 'tokenizers', 'huggingface_hub', 'safetensors', "
+            "'trl', 'peft', 'datasets') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
                        timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
