@@ -948,3 +948,30 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# TEMP(issue 28): issue 27's branch adds these; the lead drops this copy at merge
+import platform  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def device_name(device):
+    """A human name of the device: the GPU's, or the CPU's model name on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
+
+
+def mean_std(values):
+    """Mean and sample std (ddof 1) along axis 0; std 0 for a single value; plain floats for 1-D."""
+    a = np.asarray(values, dtype=np.float64)
+    mean = a.mean(axis=0)
+    std = a.std(axis=0, ddof=1) if len(a) > 1 else np.zeros_like(mean)
+    if a.ndim == 1:
+        return float(mean), float(std)
+    return mean, std
