@@ -114,6 +114,8 @@ def compare_problem(cfg):
         (not 0 <= cfg.max_extensions <= 5, f"--max-extensions must lie in [0, 5], got "
                                            f"{cfg.max_extensions}"),
         (cfg.max_steps < 2, "--max-steps must be >= 2 (two sequential stages)"),
+        (cfg.ablations and cfg.mechanism, "--ablations and --mechanism are two commands: pass "
+                                          "one, then the other"),
         (len(grid) < 2 or not all(m > 0 for m in grid) or len(set(grid)) < len(grid),
          f"--lr-grid must be at least two distinct positive numbers, got "
          f"{' '.join(map(str, grid))}"),
@@ -646,7 +648,8 @@ def paired(diffs, delta):
     ways = {"up": sum(d > 0 for d in diffs), "down": sum(d < 0 for d in diffs)}
     if len(diffs) < 2:
         return {"diffs": diffs, "mean": mean, "std": None, "ci95": None, "seeds_needed": None,
-                **ways, "verdict": "one seed: no spread (use --seeds 2 or more)"}
+                "t": None, "t95": None, **ways,
+                "verdict": "one seed: no spread (use --seeds 2 or more)"}
     half = half_width(std, len(diffs))
     needed = next((n for n in range(2, 10001) if half_width(std, n) <= delta), None)
     se = std / math.sqrt(len(diffs))
@@ -860,17 +863,18 @@ def paired_cells(p, digits=3):
     return f"{diffs} | {spread} | {interval} | **{p['verdict']}** | {p['up']} / {p['down']}"
 
 
-def moved_cell(name, p):
+def moved_cell(name, p, digits=3):
     """'sft +0.120 ± 0.020': a side's change from its start; bold when it did not move or
     moved backwards, since a claim won against such a side says little."""
-    change = f"{name} {p['mean']:+.3f}"
+    change = f"{name} {p['mean']:+.{digits}f}"
     if p["ci95"] is None:
         return change + " (one seed)"
+    change += f" ± {p['ci95']:.{digits}f}"
     if p["verdict"] == "reversed":
-        return f"**{change} ± {p['ci95']:.3f}: worse than its start**"
+        return f"**{change}: worse than its start**"
     if p["verdict"] != "reproduced":  # the interval contains 0
-        return f"**{change} ± {p['ci95']:.3f}: did not move**"
-    return f"{change} ± {p['ci95']:.3f}"
+        return f"**{change}: did not move**"
+    return change
 
 
 def pm(pair, digits=3):
@@ -957,7 +961,8 @@ def claims_section(claims, n):
         lines.append(f"| ({c['claim']}) {c['text']} | {c['recipe']} - {c['other']} "
                      f"({c['metric']}) | {paired_cells(c, digits)} | {t} | "
                      f"{c['seeds_needed'] or '-'} | "
-                     + "; ".join(moved_cell(name, p) for name, p in c["moved"].items()) + " |")
+                     + "; ".join(moved_cell(name, p, digits) for name, p in c["moved"].items())
+                     + " |")
     c = next(c for c in claims if c["claim"] == "c")
     lines += [
         "", f"(b)'s control, SFT - SFT then DPO, is the last row: IFT's advantage over SFT then "

@@ -54,6 +54,7 @@ def test_compare_defaults_are_smaller_and_yield_to_flags():
     (["--lr-grid", "1", "x"], "argument --lr-grid: invalid finite value: 'x'"),
     (["--lr-grid", "1", "nan"], "argument --lr-grid: must be a finite number, got nan"),
     (["--max-extensions", "6"], "--max-extensions must lie in [0, 5]"),
+    (["--ablations", "--mechanism"], "--ablations and --mechanism are two commands"),
     (["--workers", "-1"], "--workers must lie in [0, 64] (0: automatic)"),
     (["--lam", "1.5"], "--lam must lie in [0, 1]"),
     (["--dpo-beta", "inf"], "argument --dpo-beta: must be a finite number, got inf"),
@@ -94,7 +95,7 @@ def test_paired_verdicts_from_the_t_interval():
     flat = compare.paired([0.0, 0.001, 0.002, 0.0, 0.002], 0.02)
     assert flat["verdict"] == "equivalent" and (flat["up"], flat["down"]) == (3, 0)
     one = compare.paired([0.05], 0.02)
-    assert one["std"] is None and "no spread" in one["verdict"]
+    assert one["std"] is None and one["t95"] is None and "no spread" in one["verdict"]
 
 
 def test_preference_margin_against_a_hand_computed_example():
@@ -383,7 +384,7 @@ def test_reports_figures_and_summary_are_written(tiny):
 def test_ablations_then_mechanism_on_the_comparisons_bases(tiny):
     """--ablations trains the four ablations from each judged seed's base at IFT's lr and pairs
     them with IFT; --mechanism then measures SFT, IFT and the ablations."""
-    r = run_cli("--ablations", "--workers", "1", "--out-dir", str(tiny.out), "--device", "cpu")
+    r = run_cli("--ablations", "--workers", "2", "--out-dir", str(tiny.out), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     abl = json.loads((tiny.out / "ablations.json").read_text())
     names = [a.name for a in compare.ablation_recipes(4)]
