@@ -1,26 +1,47 @@
 """
-The paper's comparison at toy scale: a base model, then every recipe of its Table 2 and IFT's
-ablations fine-tuned from it with the same batch order seed by seed, tested, and judged on
-paired differences.
+The paper's comparison at toy scale: every recipe of its Table 2 fine-tuned from base models,
+tuned on seeds of its own, then judged on other seeds by paired differences, with the verdict
+rule fixed before the run.
 
-    python compare.py                     # base, 14 recipes x 4 seeds, lr sweeps: ~45 min, 2 cores
-    python compare.py --seeds 1           # the base, one seed and the sweeps: no spread
-    python compare.py --mechanism         # then: do the models recover from their own mistakes?
-    python compare.py --help              # every setting (the model flags are ift.py's)
+    python compare.py                  # the confirmatory run: 6 judged seeds (RESULTS.md, sec. 1)
+    python compare.py --seeds 2        # a quicker look: the same protocol, wider intervals
+    python compare.py --ablations      # then: IFT's ablations on the same bases (sec. 2)
+    python compare.py --mechanism      # then: do the models recover from their own mistakes?
+    python compare.py --help           # every setting (the model flags are ift.py's)
 
 It imports the lesson, ift.py, and trains each recipe with ift.train() exactly as
-`python ift.py --loss ... --init-from <base>` would. The base model (stage 0) is trained first,
-once, by plain language modelling on data/pretrain.jsonl, and kept for the next run with the
-same settings. Its defaults are smaller than one recipe's (a 2 x 64 GPT, 1000 fine-tuning
-steps, compile off), so that everything fits in 50 minutes on a laptop; flags given on the
-command line win. The runs train in phases (see "The phases" below), several at a time on a CPU.
-It writes to --out-dir (default out/compare): compare.md (the tables, the claims, the sweep,
-machine, runtime and this command), compare.json (every run of every seed), claims.png (each
-claim's paired difference with its 95% interval), families.png (test exact match per recipe and
-task family), summary.json (the tables' numbers, small enough to commit), the base model under
-base/, and each run's config.json, train.log, log.csv and ckpt.pt under runs/; --mechanism adds
-mechanism.md, mechanism.json and mechanism.png (see "IFT's mechanism" below). RESULTS.md shows
-and discusses the numbers.
+`python ift.py --loss ... --init-from <base>` would. Its model and step defaults are smaller
+than one recipe's (a 2 x 64 GPT, 1000 fine-tuning steps, compile off); flags given on the command
+line win. Runs train several at a time on a CPU (--workers), in phases (see "The phases").
+
+The protocol (fixed before the test split is read; each rule is applied where the comment says):
+ 1. Seeds. Judged seeds --seed, --seed + 1, ... (--seeds of them); tuning seeds --seed + 1000,
+    --seed + 1001, ... (--tuning-seeds of them). Every seed, judged or tuning, trains its OWN
+    base model (initial weights and batch order from that seed; same settings and pool), and
+    all of that seed's recipes fine-tune from it with that seed's batch order ("Stage 0").
+ 2. Tuning. Each recipe with an lr of its own trains on every tuning seed at each multiplier of
+    --lr-grid times ift.DEFAULT_LR[loss] (the same number of points for every recipe). Its lr for
+    exact match is the one with the best validation exact match averaged over the tuning seeds;
+    its lr for claim (c) the best validation preference margin (ties: lower validation NLL, then
+    lower lr). A best lr at an edge of the grid adds one more multiplier step past that edge, at
+    most --max-extensions (2) times; an optimum still at an edge is flagged in the report.
+    Tuning seeds are never judged and never read the test split ("Tuning").
+ 3. Judging. Every judged seed trains every recipe at its chosen lr; a claim is a paired
+    difference over the judged seeds on the test split, and its verdict comes from the 95%
+    t-interval of the mean difference ("The verdicts"): reproduced (above 0), reversed (below
+    0), equivalent (inside +-DELTA, DELTA = 0.02 exact match, 1 nat of margin), else
+    inconclusive. Five claims are tested; the report says what that does to false verdicts.
+ 4. Controls. (b) IFT >= SFT then DPO is shown beside SFT - SFT then DPO; (c) is judged on the
+    mean preference margin, with preference accuracy beside it; each side of a claim is paired
+    with the model it started from, to say whether it moved at all.
+
+It writes to --out-dir (default out/compare): compare.md (the tables, the claims, the tuning,
+machine, runtime and this command), compare.json (every run), claims.png (each claim's interval,
+its verdict and the +-DELTA band), families.png (test exact match per recipe and task family),
+summary.json (the numbers behind the tables, small enough to commit), the base models under
+base/, and each run's config.json, train.log, log.csv and ckpt.pt under runs/. --ablations adds
+ablations.md and ablations.json; --mechanism mechanism.md, .json and .png. RESULTS.md shows and
+discusses the numbers.
 """
 
 import concurrent.futures
@@ -32,18 +53,17 @@ import json
 import math
 import multiprocessing
 import shlex
-import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import ift
-from bench import device_name
 
 RECIPE_FIELDS = ("loss", "lr", "init_from")  # each recipe sets its own: no flags for them
+TUNING_OFFSET = 1000  # tuning seeds are --seed + 1000, ...: never a judged seed (--seeds <= 1000)
 
 
 @dataclass
@@ -59,99 +79,124 @@ class CompareConfig(ift.Config):
                            ("auto", "on", "off"))
     out_dir: str = ift.arg("out/compare", "output folder")
     # the comparison's own
-    base_steps: int = ift.arg(6000, "steps of stage 0: the base model, trained once by plain "
-                              "language modelling on <data>/pretrain.jsonl, that every recipe "
-                              "fine-tunes (kept in <out-dir>/base and reused while its settings "
-                              "and the data files are unchanged)")
-    seeds: int = ift.arg(4, "seeds --seed, --seed + 1, ...; a seed gives every recipe the same "
-                         "batch order, so recipes are compared seed by seed")
-    lr_sweep: tuple = ift.arg((0.1, 0.33, 1.0), "multipliers of each recipe's DEFAULT_LR tried "
-                              "on the first seed; each keeps the best on the validation version "
-                              "of the metric a claim judges it by")
-    dpo_lr_sweep: tuple = ift.arg((0.1, 0.33, 1.0, 3.0), "the same for the DPO recipes")
+    base_steps: int = ift.arg(6000, "steps of stage 0: each seed's base model, trained by plain "
+                              "language modelling on <data>/pretrain.jsonl (kept in "
+                              "<out-dir>/base and reused while its settings and the data files "
+                              "are unchanged)")
+    seeds: int = ift.arg(6, "judged seeds --seed, --seed + 1, ...: each trains its own base and "
+                         "every recipe from it; the claims are paired over them")
+    tuning_seeds: int = ift.arg(2, "tuning seeds --seed + 1000, ...: each its own base; they "
+                                "choose the lrs and are never judged")
+    lr_grid: tuple = ift.arg((0.1, 0.33, 1.0), "multipliers of each recipe's DEFAULT_LR tried on "
+                             "the tuning seeds (the same number of points for every recipe)")
+    max_extensions: int = ift.arg(2, "times a recipe's grid may add a multiplier step past the "
+                                  "edge where its best lr lies")
     workers: int = ift.arg(0, "runs trained at once, each in a process of its own (0: one per "
                            "CPU core, at most 8, on a CPU; 1 on a GPU)")
+    ablations: bool = ift.arg(False, "instead of the comparison, train IFT's ablations on the "
+                              "judged seeds' bases of the comparison in --out-dir")
     mechanism: bool = ift.arg(False, "instead of training, measure how the checkpoints of the "
                               "comparison in --out-dir recover from their own mistakes")
 
 
 def compare_problem(cfg):
     """ift.py's checks, plus the comparison's own."""
+    grid = cfg.lr_grid
     problems = [
         (ift.WORLD > 1, "compare.py runs in one process: run it without torchrun"),
-        (not 1 <= cfg.seeds <= 1000, f"--seeds must lie in [1, 1000], got {cfg.seeds}"),
+        (not 1 <= cfg.seeds <= TUNING_OFFSET, f"--seeds must lie in [1, {TUNING_OFFSET}], got "
+                                              f"{cfg.seeds}"),
+        (not 1 <= cfg.tuning_seeds <= 100, f"--tuning-seeds must lie in [1, 100], got "
+                                           f"{cfg.tuning_seeds}"),
         (cfg.base_steps < 1, f"--base-steps must be >= 1, got {cfg.base_steps}"),
         (not 0 <= cfg.workers <= 64, f"--workers must lie in [0, 64] (0: automatic), got "
                                      f"{cfg.workers}"),
+        (not 0 <= cfg.max_extensions <= 5, f"--max-extensions must lie in [0, 5], got "
+                                           f"{cfg.max_extensions}"),
         (cfg.max_steps < 2, "--max-steps must be >= 2 (two sequential stages)"),
-        *[(not all(m > 0 for m in sweep) or len(set(sweep)) < len(sweep),
-           f"{flag} must be distinct positive numbers, got {' '.join(map(str, sweep))}")
-          for flag, sweep in (("--lr-sweep", cfg.lr_sweep),
-                              ("--dpo-lr-sweep", cfg.dpo_lr_sweep))],
+        (cfg.ablations and cfg.mechanism, "--ablations and --mechanism are two commands: pass "
+                                          "one, then the other"),
+        (len(grid) < 2 or not all(m > 0 for m in grid) or len(set(grid)) < len(grid),
+         f"--lr-grid must be at least two distinct positive numbers, got "
+         f"{' '.join(map(str, grid))}"),
     ]
     return next((message for bad, message in problems if bad), None) or ift.config_problem(cfg)
 
 
 # -----------------------------------------------------------------------------
-# The base model, the recipes and the runs
+# The base models, the recipes and the runs
 #
 # Stage 0, the base model. The paper fine-tunes a pretrained model (Mistral-7B), and DPO's premise
-# is a model that already writes answers. So every recipe here starts from one base model: the
+# is a model that already writes answers. So every recipe here starts from a base model: the
 # random GPT trained for --base-steps by plain language modelling (every token of prompt and
 # answer is a target) on data/pretrain.jsonl, a pool of rows whose prompts are in none of the
-# three splits. It is trained ONCE, with seed --seed, for all seeds, as the paper has one
-# pretrained model: the seeds then vary the fine-tuning (batch order), and a paired difference
-# measures the recipes rather than the luck of pretraining. It is saved in <out-dir>/base and
-# reused while its settings and the bytes of the pool, val and test files are unchanged (its
-# record holds its val and test scores); the table shows it as a row.
+# three splits. Where those steps land among the tasks' phase changes moves with the order of
+# float operations, that is with the machine, so a base is a random draw like the batch order:
+# EVERY seed trains its own (weights and batch order from that seed), and a paired difference
+# over seeds then measures the recipes over the luck of pretraining and of float order, which is
+# what a reader on another machine draws. Each base is saved in <out-dir>/base/<hash of its
+# settings and data files> and reused while they are unchanged; the table shows the bases as a
+# row, and summary.json each seed's.
 #
-# One seed then trains these models, all with the same batch order (S = --max-steps):
-#   single stage   SFT, IFT, ORPO and DPO from the base on the whole train split for S steps (the
+# One seed then trains these models (S = --max-steps):
+#   single stage   SFT, IFT, ORPO and DPO from its base on the whole train split for S steps (the
 #                  paper's "+ SFT", "+ DPO", ... rows of its Table 2); DPO's reference is the base.
 #   sequential     stage 1: SFT from the base on half A of the train split for S/2 steps; stage 2,
 #                  from that model, on half B for S/2 steps: SFT (the paper's control: restarting
 #                  a schedule alone can move results), IFT, ORPO, and DPO with the stage-1 model
 #                  as reference.
-#   ablations      IFT with lam = 0 (relation propagation only), gamma = 0 (temporal residual
-#                  connection only), detached relation weights, noisy lam.
 #   equal compute  IFT for S / IFT_COST steps: the FLOPs of SFT's S steps.
-# Learning rates: on the first seed each recipe with an lr of its own (lr_of = its name) trains
-# once per --lr-sweep multiplier of ift.DEFAULT_LR[loss] (DPO: --dpo-lr-sweep). Each claim
-# judges its recipes by one metric and tunes them on that metric's validation version: the
-# table and claims (a), (a'), (b), (d) use the lr with the best validation exact match; claim
-# (c), on preference accuracy, uses the lr with the best validation preference accuracy (ties:
-# the lower validation NLL). Stage 1 takes SFT's lr; the ablations and the equal-compute run
-# take IFT's. Every later seed reuses the choices. The test split is never used to choose
-# anything.
+# IFT's ablations (lam = 0, gamma = 0, detached relation weights, noisy lam) are not part of the
+# default run, so that its seeds buy power for the claims: `--ablations` trains them afterwards
+# on the judged seeds' bases at IFT's lr.
 
 BASE = "base (stage 0)"
 
 
-def compare_recipes(steps):
-    """The recipes of one seed, in training order (a recipe's lr and start come before it)."""
-    half = steps // 2
-    recipes = []
+@dataclass
+class Recipe:
+    name: str
+    group: str                # single stage, sequential, equal compute, ablation, base
+    loss: str                 # ift.LOSSES
+    data: str = "train"       # the split it trains on (see load_data)
+    steps: int = 0
+    start: str = BASE         # the recipe whose checkpoint it fine-tunes ("": from scratch)
+    lr_of: str = ""           # the recipe whose tuned lr it takes ("": its own, tuned)
+    overrides: dict = field(default_factory=dict)  # ift.Config fields it sets
 
-    def add(name, group, loss, data="train", n=steps, start=BASE, lr_of=None, **overrides):
-        recipes.append({"name": name, "group": group, "loss": loss, "data": data, "steps": n,
-                        "start": start, "lr_of": lr_of or name, "overrides": overrides})
-    for loss in ("sft", "ift", "orpo", "dpo"):
-        add(loss, "single stage", loss)
-    add("sft (stage 1)", "sequential", "sft", "train_a", half, lr_of="sft")
-    for loss in ("sft", "ift", "orpo", "dpo"):
-        add(f"sft then {loss}", "sequential", loss, "train_b", steps - half, "sft (stage 1)")
-    add("ift, lam 0", "ablation", "ift", lr_of="ift", lam=0.0)
-    add("ift, gamma 0", "ablation", "ift", lr_of="ift", gamma=0.0)
-    add("ift, detached weights", "ablation", "ift", lr_of="ift", detach_weights=True)
-    add("ift, noisy lam", "ablation", "ift", lr_of="ift", lam_schedule="noisy")
-    add("ift at sft's flops", "equal compute", "ift", n=round(steps / ift.IFT_COST), lr_of="ift")
+    @property
+    def tuned(self):
+        return not self.lr_of
+
+
+def compare_recipes(steps):
+    """The recipes of one judged seed, in training order (a recipe's start comes before it)."""
+    half = steps // 2
+    recipes = [Recipe(loss, "single stage", loss, steps=steps) for loss in ("sft", "ift", "orpo",
+                                                                             "dpo")]
+    recipes.append(Recipe("sft (stage 1)", "sequential", "sft", "train_a", half, lr_of="sft"))
+    recipes += [Recipe(f"sft then {loss}", "sequential", loss, "train_b", steps - half,
+                       "sft (stage 1)") for loss in ("sft", "ift", "orpo", "dpo")]
+    recipes.append(Recipe("ift at sft's flops", "equal compute", "ift",
+                          steps=round(steps / ift.IFT_COST), lr_of="ift"))
     return recipes
+
+
+def ablation_recipes(steps):
+    """IFT's ablations (`--ablations`): each changes one thing of IFT, at IFT's lr."""
+    return [Recipe(name, "ablation", "ift", steps=steps, lr_of="ift", overrides=o) for name, o in (
+        ("ift, lam 0", {"lam": 0.0}), ("ift, gamma 0", {"gamma": 0.0}),
+        ("ift, detached weights", {"detach_weights": True}),
+        ("ift, noisy lam", {"lam_schedule": "noisy"}))]
+
+
+def base_recipe(cfg):
+    return Recipe(BASE, "base", "sft", "pretrain", cfg.base_steps, start="", lr_of=BASE)
 
 
 def run_cost(recipe):
     """A run's rough cost in SFT steps (DPO and ORPO score two answers per row)."""
-    return recipe["steps"] * {"sft": 1.0, "ift": ift.IFT_COST, "orpo": 2.0, "dpo": 2.0}[
-        recipe["loss"]]
+    return recipe.steps * {"sft": 1.0, "ift": ift.IFT_COST, "orpo": 2.0, "dpo": 2.0}[recipe.loss]
 
 
 def config_for(cfg, **fields):
@@ -160,29 +205,45 @@ def config_for(cfg, **fields):
     return ift.Config(**{**plain, **fields})
 
 
-def train_and_test(rcfg, model, enc, train_split, data, device, run_dir):
-    """ift.train() on train_split (what a plain run prints goes to run_dir/train.log), then the
-    test metrics, and the validation metrics the lr choices read. Returns the run's record."""
+def preference_margin(logps):
+    """Mean over rows of log p(chosen) - log p(rejected), each summed over answer tokens
+    (logps: (N, 2), from ift.answer_logps). Unlike preference accuracy it is not capped at 1:
+    it keeps growing while a model separates pairs it already ranks right."""
+    return (logps[:, 0] - logps[:, 1]).mean().item()
+
+
+def train_and_test(rcfg, model, enc, train_split, data, device, run_dir, judged):
+    """ift.train() on train_split (what a plain run prints goes to run_dir/train.log), the
+    validation metrics the tuning reads, and (judged runs only) the test metrics. A run whose
+    loss stops being finite ends with outcome "diverged". Returns the run's record."""
     t = time.time()
-    with (run_dir / "train.log").open("w") as f, contextlib.redirect_stdout(f):
-        splits = {"train": train_split, "val": data["val"]}
-        log, train_seconds = ift.train(rcfg, model, enc, splits, device, run_dir)
+    record = {"seed": rcfg.seed, "lr": rcfg.lr, "steps": rcfg.max_steps,
+              "ckpt": str(run_dir / "ckpt.pt")}
+    try:
+        with (run_dir / "train.log").open("w") as f, contextlib.redirect_stdout(f):
+            log, train_seconds = ift.train(rcfg, model, enc, {"train": train_split,
+                                                              "val": data["val"]}, device, run_dir)
+    except ift.UserError as e:
+        return {**record, "outcome": "diverged", "error": str(e)}
     autocast = ift.autocast_for(device)
-    res = ift.evaluate(model, enc, data["test"], device, autocast, rcfg.max_new_tokens)
     val_logps = ift.answer_logps(model, data["val"], device, autocast)       # (N, 2)
-    evals = [r for r in log if "val_exact_match" in r]
-    return {"seed": rcfg.seed, "lr": rcfg.lr, "steps": rcfg.max_steps,
-            "ckpt": str(run_dir / "ckpt.pt"), "seconds": time.time() - t,
-            "ms_per_step": 1000 * train_seconds / rcfg.max_steps,
-            "val_exact_match": evals[-1]["val_exact_match"], "val_nll": evals[-1]["val_nll"],
-            "val_preference_accuracy": (val_logps[:, 0] > val_logps[:, 1]).float().mean().item(),
-            "test": {k: res[k] for k in ("exact_match", "exact_match_by_task", "nll",
-                                         "preference_accuracy")}}
+    last = [r for r in log if "val_exact_match" in r][-1]
+    record.update(outcome="finished", val_exact_match=last["val_exact_match"],
+                  val_nll=last["val_nll"], val_margin=preference_margin(val_logps),
+                  val_preference_accuracy=(val_logps[:, 0] > val_logps[:, 1]).float().mean().item(),
+                  ms_per_step=1000 * train_seconds / rcfg.max_steps, test=None)
+    if judged:
+        res = ift.evaluate(model, enc, data["test"], device, autocast, rcfg.max_new_tokens)
+        test_logps = ift.answer_logps(model, data["test"], device, autocast)  # (N, 2)
+        record["test"] = {**{k: res[k] for k in ("exact_match", "exact_match_by_task", "nll",
+                                                 "preference_accuracy")},
+                          "margin": preference_margin(test_logps)}
+    return {**record, "seconds": time.time() - t}
 
 
 def base_folder(bcfg, out_dir):
     """The base model's settings, and its folder: <out-dir>/base/<hash of the settings>. One
-    folder per settings, so a base made with other settings is kept, never overwritten."""
+    folder per settings (the seed among them), so no base is ever overwritten by another."""
     settings = {k: v for k, v in dataclasses.asdict(bcfg).items() if k not in (
         "out_dir", "device", "log_interval", "eval_interval", "max_new_tokens")}
     # the pool makes the model; its record also holds val and test scores
@@ -202,89 +263,82 @@ def read_json(path, what):
                             f"another --out-dir") from None
 
 
-def base_model(cfg, enc, data, device, out_dir):
-    """Stage 0 (see above): the base model's record, trained now, or read from <out-dir>/base
-    when that one was made with the same settings from the same data files."""
-    pool_path = Path(cfg.data) / "pretrain.jsonl"
-    if not pool_path.is_file():
-        raise ift.UserError(f"{pool_path}: no pretraining pool for the base model; run python "
-                            f"data/prepare.py, or put rows of your own there")
-    bcfg = config_for(cfg, loss="sft", lr=ift.DEFAULT_LR["sft"], init_from="",
+def base_model(cfg, seed, judged, enc, data, device, out_dir):
+    """Stage 0 of one seed (see above): the base model's record, trained now, or read from
+    <out-dir>/base when that one was made with the same settings from the same data files."""
+    bcfg = config_for(cfg, loss="sft", lr=ift.DEFAULT_LR["sft"], init_from="", seed=seed,
                       max_steps=cfg.base_steps)
     settings, base_dir = base_folder(bcfg, out_dir)
     bcfg.out_dir = str(base_dir)
     record_path = base_dir / "base.json"
     if record_path.is_file():
-        print(f"base model: reusing {base_dir / 'ckpt.pt'} (same settings, same data files)")
-        return read_json(record_path, "a base-model record of compare.py")
+        record = read_json(record_path, "a base-model record of compare.py")
+        if record.get("test") or not judged:  # a tuning seed's base has no test scores
+            return {**record, "ckpt": str(base_dir / "ckpt.pt"), "reused": True}
     base_dir.mkdir(parents=True, exist_ok=True)
-    pool = ift.Split(ift.load_rows(pool_path, limit=cfg.limit_rows), enc, cfg.block_size,
-                     str(pool_path))
-    # plain language modelling: with "prompt length" 1 every token after <|user|> is a target
-    pool.chosen = [(ids, 1) for ids, _ in pool.chosen]
-    print(f"base model: {cfg.base_steps} steps of language modelling on {len(pool)} rows of "
-          f"{pool_path} ...", flush=True)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     model = ift.build_model(bcfg, enc, device)
     (base_dir / "config.json").write_text(json.dumps(dataclasses.asdict(bcfg), indent=2))
-    record = {"recipe": BASE, **train_and_test(bcfg, model, enc, pool, data, device, base_dir),
-              "settings": settings}
-    tmp = record_path.with_suffix(".tmp")  # base.json comes last: it means ckpt.pt is done
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(record_path)
+    record = {"recipe": BASE, **train_and_test(bcfg, model, enc, data["pretrain"], data, device,
+                                               base_dir, judged), "settings": settings}
+    if record["outcome"] == "finished":  # base.json comes last: it means ckpt.pt is done
+        tmp = record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(record_path)
     return record
 
 
-def compare_run(cfg, recipe, seed, lr, init_from, enc, data, device, out_dir):
-    """Train one recipe for one seed from init_from and test it. Its folder gets config.json,
-    train.log (what a plain run prints), log.csv and ckpt.pt."""
-    slug = "".join(c if c.isalnum() else "_" for c in recipe["name"])  # "ift, lam 0" -> ift__lam_0
+def compare_run(cfg, recipe, seed, lr, init_from, judged, enc, data, device, out_dir):
+    """Train one recipe for one seed from init_from and test it (judged seeds). Its folder gets
+    config.json, train.log (what a plain run prints), log.csv and ckpt.pt."""
+    slug = "".join(c if c.isalnum() else "_" for c in recipe.name)  # "ift, lam 0" -> ift__lam_0
     run_dir = out_dir / "runs" / f"seed{seed}" / f"{slug}_lr{lr:.2g}"
-    rcfg = config_for(cfg, loss=recipe["loss"], seed=seed, lr=lr, init_from=init_from,
-                      max_steps=recipe["steps"], out_dir=str(run_dir), **recipe["overrides"])
+    rcfg = config_for(cfg, loss=recipe.loss, seed=seed, lr=lr, init_from=init_from,
+                      max_steps=recipe.steps, out_dir=str(run_dir), **recipe.overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(rcfg), indent=2))
     torch.manual_seed(seed)
     model = ift.build_model(rcfg, enc, device)
-    return {"recipe": recipe["name"],
-            **train_and_test(rcfg, model, enc, data[recipe["data"]], data, device, run_dir)}
+    return {"recipe": recipe.name, **train_and_test(rcfg, model, enc, data[recipe.data], data,
+                                                    device, run_dir, judged)}
 
 
 def load_data(cfg, enc):
-    """The splits every run reads: train, val, test, and the train split's halves A and B."""
+    """The splits every run reads: train, val, test, the train split's halves A and B, and the
+    pretraining pool of the base models (plain language modelling: with "prompt length" 1 every
+    token after <|user|> is a target)."""
+    pool_path = Path(cfg.data) / "pretrain.jsonl"
+    if not pool_path.is_file():
+        raise ift.UserError(f"{pool_path}: no pretraining pool for the base model; run python "
+                            f"data/prepare.py, or put rows of your own there")
     data = ift.load_splits(cfg, enc, need_rejected=("train", "val", "test"))
     n = len(data["train"])
     data["train_a"] = ift.Split(data["train"].rows[:n // 2], enc, cfg.block_size, "train half A")
     data["train_b"] = ift.Split(data["train"].rows[n // 2:], enc, cfg.block_size, "train half B")
+    pool = ift.Split(ift.load_rows(pool_path, limit=cfg.limit_rows), enc, cfg.block_size,
+                     str(pool_path))
+    pool.chosen = [(ids, 1) for ids, _ in pool.chosen]
+    data["pretrain"] = pool
     return data
 
 
 # -----------------------------------------------------------------------------
-# The phases
+# Running jobs
 #
-# Every run is a Job: a recipe, a seed, an lr, and the checkpoint it starts from. A run can start
-# once its checkpoint exists and its lr is known, so the comparison trains in four phases, each a
-# list of jobs mapped over the worker pool (a plain loop with one worker):
-#   1. the first seed's lr sweeps of the recipes that start from the base;     -> their lrs
-#   2. stage 1 of every seed (SFT's lr);
-#   3. the later seeds' runs from the base, every seed's ablations and equal-compute run, and
-#      the first seed's sweeps of the stage-2 recipes (from its stage 1);       -> their lrs,
-#                                                                                  claim (c)
-#   4. the later seeds' stage-2 runs, and claim (c)'s runs at its lrs.
-# Between phases, choose_lrs() and pick_claim_c() are pure functions of finished runs. Within a
-# phase the longest jobs start first, so no worker idles long at its end.
-#
-# Runs at once. A 2 x 64 GPT is too small to keep two CPU threads busy, so on a CPU --workers
-# processes train one run each with one thread (RESULTS.md measures the gain). A run reads and
-# writes only its own folder and the checkpoint it starts from, which is finished before it starts.
+# Every run is a Job: a recipe, a seed, an lr, and the checkpoint it starts from. A list of jobs
+# is mapped over the worker pool (a plain loop with one worker), the longest first, so no worker
+# idles long at the end of a list. A 2 x 64 GPT is too small to keep two CPU threads busy, so on
+# a CPU --workers processes train one run each with one thread (RESULTS.md measures the gain). A
+# run reads and writes only its own folder and the checkpoint it starts from, which is finished
+# before it starts.
 
 @dataclass
 class Job:
-    recipe: dict       # from compare_recipes()
+    recipe: Recipe
     seed: int
     lr: float
-    init_from: str     # the checkpoint it fine-tunes
-    sweep: bool = False  # an lr candidate of the first seed's sweep: it may diverge and lose
+    init_from: str         # the checkpoint it fine-tunes ("" for a base)
+    judged: bool = True    # False: a tuning seed's run, which never reads the test split
 
 
 WORKER = {}  # in each worker process (and in the main one, for --workers 1): what a run reads
@@ -300,16 +354,13 @@ def worker_start(cfg, threads):
 
 
 def worker_run(job):
-    """compare_run() of a job, with what worker_start() set up in this process. A sweep candidate
-    that diverges returns a record that says so; any other run that diverges stops everything."""
+    """The base or the recipe run of a job, with what worker_start() set up in this process."""
     w = WORKER
-    try:
-        return compare_run(w["cfg"], job.recipe, job.seed, job.lr, job.init_from, w["enc"],
-                           w["data"], w["device"], w["out_dir"])
-    except ift.UserError as e:
-        if not job.sweep:
-            raise ift.UserError(f"{job.recipe['name']}, seed {job.seed}: {e}") from None
-        return {"recipe": job.recipe["name"], "seed": job.seed, "lr": job.lr, "diverged": str(e)}
+    if job.recipe.name == BASE:
+        return base_model(w["cfg"], job.seed, job.judged, w["enc"], w["data"], w["device"],
+                          w["out_dir"])
+    return compare_run(w["cfg"], job.recipe, job.seed, job.lr, job.init_from, job.judged,
+                       w["enc"], w["data"], w["device"], w["out_dir"])
 
 
 def at_a_time(workers, threads):
@@ -338,148 +389,239 @@ def worker_pool(cfg, workers, threads, device, out_dir, enc, data):
 
 
 class Progress:
-    """One line per finished run: its scores, the share of the planned work done, time left."""
+    """One line per finished run: its scores, the share of the whole comparison's planned work
+    done (in SFT steps; grid extensions and claim (c)'s runs are added when they are known) and
+    the time the whole comparison has left at the rate so far."""
 
-    def __init__(self, total, done, t_start):
-        self.total, self.done, self.t_start = total, done, t_start
+    def __init__(self, total, t_start):
+        self.total, self.done, self.t_start = total, 0.0, t_start
 
     def report(self, job, res):
         self.done += run_cost(job.recipe)
         elapsed = time.time() - self.t_start
-        test = (f"test exact {res['test']['exact_match']:.3f} | val exact "
-                f"{res['val_exact_match']:.3f} | val pref {res['val_preference_accuracy']:.3f}"
-                f" | {res['seconds']:.0f}s" if "test" in res else "diverged")
+        scores = "diverged"
+        if res["outcome"] == "finished":
+            test = f" | test exact {res['test']['exact_match']:.3f}" if res["test"] else ""
+            scores = (f"val exact {res['val_exact_match']:.3f} | val margin "
+                      f"{res['val_margin']:.2f}{test}")
         left = ift.fmt_time(elapsed / self.done * max(self.total - self.done, 0))
-        print(f"[{min(self.done / self.total, 1):4.0%}] seed {job.seed} | "
-              f"{job.recipe['name']:<22} | lr {job.lr:.1e}{' (sweep)' if job.sweep else ''} | "
-              f"{test} | elapsed {ift.fmt_time(elapsed)}, about {left} left", flush=True)
+        kind = "judged" if job.judged else "tuning"
+        print(f"[{min(self.done / self.total, 1):4.0%}] {kind} seed {job.seed} | "
+              f"{job.recipe.name:<18} | lr {job.lr:.1e} | {scores} | {res.get('seconds', 0):.0f}s"
+              f" | elapsed {ift.fmt_time(elapsed)}, eta {left} for the whole comparison",
+              flush=True)
 
 
-def run_phase(run, jobs, progress):
-    """Train jobs, the longest first, with run (a map over jobs); (job, result) pairs."""
+def run_jobs(run, jobs, progress):
+    """Train jobs, the longest first, with run (a map over jobs); (job, result) pairs. A judged
+    run or a base that diverges stops everything: only a tuning run may diverge and lose."""
     jobs = sorted(jobs, key=lambda job: -run_cost(job.recipe))  # stable: ties keep their order
     done = []
     for job, res in zip(jobs, run(worker_run, jobs)):  # results come in order, as they finish
         progress.report(job, res)
+        if res["outcome"] != "finished" and (job.judged or job.recipe.name == BASE):
+            raise ift.UserError(f"{job.recipe.name}, seed {job.seed}: {res['error']}")
         done.append((job, res))
     return done
 
 
-def multipliers(cfg, recipe):
-    return cfg.dpo_lr_sweep if recipe["loss"] == "dpo" else cfg.lr_sweep
+def starts_of(done):
+    """(recipe name, seed) -> checkpoint, of the finished runs among done that other recipes
+    start from: the bases and stage 1 (one run per seed each)."""
+    return {(job.recipe.name, job.seed): res["ckpt"] for job, res in done
+            if job.recipe.name in (BASE, "sft (stage 1)") and res["outcome"] == "finished"}
 
 
-def sweep_jobs(cfg, recipes, seed, runs):
-    """The sweep of each recipe on seed: one job per lr multiplier, from its start's checkpoint."""
-    return [Job(r, seed, ift.DEFAULT_LR[r["loss"]] * m, runs[(r["start"], seed)]["ckpt"], True)
-            for r in recipes for m in multipliers(cfg, r)]
+def jobs_at(recipes, seeds, lrs, starts, judged=True):
+    """Each recipe on each seed at lrs[the recipe whose lr it takes], from its start's checkpoint
+    on that seed."""
+    return [Job(r, s, lrs[r.lr_of or r.name], starts[(r.start, s)], judged)
+            for s in seeds for r in recipes]
 
 
-def jobs_at(recipes, seeds, lrs, runs, lr_key="lr_of"):
-    """Each recipe on each seed at the lr chosen for it (lrs[r[lr_key]]), from its start."""
-    return [Job(r, s, lrs[r[lr_key]], runs[(r["start"], s)]["ckpt"]) for s in seeds
-            for r in recipes]
+# -----------------------------------------------------------------------------
+# Tuning
+#
+# What is tuned on what. Each recipe with an lr of its own (the paper's Table 2) is tuned on the
+# tuning seeds only, never on a judged seed, and on validation metrics only: tuning runs do not
+# even evaluate the test split. Two lrs per recipe: one for exact match (the table and claims
+# (a), (a'), (b), (d)), one for the preference margin (claim (c)); each is the best grid point
+# by that validation metric AVERAGED over the tuning seeds (a run that diverged on any tuning
+# seed loses), ties to the lower validation NLL, then the lower lr. Every recipe starts with the
+# same --lr-grid points. A best lr at the grid's edge may be a cut-off optimum, so the grid adds
+# one more multiplier step past that edge (edge^2 / its neighbour), for either metric, and
+# tunes again; at most --max-extensions rounds. Stage 1 takes SFT's lr for exact match, the
+# equal-compute run and the ablations IFT's. Claim (c)'s two recipes are picked the same way, on
+# the tuning seeds' mean validation margin at each recipe's margin lr.
+
+METRICS = ("exact_match", "margin")  # what a recipe's lrs are tuned for
 
 
-def table_runs(base, seeds, done, lrs):
-    """(recipe, seed) -> the run the tables show: the base, or the recipe's run at its lr for
-    exact match, among done, the (job, result) pairs of the finished runs."""
-    runs = {(BASE, s): base for s in seeds}
+def grid_scores(recipe, done, seeds):
+    """{lr: (mean val exact match, mean val margin, mean val NLL)} over the tuning seeds of
+    every lr of recipe's grid in done; None for an lr that diverged on some seed."""
+    runs = {}
     for job, res in done:
-        if job.lr == lrs.get(job.recipe["lr_of"]):
-            runs.setdefault((job.recipe["name"], job.seed), res)
-    return runs
+        if job.recipe.name == recipe.name and not job.judged:
+            runs.setdefault(job.lr, {})[job.seed] = res
+    scores = {}
+    for lr, by_seed in runs.items():
+        ok = [by_seed[s] for s in seeds if s in by_seed and by_seed[s]["outcome"] == "finished"]
+        scores[lr] = None if len(ok) < len(seeds) else tuple(
+            ift.mean_std([r[k] for r in ok])[0] for k in ("val_exact_match", "val_margin",
+                                                          "val_nll"))
+    return scores
 
 
-def tried_runs(done):
-    """(recipe, seed) -> {lr: run} of every finished run that did not diverge."""
-    tried = {}
-    for job, res in done:
-        if "test" in res:
-            tried.setdefault((job.recipe["name"], job.seed), {})[job.lr] = res
-    return tried
+def best_lrs(scores):
+    """{metric: the best lr} by the mean validation metric, ties to the lower NLL then lr."""
+    ok = {lr: s for lr, s in scores.items() if s is not None}
+    if not ok:
+        return None
+    return {metric: min(ok, key=lambda lr: (-ok[lr][i], ok[lr][2], lr))
+            for i, metric in enumerate(METRICS)}
 
 
-def choose_lrs(recipes, done):
-    """Each recipe's lr for exact match and its lr for preference accuracy, each the best on the
-    validation split (ties: the lower val NLL, then the lower lr) among its sweep's runs in done
-    (diverged runs lose): (lrs, lrs_pa) by recipe name, and the rows of the sweep table."""
-    lrs, lrs_pa, rows = {}, {}, []
-    for r in recipes:
-        results = sorted((res for job, res in done if job.sweep and job.recipe == r),
-                         key=lambda x: x["lr"])
-        ok = [x for x in results if "test" in x]
-        if not ok:
-            raise ift.UserError(f"{r['name']}: every lr of its sweep diverged; try smaller "
-                                f"multipliers")
-        lr = lrs[r["name"]] = min(ok, key=lambda x: (-x["val_exact_match"], x["val_nll"]))["lr"]
-        lr_pa = lrs_pa[r["name"]] = min(
-            ok, key=lambda x: (-x["val_preference_accuracy"], x["val_nll"]))["lr"]
-        rows += [{"recipe": r["name"], "lr": x["lr"], "diverged": "diverged" in x,
-                  **{k: x.get(k) for k in ("val_exact_match", "val_preference_accuracy",
-                                           "val_nll")},
-                  "chosen_for_exact_match": x["lr"] == lr,
-                  "chosen_for_preference_accuracy": x["lr"] == lr_pa} for x in results]
-    return lrs, lrs_pa, rows
+def extension(grid, best):
+    """The lr one multiplier step past the edge where best lies, or None inside the grid."""
+    g = sorted(grid)
+    if best == g[-1]:
+        return g[-1] * g[-1] / g[-2]
+    if best == g[0]:
+        return g[0] * g[0] / g[1]
+    return None
 
 
-def pick_claim_c(own, tried, lrs_pa, seed):
-    """Claim (c)'s two recipes among own (the recipes with an lr of their own: the paper's
-    Table 2), on the VALIDATION preference accuracy of the first seed at the lr tuned for it:
-    the better DPO recipe and the best other one."""
+def tune(cfg, run, progress, recipes, seeds, starts, also=()):
+    """Tune recipes on the tuning seeds (see above) from their starts; `also` are other jobs that
+    share the first round's workers. Returns the finished (job, result) pairs, and per recipe
+    its grid, its two chosen lrs, the metrics whose optimum stays at an edge, and the scores."""
+    grids = {r.name: [ift.DEFAULT_LR[r.loss] * m for m in cfg.lr_grid] for r in recipes}
+    new, done = grids, []
+    for round_ in range(cfg.max_extensions + 1):
+        jobs = [Job(r, s, lr, starts[(r.start, s)], judged=False) for r in recipes
+                for lr in new[r.name] for s in seeds]
+        if round_:  # the first round is in the plan already
+            progress.total += sum(run_cost(job.recipe) for job in jobs)
+        done += run_jobs(run, jobs + (list(also) if round_ == 0 else []), progress)
+        choice = {r.name: best_lrs(grid_scores(r, done, seeds)) for r in recipes}
+        lost = next((name for name, c in choice.items() if c is None), None)
+        if lost:
+            raise ift.UserError(f"{lost}: every lr of its grid diverged on a tuning seed; try "
+                                f"smaller --lr-grid multipliers")
+        new = {r.name: sorted({lr for lr in (extension(grids[r.name], b) for b in
+                                             choice[r.name].values()) if lr is not None})
+               for r in recipes}
+        if round_ == cfg.max_extensions or not any(new.values()):
+            break
+        grids = {name: sorted(grid + new[name]) for name, grid in grids.items()}
+    table = {r.name: {"grid": grids[r.name], "lr": choice[r.name]["exact_match"],
+                      "lr_margin": choice[r.name]["margin"],
+                      "at_edge": [m for m, lr in choice[r.name].items()
+                                  if extension(grids[r.name], lr) is not None],
+                      "scores": grid_scores(r, done, seeds)} for r in recipes}
+    return done, table
+
+
+def pick_claim_c(table, names):
+    """Claim (c)'s two recipes among names (the paper's Table 2), on the tuning seeds' mean
+    VALIDATION margin at each recipe's margin lr: the better DPO recipe and the best other."""
     def score(name):
-        run = tried[(name, seed)][lrs_pa[name]]
-        return run["val_preference_accuracy"], -run["val_nll"]
-    dpo = [name for name in own if name.endswith("dpo")]
-    return (max(dpo, key=score), max((n for n in own if n not in dpo), key=score))
+        exact, margin, nll = table[name]["scores"][table[name]["lr_margin"]]
+        return margin, -nll
+    dpo = [name for name in names if name.endswith("dpo")]
+    return max(dpo, key=score), max((n for n in names if n not in dpo), key=score)
 
 
-def train_all(cfg, run, progress, recipes, seeds, base):
-    """The four phases (see above). Returns every finished (job, result), the lrs chosen for
-    exact match and for preference accuracy (by recipe name), the sweep table's rows, and claim
-    (c)'s two recipes."""
-    first, later = seeds[0], seeds[1:]
-    own = [r for r in recipes if r["lr_of"] == r["name"]]          # swept: the paper's Table 2
-    from_base = [r for r in own if r["start"] == BASE]
-    stage2 = [r for r in own if r["start"] != BASE]
-    stage1 = [r for r in recipes if r["name"] == "sft (stage 1)"]
-    rest = [r for r in recipes if r not in own + stage1]            # ablations, equal compute
-    runs = table_runs(base, seeds, [], {})
-    # 1. the first seed's sweeps from the base, and their lrs
-    done = run_phase(run, sweep_jobs(cfg, from_base, first, runs), progress)
-    lrs, lrs_pa, sweep = choose_lrs(from_base, done)
-    # 2. stage 1 of every seed
-    done += run_phase(run, jobs_at(stage1, seeds, lrs, runs), progress)
-    runs = table_runs(base, seeds, done, lrs)
-    # 3. the rest from the base, and the first seed's stage-2 sweeps; their lrs and claim (c)
-    done += run_phase(run, jobs_at(from_base, later, lrs, runs) + jobs_at(rest, seeds, lrs, runs)
-                      + sweep_jobs(cfg, stage2, first, runs), progress)
-    lrs2, lrs_pa2, sweep2 = choose_lrs(stage2, done)
-    lrs, lrs_pa, sweep = {**lrs, **lrs2}, {**lrs_pa, **lrs_pa2}, sweep + sweep2
-    claim_c = pick_claim_c([r["name"] for r in own], tried_runs(done), lrs_pa, first)
-    extra = [r for r in own if r["name"] in claim_c and lrs_pa[r["name"]] != lrs[r["name"]]]
-    progress.total += sum(run_cost(r) for r in extra) * len(later)
-    # 4. the later seeds' stage 2, and claim (c)'s runs at their lrs for preference accuracy
-    done += run_phase(run, jobs_at(stage2, later, lrs, runs)
-                      + jobs_at(extra, later, lrs_pa, runs, lr_key="name"), progress)
-    return done, lrs, lrs_pa, sweep, claim_c
+# -----------------------------------------------------------------------------
+# The phases
+#
+# A run can start once its start's checkpoint exists and its lr is known, so the comparison
+# trains in five phases, each one or more lists of jobs for the worker pool:
+#   1. the tuning seeds' bases;
+#   2. the tuning of the recipes that start from a base (with its grid extensions), sharing its
+#      first round with the judged seeds' bases;                                  -> their lrs
+#   3. the tuning seeds' stage 1, and on the judged seeds every recipe that starts from a base,
+#      stage 1 among them;
+#   4. the tuning of the stage-2 recipes, from the tuning seeds' stage 1;          -> their lrs,
+#                                                                                    claim (c)
+#   5. the judged seeds' stage-2 runs, and claim (c)'s runs at their margin lrs.
+# Between phases, tune() and pick_claim_c() are pure functions of finished runs.
+
+def train_all(cfg, run, progress, recipes, tuning, judged):
+    """The five phases (see above). Returns every finished (job, result), the tuning table (per
+    recipe: grid, lrs, edge flags, scores) and claim (c)'s two recipes."""
+    own = [r for r in recipes if r.tuned]                         # tuned: the paper's Table 2
+    from_base = [r for r in own if r.start == BASE]
+    stage2 = [r for r in own if r.start != BASE]
+    stage1 = [r for r in recipes if r.name == "sft (stage 1)"]
+    rest = [r for r in recipes if not r.tuned and r not in stage1]   # equal compute
+    base = base_recipe(cfg)
+    # 1. the tuning seeds' bases
+    done = run_jobs(run, [Job(base, s, ift.DEFAULT_LR["sft"], "", judged=False) for s in tuning],
+                    progress)
+    # 2. the tuning of the recipes from a base, beside the judged seeds' bases
+    judged_bases = [Job(base, s, ift.DEFAULT_LR["sft"], "") for s in judged]
+    tuned, table = tune(cfg, run, progress, from_base, tuning, starts_of(done), judged_bases)
+    done += tuned
+    lrs = {name: t["lr"] for name, t in table.items()}
+    # 3. the tuning seeds' stage 1; the judged seeds' runs from their bases
+    starts = starts_of(done)
+    done += run_jobs(run, jobs_at(stage1, tuning, lrs, starts, judged=False)
+                     + jobs_at(from_base + stage1 + rest, judged, lrs, starts), progress)
+    # 4. the tuning of the stage-2 recipes; claim (c)'s recipes
+    tuned, table2 = tune(cfg, run, progress, stage2, tuning, starts_of(done))
+    done, table = done + tuned, {**table, **table2}
+    lrs = {name: t["lr"] for name, t in table.items()}
+    claim_c = pick_claim_c(table, [r.name for r in own])
+    extra = [r for r in own if r.name in claim_c and table[r.name]["lr_margin"] != lrs[r.name]]
+    progress.total += sum(run_cost(r) for r in extra) * len(judged)
+    # 5. the judged seeds' stage 2, and claim (c)'s runs at their margin lrs
+    lrs_margin = {name: t["lr_margin"] for name, t in table.items()}
+    starts = starts_of(done)
+    done += run_jobs(run, jobs_at(stage2, judged, lrs, starts)
+                     + jobs_at(extra, judged, lrs_margin, starts), progress)
+    return done, table, claim_c
+
+
+def planned_cost(cfg, recipes, tuning, judged):
+    """The comparison's work in SFT steps before any grid extension or claim (c)'s runs."""
+    own = [r for r in recipes if r.tuned]
+    stage1 = sum(run_cost(r) for r in recipes if r.name == "sft (stage 1)")
+    return (run_cost(base_recipe(cfg)) * (len(tuning) + len(judged))
+            + sum(run_cost(r) for r in own) * len(cfg.lr_grid) * len(tuning)
+            + stage1 * len(tuning) + sum(run_cost(r) for r in recipes) * len(judged))
 
 
 # -----------------------------------------------------------------------------
 # The verdicts
 #
-# A claim is judged on paired differences d_s = metric(recipe, seed s) - metric(other, seed s):
-# reproduced if the 95% t-interval of their mean lies above 0, not reproduced if it lies below,
-# within noise if it contains 0. Each side is also paired with the model it started from (the
-# base, or stage 1): a side whose interval contains 0 "did not move", one whose interval lies
-# below 0 ended "worse than its start", and the table says so.
+# A claim is judged on paired differences d_s = metric(recipe, seed s) - metric(other, seed s)
+# over the judged seeds, each seed with its own base. With the 95% t-interval of their mean
+# [lo, hi] and the claim's margin of indifference DELTA (fixed before the run):
+#   reproduced    lo > 0                       the recipe is better
+#   reversed      hi < 0                       the other is better
+#   equivalent    -DELTA <= lo and hi <= DELTA  no difference that matters (a difference of at
+#                                               most DELTA either way)
+#   inconclusive  otherwise                    the seeds cannot tell
+# The first two come first: an interval above 0 that also lies inside +-DELTA is reproduced (a
+# small but clear difference). DELTA is 0.02 exact match (2 points of 100, 40 of the 2000 test
+# rows), and 1 nat of the mean preference margin for claim (c): the chosen answer e = 2.7 times
+# likelier against the rejected one, on average over the rows, a small change next to margins
+# summed over whole answers (RESULTS.md, section 1, shows them). A claim
+# also counts the seeds each way, and each of its sides is paired with the model it started
+# from (the base, or stage 1): one whose interval contains 0 "did not move", one whose interval
+# lies below 0 ended "worse than its start"; a claim won against such a side says little.
+# Five claims are tested at 95% each, so with no true difference anywhere the chance that at
+# least one of them comes out reproduced or reversed by luck is up to 1 - 0.95^5 = 23%.
+
+DELTA = {"exact_match": 0.02, "margin": 1.0}
+N_CLAIMS = 5
+CONTROL = "b control"  # (b)'s control: SFT - SFT then DPO
 
 # two-sided 95% quantiles of Student's t by degrees of freedom; past 9, 1.96 + 2.4 / df is
 # within 0.03 of them
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
-
-
-POWER = 0.02  # the 95% half-width a claim's interval should reach (exact match: 2 points)
 
 
 def half_width(std, n):
@@ -488,68 +630,103 @@ def half_width(std, n):
     return T95.get(df, 1.96 + 2.4 / df) * std / math.sqrt(n)
 
 
-def paired(diffs):
-    """Mean, sample std and 95% t-interval half-width of paired differences, the verdict, and
-    how many seeds the same std would need for a half-width of POWER."""
-    mean = statistics.mean(diffs)
+def verdict(lo, hi, delta):
+    """The four words (see above) from a 95% interval [lo, hi] and the claim's DELTA."""
+    if lo > 0:
+        return "reproduced"
+    if hi < 0:
+        return "reversed"
+    if -delta <= lo and hi <= delta:
+        return "equivalent"
+    return "inconclusive"
+
+
+def paired(diffs, delta):
+    """Mean, sample std and 95% t-interval half-width of paired differences, the verdict, the
+    seeds each way, and how many seeds the same std would need for a half-width of delta."""
+    mean, std = ift.mean_std(diffs)
+    ways = {"up": sum(d > 0 for d in diffs), "down": sum(d < 0 for d in diffs)}
     if len(diffs) < 2:
         return {"diffs": diffs, "mean": mean, "std": None, "ci95": None, "seeds_needed": None,
+                "t": None, "t95": None, **ways,
                 "verdict": "one seed: no spread (use --seeds 2 or more)"}
-    std = statistics.stdev(diffs)
     half = half_width(std, len(diffs))
-    verdict = ("reproduced" if mean - half > 0 else "not reproduced" if mean + half < 0
-               else "within noise")
-    needed = next((n for n in range(2, 10001) if half_width(std, n) <= POWER), None)
-    return {"diffs": diffs, "mean": mean, "std": std, "ci95": half, "verdict": verdict,
-            "seeds_needed": needed}
+    needed = next((n for n in range(2, 10001) if half_width(std, n) <= delta), None)
+    se = std / math.sqrt(len(diffs))
+    return {"diffs": diffs, "mean": mean, "std": std, "ci95": half, "seeds_needed": needed,
+            "t": abs(mean) / se if se else None, "t95": half / se if se else None,
+            **ways, "verdict": verdict(mean - half, mean + half, delta)}
 
 
-def judge_claims(recipes, runs, pa_runs, claim_c, seeds):
-    """The paper's claims, each on paired differences over the seeds; each side also paired
-    with the model it started from, to say whether it moved at all."""
-    starts = {r["name"]: r["start"] for r in recipes}
-    claims = [("a", "IFT > SFT on exact match", "ift", "sft", "exact_match"),
-              ("a'", "IFT at SFT's FLOPs > SFT on exact match", "ift at sft's flops", "sft",
-               "exact_match"),
-              ("b", "IFT >= SFT then DPO on exact match", "ift", "sft then dpo", "exact_match"),
-              ("c", "the better DPO recipe > the best other recipe on preference accuracy",
-               *claim_c, "preference_accuracy"),
-              ("d", "SFT then IFT > SFT then SFT on exact match", "sft then ift", "sft then sft",
-               "exact_match")]
+def claim_list(claim_c):
+    """(key, text, recipe, other, metric) of the five claims, then (b)'s control."""
+    return [("a", "IFT > SFT on exact match", "ift", "sft", "exact_match"),
+            ("a'", "IFT at SFT's FLOPs > SFT on exact match", "ift at sft's flops", "sft",
+             "exact_match"),
+            ("b", "IFT >= SFT then DPO on exact match", "ift", "sft then dpo", "exact_match"),
+            ("c", "the better DPO recipe > the best other recipe on preference margin",
+             *claim_c, "margin"),
+            ("d", "SFT then IFT > SFT then SFT on exact match", "sft then ift", "sft then sft",
+             "exact_match"),
+            (CONTROL, "(b)'s control: SFT >= SFT then DPO on exact match", "sft", "sft then dpo",
+             "exact_match")]
+
+
+def judge_claims(recipes, runs, margin_runs, claim_c, seeds):
+    """The claims and (b)'s control, each on paired test differences over the judged seeds;
+    each side also paired with the model it started from, to say whether it moved at all.
+    Claim (c) reads its runs at the margin lrs, and shows preference accuracy beside."""
+    starts = {r.name: r.start for r in recipes}
     out = []
-    for key, text, recipe, other, metric in claims:
-        table = pa_runs if key == "c" else runs  # claim (c): the runs tuned on its metric
+    for key, text, recipe, other, metric in claim_list(claim_c):
+        table = margin_runs if key == "c" else runs
 
-        def values(name):
+        def values(name, metric=metric):
             return [table[(name, s)]["test"][metric] for s in seeds]
 
         def moved(name):  # the side minus the model it started from, seed by seed
             return paired([a - runs[(starts[name], s)]["test"][metric]
-                           for a, s in zip(values(name), seeds)])
-        diffs = [a - b for a, b in zip(values(recipe), values(other))]
-        out.append({"claim": key, "text": text, "recipe": recipe, "other": other,
-                    "metric": metric, **paired(diffs),
-                    "moved": {name: moved(name) for name in (recipe, other)}})
+                           for a, s in zip(values(name), seeds)], DELTA[metric])
+        claim = {"claim": key, "text": text, "recipe": recipe, "other": other, "metric": metric,
+                 "delta": DELTA[metric], "seeds": seeds,
+                 **paired([a - b for a, b in zip(values(recipe), values(other))], DELTA[metric]),
+                 "moved": {name: moved(name) for name in (recipe, other)}}
+        if key == "c":
+            pa = "preference_accuracy"
+            claim[pa] = paired([a - b for a, b in zip(values(recipe, pa), values(other, pa))],
+                               0.02)
+        out.append(claim)
     return out
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def control_words(claims):
+    """(b)'s control in words: IFT's advantage over SFT then DPO minus SFT's own is IFT - SFT,
+    claim (a); its verdict says whether the advantage exceeds what SFT's steps alone give."""
+    a = next(c for c in claims if c["claim"] == "a")
+    return {"reproduced": "IFT's advantage over SFT then DPO exceeds what SFT's extra steps "
+                          "alone give (claim (a) is reproduced)",
+            "reversed": "SFT alone beats SFT then DPO by more than IFT does (claim (a) is "
+                        "reversed)",
+            "equivalent": "SFT alone gives the same advantage within +-DELTA (claim (a) is "
+                          "equivalent): (b) says nothing about IFT beyond (a)",
+            "inconclusive": "the seeds cannot tell whether IFT's advantage exceeds what SFT's "
+                            "extra steps alone give (claim (a) is inconclusive)"}.get(
+        a["verdict"], "one seed cannot tell")
 
 
 def summarize(recipes, runs, seeds, lrs, tasks):
-    """One row per recipe: mean and std over the seeds of every metric, and its costs."""
+    """One row per recipe: mean and std over the seeds of every test metric, and its costs."""
     rows = []
     for r in recipes:
-        per_seed = [runs[(r["name"], s)] for s in seeds]
-        row = {"recipe": r["name"], "group": r["group"], "lr": lrs[r["lr_of"]],
-               "steps": r["steps"]}
+        per_seed = [runs[(r.name, s)] for s in seeds]
+        row = {"recipe": r.name, "group": r.group, "lr": lrs.get(r.lr_of or r.name),
+               "steps": r.steps}
         for t in tasks:
-            row[t] = mean_std([p["test"]["exact_match_by_task"][t] for p in per_seed])
-        for k in ("exact_match", "preference_accuracy", "nll"):
-            row[k] = mean_std([p["test"][k] for p in per_seed])
-        row["seconds"] = mean_std([p["seconds"] for p in per_seed])
-        row["ms_per_step"] = mean_std([p["ms_per_step"] for p in per_seed])
+            row[t] = ift.mean_std([p["test"]["exact_match_by_task"][t] for p in per_seed])
+        for k in ("exact_match", "preference_accuracy", "margin", "nll"):
+            row[k] = ift.mean_std([p["test"][k] for p in per_seed])
+        row["seconds"] = ift.mean_std([p["seconds"] for p in per_seed])
+        row["ms_per_step"] = ift.mean_std([p["ms_per_step"] for p in per_seed])
         rows.append(row)
     return rows
 
@@ -564,80 +741,107 @@ def compare(cfg, command):
     enc = ift.load_tokenizer(cfg.data)
     data = load_data(cfg, enc)
     recipes = compare_recipes(cfg.max_steps)
-    seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    own = [r for r in recipes if r["lr_of"] == r["name"]]
+    judged = [cfg.seed + i for i in range(cfg.seeds)]
+    tuning = [cfg.seed + TUNING_OFFSET + i for i in range(cfg.tuning_seeds)]
     workers, threads = workers_for(cfg, device)
-    total = cfg.base_steps + sum(run_cost(r) for r in recipes) * len(seeds) + sum(
-        run_cost(r) * (len(multipliers(cfg, r)) - 1) for r in own)  # claim (c) adds to it
-    print(f"compare | a base model, then {len(recipes)} recipes x {len(seeds)} seeds, plus an "
-          f"lr sweep of {len(own)} recipes on seed {seeds[0]} | device {device}, "
-          f"{at_a_time(workers, threads)} | {len(data['train'])} train rows | outputs in "
-          f"{out_dir}", flush=True)
-    base = base_model(cfg, enc, data, device, out_dir)
-    print(f"base model: test exact {base['test']['exact_match']:.3f} | val exact "
-          f"{base['val_exact_match']:.3f} | elapsed {ift.fmt_time(time.time() - t_start)}",
-          flush=True)
-    progress = Progress(total, cfg.base_steps, t_start)
+    print(f"compare | {len(tuning) + len(judged)} base models, then {len(recipes)} recipes x "
+          f"{len(judged)} judged seeds {judged[0]}..{judged[-1]}, tuned on seeds "
+          f"{', '.join(map(str, tuning))} | device {device}, {at_a_time(workers, threads)} | "
+          f"{len(data['train'])} train rows | outputs in {out_dir}", flush=True)
+    progress = Progress(planned_cost(cfg, recipes, tuning, judged), t_start)
     with worker_pool(cfg, workers, threads, device, out_dir, enc, data) as run:
-        done, lrs, lrs_pa, sweep, claim_c = train_all(cfg, run, progress, recipes, seeds, base)
+        done, table, claim_c = train_all(cfg, run, progress, recipes, tuning, judged)
     info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "device": str(device), "device_name": device_name(device),
+            "device": str(device), "device_name": ift.device_name(device),
             "torch": torch.__version__, "threads": threads, "workers": workers,
             "runtime_seconds": time.time() - t_start,
-            "seed_seconds": {s: sum(res["seconds"] for job, res in done
-                                    if job.seed == s and "test" in res) for s in seeds},
-            "base_seconds": base["seconds"],
+            "busy_seconds": sum(res.get("seconds", 0) for job, res in done
+                                if not res.get("reused")),
             "params": sum(p.numel() for p in ift.GPT(**ift.model_args(cfg, enc)).parameters()),
-            "seeds": seeds, "tasks": sorted({row["task"] for row in data["test"].rows}),
-            "lr_for_preference_accuracy": lrs_pa,
+            "seeds": judged, "tuning_seeds": tuning, "claim_c": claim_c,
+            "tasks": sorted({row["task"] for row in data["test"].rows}),
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RECIPE_FIELDS}}
-    return write_outputs(cfg, info, recipes, base, done, lrs, lrs_pa, sweep, claim_c, out_dir)
+    return write_outputs(cfg, info, recipes, done, table, out_dir)
 
 
-def write_outputs(cfg, info, recipes, base, done, lrs, lrs_pa, sweep, claim_c, out_dir):
+def judged_runs(done):
+    """(recipe name, seed) -> {lr: record} of every finished judged run (and base) in done."""
+    runs = {}
+    for job, res in done:
+        if job.judged and res["outcome"] == "finished":
+            runs.setdefault((job.recipe.name, job.seed), {})[job.lr] = res
+    return runs
+
+
+def write_outputs(cfg, info, recipes, done, table, out_dir):
     """The tables and claims from the finished runs: compare.json, compare.md, claims.png,
     families.png and summary.json in out_dir; the report is printed too."""
-    seeds, tasks = info["seeds"], info["tasks"]
-    runs, tried = table_runs(base, seeds, done, lrs), tried_runs(done)
-    pa_runs = {(name, s): tried[(name, s)][lrs_pa[name]] for name in claim_c for s in seeds}
-    base_row = {"name": BASE, "group": "base", "loss": "sft", "steps": cfg.base_steps,
-                "start": "", "lr_of": BASE}
-    summary = summarize([base_row] + recipes, runs, seeds, {**lrs, BASE: base["lr"]}, tasks)
-    claims = judge_claims(recipes, runs, pa_runs, claim_c, seeds)
+    seeds, tasks, claim_c = info["seeds"], info["tasks"], info["claim_c"]
+    lrs = {BASE: ift.DEFAULT_LR["sft"], **{name: t["lr"] for name, t in table.items()}}
+    by_lr = judged_runs(done)
+    runs = {(r.name, s): by_lr[(r.name, s)][lrs[r.lr_of or r.name]]
+            for r in [base_recipe(cfg)] + recipes for s in seeds}
+    margin_runs = {(name, s): by_lr[(name, s)][table[name]["lr_margin"]] for name in claim_c
+                   for s in seeds}
+    summary = summarize([base_recipe(cfg)] + recipes, runs, seeds, lrs, tasks)
+    claims = judge_claims(recipes, runs, margin_runs, claim_c, seeds)
+    tuning = [{"recipe": job.recipe.name, **res} for job, res in done if not job.judged]
     paths = [out_dir / name for name in ("compare.json", "compare.md", "claims.png",
                                          "families.png", "summary.json")]
-    paths[0].write_text(json.dumps({**info, "summary": summary, "claims": claims, "sweep": sweep,
-                                    "base": base,
-                                    "runs": [runs[(r["name"], s)] for s in seeds
-                                             for r in recipes],
-                                    "claim_c_runs": [pa_runs[key] for key in sorted(pa_runs)]},
-                                   indent=2))
-    report = compare_report(info, summary, claims, sweep, cfg)
+    paths[0].write_text(json.dumps({
+        **info, "summary": summary, "claims": claims, "tuning": table_json(table),
+        "runs": [runs[(r.name, s)] for s in seeds for r in recipes],
+        "bases": {s: runs[(BASE, s)] for s in seeds},
+        "claim_c_runs": [margin_runs[key] for key in sorted(margin_runs)],
+        "tuning_runs": tuning}, indent=2))
+    report = compare_report(info, summary, claims, table, runs, cfg)
     paths[1].write_text(report)
     plot_claims(claims, info, paths[2])
     plot_families(summary, info, paths[3])
-    paths[4].write_text(json.dumps(summary_file(info, summary, claims), indent=1))
+    paths[4].write_text(json.dumps(summary_file(info, summary, claims, table, runs), indent=1))
     print("\n" + report)
     print("wrote " + ", ".join(str(p) for p in paths))
     return summary, claims
 
 
+def table_json(table):
+    """The tuning table with its lr keys as JSON can hold them: a list per recipe."""
+    return {name: {**{k: t[k] for k in ("grid", "lr", "lr_margin", "at_edge")},
+                   "scores": [{"lr": lr, **(dict(zip(("val_exact_match", "val_margin", "val_nll"),
+                                                     s)) if s else {"diverged": True})}
+                              for lr, s in sorted(t["scores"].items())]}
+            for name, t in table.items()}
+
+
 # -----------------------------------------------------------------------------
 # Reports
 
-def summary_file(info, summary, claims):
+CLAIM_KEYS = ("claim", "text", "recipe", "other", "metric", "delta", "mean", "ci95", "verdict",
+              "up", "down", "t", "seeds_needed")
+
+
+def summary_file(info, summary, claims, table, runs):
     """summary.json: the numbers behind compare.md's tables, small enough to commit (RESULTS.md
-    keeps a copy in assets/): per recipe, each metric's mean and std over the seeds; per claim,
-    the paired differences, their mean, the 95% half-width and the verdict."""
-    metrics = info["tasks"] + ["exact_match", "preference_accuracy", "nll"]
+    keeps a copy in assets/): per judged seed its base's test scores and every claim's
+    difference; per recipe its grid, chosen lrs and each metric's mean and std over the seeds;
+    per claim the mean, the 95% half-width, the verdict and the seeds each way."""
+    metrics = info["tasks"] + ["exact_match", "preference_accuracy", "margin", "nll"]
+    base_keys = ("exact_match", "exact_match_by_task", "preference_accuracy", "margin", "nll")
     return {
-        "regenerate": info["command"], "date": info["date"],
-        "machine": machine(info), "seeds": info["seeds"],
+        "regenerate": info["command"], "date": info["date"], "machine": machine(info),
+        "runtime_seconds": info["runtime_seconds"], "seeds": info["seeds"],
+        "tuning_seeds": info["tuning_seeds"],
+        "per_seed": {s: {"base": {k: runs[(BASE, s)]["test"][k] for k in base_keys},
+                         "base_ckpt": runs[(BASE, s)]["ckpt"],
+                         "claims": {c["claim"]: c["diffs"][i] for c in claims}}
+                     for i, s in enumerate(info["seeds"])},
         "recipes": {row["recipe"]: {"lr": row["lr"], "steps": row["steps"],
+                                    **({k: table[row["recipe"]][k] for k in (
+                                        "grid", "lr_margin", "at_edge")}
+                                       if row["recipe"] in table else {}),
                                     **{k: {"mean": row[k][0], "std": row[k][1]}
                                        for k in metrics}} for row in summary},
-        "claims": [{**{k: c[k] for k in ("claim", "text", "recipe", "other", "metric", "diffs",
-                                         "mean", "ci95", "verdict", "seeds_needed")},
+        "claims": [{**{k: c[k] for k in CLAIM_KEYS},
                     "moved_from_start": {name: {k: p[k] for k in ("mean", "ci95", "verdict")}
                                          for name, p in c["moved"].items()}} for c in claims]}
 
@@ -648,129 +852,188 @@ def machine(info):
             f"{at_a_time(info['workers'], info['threads'])}), torch {info['torch']}")
 
 
-def paired_cells(p):
-    """The table cells of a paired() result: differences | mean ± std | 95% interval | verdict."""
-    diffs = ", ".join(f"{d:+.3f}" for d in p["diffs"])
-    spread = f"{p['mean']:+.3f}" + (f" ± {p['std']:.3f}" if p["std"] is not None else "")
-    interval = (f"[{p['mean'] - p['ci95']:+.3f}, {p['mean'] + p['ci95']:+.3f}]"
-                if p["ci95"] is not None else "-")
-    return f"{diffs} | {spread} | {interval} | **{p['verdict']}**"
+def paired_cells(p, digits=3):
+    """The table cells of a paired() result: differences | mean ± std | 95% interval (± half-
+    width) | verdict | seeds up / down."""
+    f = f"+.{digits}f"
+    diffs = ", ".join(f"{d:{f}}" for d in p["diffs"])
+    spread = f"{p['mean']:{f}}" + (f" ± {p['std']:.{digits}f}" if p["std"] is not None else "")
+    interval = (f"[{p['mean'] - p['ci95']:{f}}, {p['mean'] + p['ci95']:{f}}] "
+                f"(±{p['ci95']:.{digits}f})" if p["ci95"] is not None else "-")
+    return f"{diffs} | {spread} | {interval} | **{p['verdict']}** | {p['up']} / {p['down']}"
 
 
-def moved_cell(name, p):
+def moved_cell(name, p, digits=3):
     """'sft +0.120 ± 0.020': a side's change from its start; bold when it did not move or
     moved backwards, since a claim won against such a side says little."""
-    change = f"{name} {p['mean']:+.3f}"
+    change = f"{name} {p['mean']:+.{digits}f}"
     if p["ci95"] is None:
         return change + " (one seed)"
-    flag = {"within noise": "did not move", "not reproduced": "worse than its start"}
-    if p["verdict"] in flag:
-        return f"**{change} ± {p['ci95']:.3f}: {flag[p['verdict']]}**"
-    return f"{change} ± {p['ci95']:.3f}"
+    change += f" ± {p['ci95']:.{digits}f}"
+    if p["verdict"] == "reversed":
+        return f"**{change}: worse than its start**"
+    if p["verdict"] != "reproduced":  # the interval contains 0
+        return f"**{change}: did not move**"
+    return change
 
 
-def pm(pair):
+def pm(pair, digits=3):
     """'0.123 ± 0.045' from a (mean, std) pair."""
-    return f"{pair[0]:.3f} ± {pair[1]:.3f}"
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
 
-def compare_report(info, summary, claims, sweep, cfg):
-    """compare.md: the table, the claims, the sweep, and how and where it was made."""
-    tasks, n = info["tasks"], len(info["seeds"])
-    seed_times = list(info["seed_seconds"].values())
+def compare_report(info, summary, claims, table, runs, cfg):
+    """compare.md: how it was made, the table, the bases, the claims, the tuning."""
+    n = len(info["seeds"])
     lines = [
         "# IFT, SFT, ORPO and DPO at toy scale (`python compare.py`)", "",
         f"Regenerate: `{info['command']}`", "",
         f"Machine: {machine(info)}; {info['date']}. Runtime "
-        f"{ift.fmt_time(info['runtime_seconds'])} in all: the base model "
-        f"{ift.fmt_time(info['base_seconds'])} (when trained, not reused), then the runs, "
-        f"{info['workers']} at a time. Their own times, summed: the first seed with the lr sweep "
-        f"{ift.fmt_time(seed_times[0])}, each later seed {ift.fmt_time(min(seed_times[1:] or [0]))}"
-        f" to {ift.fmt_time(max(seed_times[1:] or [0]))}.", "",
+        f"{ift.fmt_time(info['runtime_seconds'])} in all; the runs trained now took "
+        f"{ift.fmt_time(info['busy_seconds'])} summed over the workers.", "",
         f"Settings: GPT {cfg.n_layer}x{cfg.n_embd} ({info['params'] / 1e6:.2f}M parameters), "
-        f"batch {cfg.batch_size}; base model: {cfg.base_steps} steps of language modelling on "
-        f"the pretraining pool; from it {cfg.max_steps} steps per single-stage run (each "
-        f"sequential stage half), warm-up {cfg.warmup_steps} then cosine to "
+        f"batch {cfg.batch_size}; each seed's base model: {cfg.base_steps} steps of language "
+        f"modelling on the pretraining pool; from it {cfg.max_steps} steps per single-stage run "
+        f"(each sequential stage half), warm-up {cfg.warmup_steps} then cosine to "
         f"{cfg.min_lr_ratio} x lr, lam {cfg.lam}, gamma {cfg.gamma}, DPO beta {cfg.dpo_beta}, "
-        f"ORPO beta {cfg.orpo_beta}; "
-        f"seeds {', '.join(map(str, info['seeds']))}; lr from the sweep below.", "",
-        f"## Test split: exact match per family, preference accuracy, answer NLL "
-        f"(mean ± std over {n} seed{'s' * (n > 1)})", "",
-        "| recipe | " + " | ".join(tasks) + " | mean exact | pref acc | chosen NLL | steps | lr "
-        "| s/run | ms/step |",
-        "|---" * (len(tasks) + 8) + "|"]
+        f"ORPO beta {cfg.orpo_beta}; judged seeds {', '.join(map(str, info['seeds']))}, tuning "
+        f"seeds {', '.join(map(str, info['tuning_seeds']))} (never judged); lrs from the "
+        f"tuning below.", ""]
+    lines += results_table(info, summary, n) + [""] + bases_table(info, runs) + [""]
+    lines += claims_section(claims, n) + [""] + tuning_section(table, info)
+    return "\n".join(lines) + "\n"
+
+
+def results_table(info, summary, n):
+    """The test table: per recipe, mean ± std over the judged seeds of every metric."""
+    tasks = info["tasks"]
+    lines = [f"## Test split: exact match per family, preference margin and accuracy, answer NLL "
+             f"(mean ± std over {n} judged seed{'s' * (n > 1)}, each its own base)", "",
+             "| recipe | " + " | ".join(tasks) + " | mean exact | pref margin | pref acc | "
+             "chosen NLL | steps | lr | s/run | ms/step |",
+             "|---" * (len(tasks) + 9) + "|"]
     for row in summary:
         cells = [pm(row[t]) for t in tasks] + [
-            f"**{pm(row['exact_match'])}**", pm(row["preference_accuracy"]),
+            f"**{pm(row['exact_match'])}**", pm(row["margin"], 2), pm(row["preference_accuracy"]),
             pm(row["nll"]), str(row["steps"]), f"{row['lr']:.1e}",
             f"{row['seconds'][0]:.0f}", f"{row['ms_per_step'][0]:.1f}"]
         lines.append(f"| {row['recipe']} | " + " | ".join(cells) + " |")
-    lines += [
-        "", "Chosen NLL: mean per-token NLL of the chosen (correct) answer. Preference accuracy: "
-        "how often the chosen answer is more likely than the rejected one. s/run includes "
-        "testing.", "",
-        "## The paper's claims, seed by seed", "",
-        "Paired difference per seed (recipe minus the other, same base model and batches); "
-        "verdict from the 95% t-interval of the mean difference: above 0 reproduced, below 0 "
-        "not reproduced, containing 0 within noise. Claim (c) picks its two recipes on the "
-        "first seed's validation preference accuracy, each at its lr tuned for that metric. "
-        "Each side's change from the model it started from (the base, or stage 1) is paired "
-        "the same way; a side whose interval contains 0 did not move, one whose interval lies "
-        "below 0 ended worse than its start. Seeds for "
-        f"±{POWER}: how many seeds the measured std of the differences would need for a 95% "
-        f"half-width of {POWER}.", "",
-        "| claim | recipe - other | per-seed differences | mean ± std | 95% interval | verdict "
-        f"| seeds for ±{POWER} | each side's change from its start (± 95%) |",
-        "|---|---|---|---|---|---|---|---|"]
+    return lines + [
+        "", "Pref margin: mean over rows of log p(chosen) - log p(rejected), summed over answer "
+        "tokens (nats). Pref acc: how often the chosen answer is the likelier. Chosen NLL: mean "
+        "per-token NLL of the chosen answer. s/run includes testing (a reused base: when it was "
+        "trained)."]
+
+
+def bases_table(info, runs):
+    """One row per judged seed: its base model's test scores."""
+    lines = ["## The base models, one per judged seed (test split)", "",
+             "| seed | " + " | ".join(info["tasks"]) + " | mean exact | pref margin | pref acc |",
+             "|---" * (len(info["tasks"]) + 4) + "|"]
+    for s in info["seeds"]:
+        t = runs[(BASE, s)]["test"]
+        lines.append(f"| {s} | " + " | ".join(f"{t['exact_match_by_task'][k]:.3f}"
+                                              for k in info["tasks"])
+                     + f" | **{t['exact_match']:.3f}** | {t['margin']:.2f} | "
+                       f"{t['preference_accuracy']:.3f} |")
+    return lines
+
+
+def claims_section(claims, n):
+    """The claims table, (b)'s control in words, (c)'s preference accuracy, and the reading."""
+    lines = [
+        "## The paper's claims, paired seed by seed", "",
+        f"Paired difference per judged seed (recipe minus the other; each seed its own base and "
+        f"batches). From the 95% t-interval of the mean over {n} seeds: **reproduced** above 0, "
+        f"**reversed** below 0, **equivalent** inside ±delta (delta {DELTA['exact_match']} exact "
+        f"match, {DELTA['margin']} nats of margin), **inconclusive** otherwise. Up / down: the "
+        f"seeds each way. Seeds for ±delta: how many seeds the measured std would need for a "
+        f"half-width of delta. abs(mean) / SE: a verdict a reader should expect to reproduce "
+        f"has it well above the t quantile beside it. Each side's change from the model it "
+        f"started from (the base, or stage 1) is paired the same way.", "",
+        "| claim | recipe - other (metric) | per-seed differences | mean ± std | 95% interval "
+        "(± half-width) | verdict | up / down | abs(mean) / SE (t quantile) | seeds for ±delta "
+        "| each side's change from its start (± 95%) |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for c in claims:
+        digits = 2 if c["metric"] == "margin" else 3
+        t = f"{c['t']:.1f} ({c['t95']:.2f})" if c["t95"] else "-"
         lines.append(f"| ({c['claim']}) {c['text']} | {c['recipe']} - {c['other']} "
-                     f"({c['metric']}) | {paired_cells(c)} | {c['seeds_needed'] or '-'} | "
-                     + "; ".join(moved_cell(name, p) for name, p in c["moved"].items()) + " |")
-    lines += ["", f"## Learning-rate sweep (seed {info['seeds'][0]}, validation split, last "
-              "step)", "", "| recipe | lr | val exact | val pref acc | val NLL | chosen for |",
-              "|---|---|---|---|---|---|"]
-    lrs = {}  # recipe -> the lrs it was swept over
-    for s in sweep:
-        lrs.setdefault(s["recipe"], []).append(s["lr"])
-    for s in sweep:
-        scores = ("diverged | - | -" if s["diverged"] else
-                  f"{s['val_exact_match']:.3f} | {s['val_preference_accuracy']:.3f} | "
-                  f"{s['val_nll']:.4f}")
-        chosen = [m for m in ("exact match", "preference accuracy")
-                  if s["chosen_for_" + m.replace(" ", "_")]]
-        if chosen and s["lr"] in (min(lrs[s["recipe"]]), max(lrs[s["recipe"]])):
-            chosen[-1] += " (the sweep's edge)"
-        lines.append(f"| {s['recipe']} | {s['lr']:.1e} | {scores} | {', '.join(chosen)} |")
-    return "\n".join(lines) + "\n"
+                     f"({c['metric']}) | {paired_cells(c, digits)} | {t} | "
+                     f"{c['seeds_needed'] or '-'} | "
+                     + "; ".join(moved_cell(name, p, digits) for name, p in c["moved"].items())
+                     + " |")
+    c = next(c for c in claims if c["claim"] == "c")
+    lines += [
+        "", f"(b)'s control, SFT - SFT then DPO, is the last row: IFT's advantage over SFT then "
+        f"DPO minus SFT's own is IFT - SFT, so {control_words(claims)}.", "",
+        f"(c) on preference accuracy, the same runs: {paired_cells(c['preference_accuracy'])} "
+        f"(up / down).", "",
+        f"{N_CLAIMS} claims are tested at 95% each: with no true difference anywhere, the chance "
+        f"that at least one comes out reproduced or reversed by luck is up to "
+        f"{1 - 0.95 ** N_CLAIMS:.0%} (independent claims)."]
+    return lines
+
+
+def tuning_section(table, info):
+    """The tuning table: per recipe and lr, the tuning seeds' mean validation scores."""
+    lines = [f"## Tuning (seeds {', '.join(map(str, info['tuning_seeds']))}, validation split, "
+             f"mean over the tuning seeds, last step)", "",
+             "| recipe | lr | val exact | val margin | val NLL | chosen for |",
+             "|---|---|---|---|---|---|"]
+    for name, t in table.items():
+        for lr, s in sorted(t["scores"].items()):
+            scores = "diverged | - | -" if s is None else f"{s[0]:.3f} | {s[1]:.2f} | {s[2]:.4f}"
+            chosen = [m.replace("_", " ") + (" (**still at the grid's edge**)"
+                                             if m in t["at_edge"] else "")
+                      for m, key in (("exact_match", "lr"), ("margin", "lr_margin"))
+                      if t[key] == lr]
+            lines.append(f"| {name} | {lr:.1e} | {scores} | {', '.join(chosen)} |")
+    flagged = [f"{name} ({', '.join(m.replace('_', ' ') for m in t['at_edge'])})"
+               for name, t in table.items() if t["at_edge"]]
+    lines += ["", "Optimum still at a grid edge after the extensions: " + (
+        ", ".join(flagged) if flagged else "none") + "."]
+    return lines
 
 
 # -----------------------------------------------------------------------------
 # Plots
 
+COLORS = {"reproduced": "tab:green", "reversed": "tab:red", "equivalent": "tab:blue",
+          "inconclusive": "tab:gray"}
+
+
 def plot_claims(claims, info, path):
-    """Each claim's paired difference: its mean over the seeds and 95% t-interval against the
-    line at zero, the verdict written beside it (the claims table of compare.md, drawn)."""
+    """Each claim's paired difference: its mean over the seeds and 95% t-interval, the +-delta
+    band shaded, the verdict written beside it; exact-match claims above, the margin claim below
+    (its own unit)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(claims) + 1.4))
-    colors = {"reproduced": "tab:green", "not reproduced": "tab:red", "within noise": "tab:gray"}
-    for y, c in enumerate(reversed(claims)):
-        half = c["ci95"] or 0.0
-        ax.errorbar(c["mean"], y, xerr=half, fmt="o", capsize=4,
-                    color=colors.get(c["verdict"], "black"))
-        ax.annotate(c["verdict"], (c["mean"] + half, y), xytext=(8, 0),
-                    textcoords="offset points", va="center", fontsize=9)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(claims)), [f"({c['claim']}) {c['recipe']} - {c['other']}\n"
-                                       f"{c['metric'].replace('_', ' ')}"
-                                       for c in reversed(claims)], fontsize=8)
-    ax.set_xlabel("paired difference on the test split (mean over seeds, 95% t-interval)")
-    lo = min(c["mean"] - (c["ci95"] or 0) for c in claims)
-    hi = max(c["mean"] + (c["ci95"] or 0) for c in claims)
-    ax.set_xlim(min(lo, 0) - 0.02, max(hi, 0) + 0.25 * (max(hi, 0) - min(lo, 0)) + 0.03)
-    ax.set_title(f"The paper's claims, each paired seed by seed over {len(info['seeds'])} seeds "
-                 f"(same base model and batches)", fontsize=10)
+    groups = [[c for c in claims if c["metric"] == m] for m in ("exact_match", "margin")]
+    fig, axes = plt.subplots(2, 1, figsize=(9, 0.6 * len(claims) + 2.2),
+                             gridspec_kw={"height_ratios": [len(g) + 0.5 for g in groups]})
+    for ax, group in zip(axes, groups):
+        delta = group[0]["delta"]
+        ax.axvspan(-delta, delta, color="tab:blue", alpha=0.12, lw=0)
+        ax.axvline(0, color="black", lw=0.8)
+        for y, c in enumerate(reversed(group)):
+            half = c["ci95"] or 0.0
+            ax.errorbar(c["mean"], y, xerr=half, fmt="o", capsize=4,
+                        color=COLORS.get(c["verdict"], "black"))
+            ax.annotate(f"{c['verdict']} ({c['up']} up, {c['down']} down)",
+                        (c["mean"] + half, y), xytext=(8, 0), textcoords="offset points",
+                        va="center", fontsize=8)
+        ax.set_yticks(range(len(group)), [f"({c['claim']}) {c['recipe']} - {c['other']}"
+                                          for c in reversed(group)], fontsize=8)
+        lo = min([c["mean"] - (c["ci95"] or 0) for c in group] + [-delta])
+        hi = max([c["mean"] + (c["ci95"] or 0) for c in group] + [delta])
+        ax.set_xlim(lo - 0.05 * (hi - lo), hi + 0.45 * (hi - lo))
+        ax.set_ylim(-0.6, len(group) - 0.4)
+        unit = "exact match" if group[0]["metric"] == "exact_match" else "preference margin (nats)"
+        ax.set_xlabel(f"paired test difference in {unit}: mean, 95% t-interval; shaded ±{delta}")
+    axes[0].set_title(f"The paper's claims over {len(info['seeds'])} judged seeds, each its own "
+                      f"base model", fontsize=10)
     fig.text(0.01, 0.01, info["command"], fontsize=7, color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=100)
@@ -802,6 +1065,80 @@ def plot_families(summary, info, path):
 
 
 # -----------------------------------------------------------------------------
+# IFT's ablations (python compare.py --ablations)
+#
+# Each ablation changes one thing of IFT: lam = 0 (relation propagation only), gamma = 0 (the
+# temporal residual connection only), detached relation weights, noisy lam. They train after a
+# comparison, on its judged seeds, from each seed's own base at IFT's lr for exact match, and
+# each is paired with IFT on test exact match (same seeds, bases and batches), with the
+# comparison's verdict rule and DELTA. Its own command, so the default run's time buys seeds for
+# the claims.
+
+def saved_comparison(cfg):
+    """The comparison in --out-dir: its compare.json, checked, and the settings it ran with
+    (with this command line's --workers and --device)."""
+    path = Path(cfg.out_dir) / "compare.json"
+    if not path.is_file():
+        raise ift.UserError(f"{path}: no comparison there; run python compare.py first (with the "
+                            f"same --out-dir)")
+    saved = read_json(path, "a comparison of compare.py")
+    if not isinstance(saved, dict) or not {"command", "config", "runs", "seeds", "bases",
+                                           "tuning"} <= saved.keys():
+        raise ift.UserError(f"{path}: not a comparison of compare.py (keys missing); run python "
+                            f"compare.py again with this --out-dir")
+    fields = {f.name for f in dataclasses.fields(CompareConfig)}
+    run_cfg = dataclasses.replace(cfg, **{k: v for k, v in saved["config"].items()
+                                          if k in fields and k not in (
+                                              "workers", "device", "out_dir", "ablations",
+                                              "mechanism")})
+    run_cfg.lr_grid = tuple(run_cfg.lr_grid)
+    return saved, run_cfg
+
+
+def ablations(cfg, command):
+    """Train IFT's ablations on the judged seeds of the comparison in --out-dir; pair each with
+    IFT; write ablations.md and ablations.json there."""
+    t_start = time.time()
+    saved, run_cfg = saved_comparison(cfg)
+    device, out_dir = ift.start(run_cfg)
+    enc = ift.load_tokenizer(run_cfg.data)
+    data = load_data(run_cfg, enc)
+    recipes, seeds = ablation_recipes(run_cfg.max_steps), saved["seeds"]
+    lr = saved["tuning"]["ift"]["lr"]
+    workers, threads = workers_for(run_cfg, device)
+    starts = {(BASE, s): saved["bases"][str(s)]["ckpt"] for s in seeds}
+    jobs = jobs_at(recipes, seeds, {"ift": lr}, starts)
+    print(f"ablations | {len(recipes)} recipes x {len(seeds)} judged seeds of "
+          f"{out_dir / 'compare.json'} at IFT's lr {lr:.1e} | {at_a_time(workers, threads)}",
+          flush=True)
+    progress = Progress(sum(run_cost(job.recipe) for job in jobs), t_start)
+    with worker_pool(run_cfg, workers, threads, device, out_dir, enc, data) as run:
+        done = run_jobs(run, jobs, progress)
+    ift_runs = {r["seed"]: r for r in saved["runs"] if r["recipe"] == "ift"}
+    runs = [res for job, res in done]
+    verdicts = [{"recipe": r.name, **paired(
+        [res["test"]["exact_match"] - ift_runs[job.seed]["test"]["exact_match"]
+         for job, res in done if job.recipe == r], DELTA["exact_match"])} for r in recipes]
+    info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "device_name": ift.device_name(device), "comparison": saved["command"],
+            "seeds": seeds, "lr": lr, "runtime_seconds": time.time() - t_start}
+    (out_dir / "ablations.json").write_text(json.dumps({**info, "verdicts": verdicts,
+                                                        "runs": runs}, indent=2))
+    lines = [f"# IFT's ablations (`{command}`)", "",
+             f"On the judged seeds {', '.join(map(str, seeds))} of `{saved['command']}`, each from "
+             f"its seed's base at IFT's lr {lr:.1e}; {info['device_name']}, {info['date']}, "
+             f"{ift.fmt_time(info['runtime_seconds'])}.", "",
+             "Paired by seed on test exact match: the ablation minus IFT "
+             f"(delta {DELTA['exact_match']}).", "",
+             "| ablation - ift | per-seed differences | mean ± std | 95% interval (± half-width)"
+             " | verdict | up / down |", "|---|---|---|---|---|---|"]
+    lines += [f"| {v['recipe']} | {paired_cells(v)} |" for v in verdicts]
+    (out_dir / "ablations.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out_dir / 'ablations.json'}, {out_dir / 'ablations.md'}")
+
+
+# -----------------------------------------------------------------------------
 # IFT's mechanism: does a model recover from its own mistakes? (python compare.py --mechanism)
 #
 # The paper's thesis (sec. 3): SFT scores token t only after a ground-truth prefix, so it never
@@ -816,11 +1153,11 @@ def plot_families(summary, info, path):
 # Both are scored against the ground truth, by distance d = t - m after the mistake. The gap
 # clean - corrupted is what one own mistake costs the tokens after it: the smaller, the better
 # the model recovers. Each recipe's gap is paired with SFT's seed by seed (same base model
-# and batches) as sft gap - recipe gap, so "reproduced" means: recovers better than SFT.
+# and batches) as sft gap - recipe gap, so "reproduced" means: recovers better than SFT (DELTA
+# as for exact match). It measures SFT and IFT, and IFT's ablations once --ablations has trained
+# them in the same --out-dir.
 
 MECHANISM_TASKS = ("add", "reverse")
-MECHANISM_RECIPES = ("sft", "ift", "ift, lam 0", "ift, gamma 0", "ift, detached weights",
-                     "ift, noisy lam")
 MAX_DISTANCE = 4  # distances d = 1 .. 4 after the mistake (an add answer: 3-4 digits + eot)
 
 
@@ -852,18 +1189,9 @@ def recovery_counts(model, seqs, device):
 
 
 def mechanism(cfg):
-    """Recovery from own mistakes of every MECHANISM_RECIPES checkpoint of the comparison in
-    --out-dir; writes mechanism.md, mechanism.json and mechanism.png there."""
-    path = Path(cfg.out_dir) / "compare.json"
-    if not path.is_file():
-        raise ift.UserError(f"{path}: no comparison there; run python compare.py first (with the "
-                            f"same --out-dir)")
-    saved = read_json(path, "a comparison of compare.py")
-    if not isinstance(saved, dict) or not {"command", "config", "runs", "seeds"} <= saved.keys():
-        raise ift.UserError(f"{path}: not a comparison of compare.py (keys missing); run python "
-                            f"compare.py again with this --out-dir")
-    run_cfg = dataclasses.replace(cfg, **{k: saved["config"][k] for k in (
-        "data", "limit_rows", "block_size", "n_layer", "n_head", "n_embd")})
+    """Recovery from own mistakes of the SFT and IFT checkpoints of the comparison in --out-dir
+    (and the ablations', when trained); writes mechanism.md, mechanism.json and mechanism.png."""
+    saved, run_cfg = saved_comparison(cfg)
     device, out_dir = ift.start(run_cfg)
     enc = ift.load_tokenizer(run_cfg.data)
     test_path = Path(run_cfg.data) / "test.jsonl"
@@ -872,10 +1200,16 @@ def mechanism(cfg):
     seqs = [s for s, r in zip(test.chosen, test.rows) if r["task"] in MECHANISM_TASKS]
     if not seqs:
         raise ift.UserError(f"{test_path}: no rows of {', '.join(MECHANISM_TASKS)}")
-    runs = {(r["recipe"], r["seed"]): r for r in saved["runs"]}
+    saved_runs = saved["runs"]
+    if (out_dir / "ablations.json").is_file():
+        saved_runs = saved_runs + read_json(out_dir / "ablations.json",
+                                            "an ablations record of compare.py")["runs"]
+    runs = {(r["recipe"], r["seed"]): r for r in saved_runs}
+    names = ["sft", "ift"] + [r.name for r in ablation_recipes(1)
+                              if all((r.name, s) in runs for s in saved["seeds"])]
     gaps = {}  # recipe -> per seed: [clean, corrupted, gap] per distance, and pooled (last row)
     scored = 0  # answer tokens scored per model (the same for every model)
-    for name in MECHANISM_RECIPES:
+    for name in names:
         for seed in saved["seeds"]:
             init = dataclasses.replace(run_cfg, init_from=runs[(name, seed)]["ckpt"])
             model = ift.build_model(init, enc, device).eval()  # checked against the config
@@ -886,14 +1220,13 @@ def mechanism(cfg):
             gaps.setdefault(name, []).append(torch.cat([acc, acc[:, :1] - acc[:, 1:]], 1))
     table = {name: torch.stack(per_seed) for name, per_seed in gaps.items()}  # (S, D + 1, 3)
     verdicts = [{"recipe": name, **paired(
-        (table["sft"][:, -1, 2] - table[name][:, -1, 2]).tolist())}
-        for name in MECHANISM_RECIPES if name != "sft"]
+        (table["sft"][:, -1, 2] - table[name][:, -1, 2]).tolist(), DELTA["exact_match"])}
+        for name in names if name != "sft"]
     info = {"command": shlex.join(["python", "compare.py", "--mechanism", "--out-dir",
                                    cfg.out_dir]),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "device_name": device_name(device),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "device_name": ift.device_name(device),
             "comparison": saved["command"].strip(), "seeds": saved["seeds"],
-            "tasks": MECHANISM_TASKS,
-            "rows": len(seqs), "tokens_scored": scored}
+            "tasks": MECHANISM_TASKS, "rows": len(seqs), "tokens_scored": scored}
     paths = [out_dir / "mechanism.json", out_dir / "mechanism.md", out_dir / "mechanism.png"]
     paths[0].write_text(json.dumps({**info, "verdicts": verdicts, "recipes": {
         name: {"clean": t[:, :, 0].tolist(), "corrupted": t[:, :, 1].tolist(),
@@ -908,7 +1241,7 @@ def mechanism(cfg):
 def mechanism_report(info, table, verdicts):
     """mechanism.md: accuracies and gaps by distance (mean ± std over seeds), then the verdicts."""
     def cell(t, d, k):
-        return pm((t[:, d, k].mean().item(), t[:, d, k].std().item() if len(t) > 1 else 0.0))
+        return pm(ift.mean_std(t[:, d, k].tolist()))
     dists = [f"d = {d}" for d in range(1, MAX_DISTANCE + 1)] + ["all d"]
     lines = [
         "# Recovery from one's own mistakes (`" + info["command"] + "`)", "",
@@ -925,8 +1258,8 @@ def mechanism_report(info, table, verdicts):
             cell(t, d, 2) for d in range(len(dists))) + " |")
     lines += ["", "Paired by seed: SFT's gap - the recipe's gap (all d); above 0 = recovers "
               "better than SFT.", "",
-              "| recipe | per-seed differences | mean ± std | 95% interval | verdict |",
-              "|---|---|---|---|---|"]
+              "| recipe | per-seed differences | mean ± std | 95% interval (± half-width) | "
+              "verdict | up / down |", "|---|---|---|---|---|---|"]
     for v in verdicts:
         lines.append(f"| {v['recipe']} | {paired_cells(v)} |")
     return "\n".join(lines) + "\n"
@@ -972,11 +1305,14 @@ def main(argv=None):
     cfg = parse_config(argv)
     print("config: " + json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
                                    if k not in RECIPE_FIELDS}), flush=True)
+    command = shlex.join(["python", "compare.py", *argv])
     try:
         if cfg.mechanism:
             mechanism(cfg)
+        elif cfg.ablations:
+            ablations(cfg, command)
         else:
-            compare(cfg, shlex.join(["python", "compare.py", *argv]))
+            compare(cfg, command)
     except ift.UserError as e:
         sys.exit(f"error: {e}")
 

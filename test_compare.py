@@ -1,6 +1,6 @@
 """Tests of compare.py: the verdicts, the recipes, the phases, the defaults and one tiny
 comparison through the real command line, run once and checked by several tests.
-Run: pytest -q"""
+Run: pytest -q test_compare.py"""
 
 import dataclasses
 import json
@@ -20,8 +20,8 @@ import ift
 
 HERE = Path(__file__).resolve().parent
 SEEDS = (1337, 1338)
-TINY = ["--max-steps", "4", "--base-steps", "4", "--lr-sweep", "0.5", "1",
-        "--dpo-lr-sweep", "0.5", "1", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+TINY = ["--max-steps", "4", "--base-steps", "4", "--lr-grid", "0.5", "1", "--max-extensions", "1",
+        "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
         "--batch-size", "8", "--eval-interval", "2", "--limit-rows", "32",
         "--max-new-tokens", "8", "--device", "cpu"]
 
@@ -35,22 +35,26 @@ def test_compare_defaults_are_smaller_and_yield_to_flags():
     """compare.py shrinks the model and steps unless the command line sets them."""
     cfg = compare.parse_config([])
     assert (cfg.n_layer, cfg.n_embd, cfg.max_steps, cfg.compile) == (2, 64, 1000, "off")
-    assert (cfg.seeds, cfg.base_steps, cfg.workers) == (4, 6000, 0)
-    assert cfg.out_dir == "out/compare" and cfg.lr_sweep == (0.1, 0.33, 1.0)
-    assert cfg.dpo_lr_sweep == (0.1, 0.33, 1.0, 3.0)
-    given = compare.parse_config(["--n-layer", "3", "--max-steps", "2000", "--lr-sweep", "2"])
-    assert (given.n_layer, given.n_embd, given.max_steps, given.lr_sweep) == (3, 64, 2000, (2.0,))
+    assert (cfg.seeds, cfg.tuning_seeds, cfg.base_steps, cfg.workers) == (6, 2, 6000, 0)
+    assert cfg.out_dir == "out/compare" and cfg.lr_grid == (0.1, 0.33, 1.0)
+    assert cfg.max_extensions == 2 and not cfg.ablations and not cfg.mechanism
+    given = compare.parse_config(["--n-layer", "3", "--max-steps", "2000", "--lr-grid", "2", "4"])
+    assert (given.n_layer, given.n_embd, given.max_steps, given.lr_grid) == (3, 64, 2000,
+                                                                             (2.0, 4.0))
 
 
 @pytest.mark.parametrize("args, message", [
     (["--loss", "sft"], "unrecognized arguments: --loss sft"),
     (["--lr", "1e-3"], "unrecognized arguments: --lr"),
     (["--seeds", "0"], "--seeds must lie in [1, 1000]"),
-    (["--lr-sweep", "1", "-2"], "--lr-sweep must be distinct positive numbers"),
-    (["--lr-sweep", "1", "1"], "--lr-sweep must be distinct positive numbers"),
-    (["--lr-sweep", "1", "x"], "argument --lr-sweep: invalid finite value: 'x'"),
-    (["--lr-sweep", "1", "nan"], "argument --lr-sweep: must be a finite number, got nan"),
-    (["--dpo-lr-sweep", "0"], "--dpo-lr-sweep must be distinct positive numbers"),
+    (["--tuning-seeds", "0"], "--tuning-seeds must lie in [1, 100]"),
+    (["--lr-grid", "1", "-2"], "--lr-grid must be at least two distinct positive numbers"),
+    (["--lr-grid", "1", "1"], "--lr-grid must be at least two distinct positive numbers"),
+    (["--lr-grid", "1"], "--lr-grid must be at least two distinct positive numbers"),
+    (["--lr-grid", "1", "x"], "argument --lr-grid: invalid finite value: 'x'"),
+    (["--lr-grid", "1", "nan"], "argument --lr-grid: must be a finite number, got nan"),
+    (["--max-extensions", "6"], "--max-extensions must lie in [0, 5]"),
+    (["--ablations", "--mechanism"], "--ablations and --mechanism are two commands"),
     (["--workers", "-1"], "--workers must lie in [0, 64] (0: automatic)"),
     (["--lam", "1.5"], "--lam must lie in [0, 1]"),
     (["--dpo-beta", "inf"], "argument --dpo-beta: must be a finite number, got inf"),
@@ -62,88 +66,164 @@ def test_compare_bad_input_is_one_line(args, message):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("lo, hi, word", [
+    (0.001, 0.05, "reproduced"), (-0.05, -0.001, "reversed"),
+    (0.001, 0.015, "reproduced"),       # above 0 comes first, even inside the band
+    (-0.02, 0.02, "equivalent"),        # the band's edges belong to it
+    (-0.02, 0.0, "equivalent"), (0.0, 0.02, "equivalent"),
+    (-0.0201, 0.01, "inconclusive"), (-0.01, 0.0201, "inconclusive"),
+    (-0.05, 0.05, "inconclusive"), (0.0, 0.05, "inconclusive"),
+])
+def test_verdict_rule_maps_intervals_to_the_four_words(lo, hi, word):
+    """The four words from a 95% interval and delta 0.02, at and just past the band's edges."""
+    assert compare.verdict(lo, hi, 0.02) == word
+
+
 def test_paired_verdicts_from_the_t_interval():
     """Mean, sample std and 95% t half-width of paired differences decide the verdict."""
-    p = compare.paired([0.10, 0.11, 0.12, 0.13, 0.14])
+    p = compare.paired([0.10, 0.11, 0.12, 0.13, 0.14], 0.02)
     assert p["mean"] == pytest.approx(0.12) and p["std"] == pytest.approx(math.sqrt(2.5e-4))
     assert p["ci95"] == pytest.approx(2.78 * math.sqrt(2.5e-4) / math.sqrt(5))
-    assert p["verdict"] == "reproduced"
+    assert p["verdict"] == "reproduced" and (p["up"], p["down"]) == (5, 0)
     # the same std needs 5 seeds for a half-width <= 0.02: 4 give 3.18 * 0.0158 / 2 = 0.025
-    assert p["seeds_needed"] == 5 and compare.half_width(p["std"], 4) > compare.POWER
-    assert compare.paired([-0.10, -0.11, -0.12, -0.13, -0.14])["verdict"] == "not reproduced"
+    assert p["seeds_needed"] == 5 and compare.half_width(p["std"], 4) > 0.02
+    assert compare.paired([-0.10, -0.11, -0.12, -0.13, -0.14], 0.02)["verdict"] == "reversed"
     # mean 0.2 but t(2) = 4.30: half-width 4.30 * 0.1 / sqrt(3) = 0.248 > 0.2
-    assert compare.paired([0.1, 0.2, 0.3])["verdict"] == "within noise"
-    one = compare.paired([0.05])
-    assert one["std"] is None and "no spread" in one["verdict"]
+    wide = compare.paired([0.1, 0.2, 0.3], 0.02)
+    assert wide["verdict"] == "inconclusive" and wide["ci95"] == pytest.approx(0.248, abs=1e-3)
+    # mean 0.001, std 0.001: [-0.0015, +0.0035] inside +-0.02
+    flat = compare.paired([0.0, 0.001, 0.002, 0.0, 0.002], 0.02)
+    assert flat["verdict"] == "equivalent" and (flat["up"], flat["down"]) == (3, 0)
+    one = compare.paired([0.05], 0.02)
+    assert one["std"] is None and one["t95"] is None and "no spread" in one["verdict"]
+
+
+def test_preference_margin_against_a_hand_computed_example():
+    """The margin is the mean of log p(chosen) - log p(rejected), summed log-probs per row."""
+    logps = torch.tensor([[-1.0, -3.0], [-2.0, -1.5], [-0.5, -4.5]])           # (N, 2)
+    assert compare.preference_margin(logps) == pytest.approx((2.0 - 0.5 + 4.0) / 3)
+    # unlike preference accuracy (2 of 3 here, for any margins of these signs), it keeps moving
+    assert compare.preference_margin(logps * 2) == pytest.approx(2 * (2.0 - 0.5 + 4.0) / 3)
 
 
 def test_compare_recipes_share_the_step_budget():
-    """Both sequential stages add up to one single-stage run; IFT at SFT's FLOPs gets 3/4 of it."""
-    recipes = {r["name"]: r for r in compare.compare_recipes(1000)}
-    assert len(recipes) == 14
-    assert recipes["sft (stage 1)"]["steps"] + recipes["sft then ift"]["steps"] == 1000
-    assert recipes["ift at sft's flops"]["steps"] * ift.IFT_COST == pytest.approx(1000)
-    assert recipes["sft then dpo"]["start"] == "sft (stage 1)"
-    assert {recipes[n]["data"] for n in ("sft (stage 1)", "sft then sft")} == {"train_a", "train_b"}
-    assert recipes["ift, lam 0"]["overrides"] == {"lam": 0.0}
-    assert recipes["ift, lam 0"]["lr_of"] == "ift"
+    """Both sequential stages add up to one single-stage run; IFT at SFT's FLOPs gets 3/4 of it;
+    the ablations are not in the default run."""
+    recipes = {r.name: r for r in compare.compare_recipes(1000)}
+    assert len(recipes) == 10 and sum(r.tuned for r in recipes.values()) == 8
+    assert recipes["sft (stage 1)"].steps + recipes["sft then ift"].steps == 1000
+    assert recipes["ift at sft's flops"].steps * ift.IFT_COST == pytest.approx(1000)
+    assert recipes["sft then dpo"].start == "sft (stage 1)"
+    assert {recipes[n].data for n in ("sft (stage 1)", "sft then sft")} == {"train_a", "train_b"}
+    ablations = {r.name: r for r in compare.ablation_recipes(1000)}
+    assert not ablations.keys() & recipes.keys() and len(ablations) == 4
+    lam0 = ablations["ift, lam 0"]
+    assert lam0.overrides == {"lam": 0.0} and lam0.lr_of == "ift" and lam0.steps == 1000
+
+
+def test_an_edge_grid_point_extends_in_its_direction():
+    """extension(): one multiplier step past the edge where the best lr lies, None inside."""
+    assert compare.extension([1e-3, 2e-3, 4e-3], 4e-3) == pytest.approx(8e-3)
+    assert compare.extension([4e-3, 1e-3, 2e-3], 1e-3) == pytest.approx(5e-4)
+    assert compare.extension([1e-3, 2e-3, 4e-3], 2e-3) is None
+
+
+PEAKS = {  # multiplier of DEFAULT_LR where a fake recipe's val exact match / val margin peak
+    "dpo": (0.5, 100.0), "sft then dpo": (0.5, 100.0), "orpo": (2.0, 1.0)}
+TUNING = (2337, 2338)
 
 
 def fake_result(job):
-    """A finished run whose validation scores are a fixed function of its recipe and lr: exact
-    match peaks at 1x the default lr (DPO: 0.5x), preference accuracy at 1x (SFT: 0.5x), where
-    SFT and SFT then DPO reach 1.0 and the others 0.9."""
-    name, m = job.recipe["name"], job.lr / ift.DEFAULT_LR[job.recipe["loss"]]
-    exact = 1 - abs(math.log(m / (0.5 if "dpo" in name else 1.0)))
-    pref = (1.0 if name in ("sft", "sft then dpo") else 0.9) - abs(
-        math.log(m / (0.5 if name == "sft" else 1.0)))
-    return {"recipe": name, "seed": job.seed, "lr": job.lr, "ckpt": f"{name}|{job.seed}|{job.lr:g}",
-            "seconds": 1.0, "val_exact_match": exact, "val_nll": 1 - exact,
-            "val_preference_accuracy": pref,
-            "test": {"exact_match": exact, "preference_accuracy": pref, "nll": 1 - exact,
-                     "exact_match_by_task": {}}}
+    """A finished run whose validation scores are a fixed function of its recipe and lr (peaks
+    in PEAKS, else at 1x the default lr); its TEST scores are reversed, so a choice made on
+    them would differ. ORPO at 2x diverges on the first tuning seed."""
+    r = job.recipe
+    record = {"recipe": r.name, "seed": job.seed, "lr": job.lr, "outcome": "finished",
+              "ckpt": f"{r.name}|{job.seed}|{job.lr:g}", "seconds": 1.0, "ms_per_step": 1.0}
+    if r.name == compare.BASE:
+        return {**record, "val_exact_match": 0.1, "val_margin": 0.0, "val_nll": 1.0,
+                "test": {"exact_match": 0.1, "margin": 0.0} if job.judged else None}
+    m = job.lr / ift.DEFAULT_LR[r.loss]
+    if r.name == "orpo" and round(m, 6) == 2 and job.seed == TUNING[0]:
+        return {**record, "outcome": "diverged", "error": "step 3: the orpo loss is nan"}
+    peak_exact, peak_margin = PEAKS.get(r.name, (1.0, 1.0))
+    exact = 1 - abs(math.log(m / peak_exact))
+    margin = 5 - abs(math.log(m / peak_margin)) + {"sft then dpo": 1.0, "ift": 0.5}.get(r.name, 0)
+    test = {"exact_match": -exact, "margin": -margin, "preference_accuracy": 0.5, "nll": 1.0,
+            "exact_match_by_task": {}} if job.judged else None
+    return {**record, "val_exact_match": exact, "val_nll": 1 - exact, "val_margin": margin,
+            "test": test}
 
 
-def test_phases_start_every_run_from_its_checkpoint_at_its_chosen_lr():
-    """train_all's four phases, with a fake trainer: what each runs, from where, at what lr."""
-    cfg = compare.parse_config(["--lr-sweep", "0.5", "1", "--dpo-lr-sweep", "0.5", "1"])
-    recipes, seeds = compare.compare_recipes(4), [1337, 1338, 1339]
-    base = {"recipe": compare.BASE, "lr": 5e-3, "ckpt": "base", "seconds": 1.0}
-    phases = []
+def fake_train_all(grid=("0.5", "1", "2")):
+    """train_all over 3 judged seeds and 2 tuning seeds with the fake trainer: its lists of jobs
+    (one per call of the map) and its results."""
+    cfg = compare.parse_config(["--lr-grid", *grid, "--max-steps", "4"])
+    recipes, judged = compare.compare_recipes(4), [1337, 1338, 1339]
+    lists = []
 
     def run(fn, jobs):
         assert fn is compare.worker_run
-        phases.append(list(jobs))
-        return map(fake_result, phases[-1])
-    progress = compare.Progress(1e9, 0, 0.0)
+        lists.append(list(jobs))
+        return map(fake_result, lists[-1])
+    progress = compare.Progress(1e9, 0.0)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(compare.Progress, "report", lambda self, job, res: None)
-        done, lrs, lrs_pa, sweep, claim_c = compare.train_all(cfg, run, progress, recipes,
-                                                               seeds, base)
-    assert len(phases) == 4 and len(done) == sum(len(p) for p in phases)
-    # 1: the first seed's sweeps from the base, longest runs first (DPO, ORPO: pairs)
-    assert {(j.recipe["name"], j.seed, j.init_from) for j in phases[0]} == {
-        (n, 1337, "base") for n in ("sft", "ift", "orpo", "dpo")}
-    assert all(j.sweep for j in phases[0]) and phases[0][0].recipe["loss"] in ("dpo", "orpo")
-    # the lrs at which the fake scores peak
-    assert lrs == {"sft": 5e-3, "ift": 5e-3, "orpo": 5e-3, "dpo": 1e-5, "sft then sft": 5e-3,
-                   "sft then ift": 5e-3, "sft then orpo": 5e-3, "sft then dpo": 1e-5}
-    assert lrs_pa["sft"] == 2.5e-3 and lrs_pa["dpo"] == lrs_pa["sft then dpo"] == 2e-5
-    # 2: stage 1 of every seed, at SFT's lr, from the base
-    assert [(j.recipe["name"], j.seed, j.lr) for j in phases[1]] == [
-        ("sft (stage 1)", s, 5e-3) for s in seeds]
-    # 3: stage-2 sweeps start from the first seed's stage 1; ablations take IFT's lr
-    stage2 = [j for j in phases[2] if j.sweep]
-    assert {j.init_from for j in stage2} == {"sft (stage 1)|1337|0.005"}
-    assert {j.lr for j in phases[2] if j.recipe["lr_of"] == "ift" and not j.sweep} == {5e-3}
-    assert {j.seed for j in phases[2] if j.recipe["name"] == "sft"} == {1338, 1339}
-    # 4: later seeds' stage 2 from their own stage 1, and claim (c)'s runs at their lr
-    for j in phases[3]:
-        assert j.seed != 1337 and j.init_from in ("base", f"sft (stage 1)|{j.seed}|0.005")
-    assert claim_c == ("sft then dpo", "sft")
-    assert {(j.recipe["name"], j.lr) for j in phases[3] if j.lr != lrs[j.recipe["lr_of"]]} == {
-        ("sft", 2.5e-3), ("sft then dpo", 2e-5)}
-    assert len(sweep) == 16 and sum(r["chosen_for_exact_match"] for r in sweep) == 8
+        done, table, claim_c = compare.train_all(cfg, run, progress, recipes, list(TUNING), judged)
+    return lists, done, table, claim_c, judged
+
+
+def test_the_grid_extends_at_an_edge_at_most_twice_in_the_right_direction():
+    """With the fake trainer: DPO's exact-match optimum (0.5x) sits at the low edge, so the grid
+    adds 0.25x once; its margin optimum (100x) lies past the top, so the grid adds 4x and 8x,
+    stops after two extensions and flags it. SFT (peaks at 1x, inside) is never extended; ORPO's
+    best lr diverged on one tuning seed and loses."""
+    lists, done, table, claim_c, judged = fake_train_all()
+    lr = ift.DEFAULT_LR
+    assert table["dpo"]["grid"] == pytest.approx([lr["dpo"] * m for m in (0.25, 0.5, 1, 2, 4, 8)])
+    assert table["dpo"]["lr"] == pytest.approx(0.5 * lr["dpo"])
+    assert table["dpo"]["lr_margin"] == pytest.approx(8 * lr["dpo"])
+    assert table["dpo"]["at_edge"] == ["margin"]
+    assert table["sft"]["grid"] == pytest.approx([lr["sft"] * m for m in (0.5, 1, 2)])
+    assert table["sft"]["at_edge"] == [] and table["sft"]["lr"] == lr["sft"]
+    assert table["orpo"]["lr"] == lr["orpo"] and table["orpo"]["scores"][2 * lr["orpo"]] is None
+    assert table["sft then dpo"]["grid"] == pytest.approx(table["dpo"]["grid"])
+    # every recipe starts with the same number of points
+    first = {j.recipe.name for j in lists[1] if not j.judged}
+    assert all(len([j for j in lists[1] if j.recipe.name == n and not j.judged]) == 3 * 2
+               for n in first)
+
+
+def test_tuning_seeds_are_never_judged_and_the_test_split_chooses_nothing():
+    """With the fake trainer: every seed trains its own base; tuning seeds' runs are not judged
+    (no test scores) and no judged seed tunes; the lrs follow validation although the test
+    scores point the other way; each judged run starts from its own seed's base or stage 1."""
+    lists, done, table, claim_c, judged = fake_train_all()
+    jobs = [j for jobs in lists for j in jobs]
+    bases = [j for j in jobs if j.recipe.name == compare.BASE]
+    assert sorted(j.seed for j in bases) == sorted([*TUNING, *judged])
+    assert {j.seed for j in lists[0]} == set(TUNING)          # the tuning bases come first
+    assert all(j.judged == (j.seed in judged) for j in jobs)
+    for job, res in done:
+        assert (res.get("test") is None) == (job.seed in TUNING)
+    assert {n: t["lr"] for n, t in table.items() if n in ("sft", "ift", "sft then ift")} == {
+        "sft": ift.DEFAULT_LR["sft"], "ift": ift.DEFAULT_LR["ift"],
+        "sft then ift": ift.DEFAULT_LR["ift"]}
+    for j in jobs:
+        if j.recipe.name == compare.BASE:
+            assert j.init_from == ""
+        elif j.recipe.start == compare.BASE:
+            assert j.init_from.startswith(f"{compare.BASE}|{j.seed}|")
+        else:
+            assert j.init_from == f"sft (stage 1)|{j.seed}|{ift.DEFAULT_LR['sft']:g}"
+    # every judged seed trains every recipe once at its lr for exact match
+    per = [(j.recipe.name, j.seed) for j in jobs if j.judged and j.recipe.name != compare.BASE
+           and j.lr == table.get(j.recipe.lr_of or j.recipe.name, {}).get("lr")]
+    assert sorted(per) == sorted((r.name, s) for r in compare.compare_recipes(4) for s in judged)
+    # claim (c): picked on the tuning seeds' validation margin; its runs at the margin lrs
+    assert claim_c == ("sft then dpo", "ift")
+    extra = {(j.recipe.name, j.seed, j.lr) for j in lists[-1] if j.recipe.name in claim_c}
+    assert (("sft then dpo", 1338, table["sft then dpo"]["lr_margin"]) in extra)
 
 
 class RuleModel(torch.nn.Module):
@@ -173,9 +253,9 @@ def test_recovery_counts_against_hand_counts():
 
 
 def test_a_side_that_did_not_move_or_moved_backwards_is_flagged():
-    """The claims table flags a side whose change from its start is within noise or below 0."""
-    up, flat, down = (compare.paired(d) for d in ([0.10, 0.12, 0.11], [0.01, -0.01, 0.0],
-                                                   [-0.10, -0.12, -0.11]))
+    """The claims table flags a side whose change from its start contains 0 or lies below it."""
+    up, flat, down = (compare.paired(d, 0.02) for d in ([0.10, 0.12, 0.11], [0.01, -0.01, 0.0],
+                                                         [-0.10, -0.12, -0.11]))
     assert compare.moved_cell("sft", up) == f"sft +0.110 ± {up['ci95']:.3f}"
     assert compare.moved_cell("dpo", flat).endswith(": did not move**")
     assert compare.moved_cell("dpo", down).endswith(": worse than its start**")
@@ -186,7 +266,8 @@ def test_a_side_that_did_not_move_or_moved_backwards_is_flagged():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """python compare.py over two seeds, two runs at a time: its folder, output and records."""
+    """python compare.py over two judged and two tuning seeds, two runs at a time: its folder,
+    output and records."""
     out = tmp_path_factory.mktemp("cmp")
     r = run_cli("--seeds", "2", "--workers", "2", *TINY, "--out-dir", str(out))
     assert r.returncode == 0, r.stderr
@@ -200,76 +281,84 @@ def run_config(run):
     return json.loads((Path(run["ckpt"]).parent / "config.json").read_text())
 
 
-def test_every_recipe_fine_tunes_the_one_base_model(tiny):
-    """Every recipe of every seed is in the table; single stages and stage 1 start from the base."""
+def test_each_judged_seed_trains_its_own_base_and_fine_tunes_it(tiny):
+    """Two judged seeds, two bases (their own seed, other weights); every recipe of a seed starts
+    from that seed's base, stage 2 from that seed's stage 1."""
+    assert tiny.res["seeds"] == list(SEEDS) and len(tiny.runs) == 10 * 2
+    bases = {s: tiny.res["bases"][str(s)] for s in SEEDS}
+    assert bases[1337]["ckpt"] != bases[1338]["ckpt"]
+    assert [run_config(bases[s])["seed"] for s in SEEDS] == list(SEEDS)
+    weights = [torch.load(bases[s]["ckpt"], weights_only=True)["model"] for s in SEEDS]
+    assert weights[0].keys() == weights[1].keys()
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    for s in SEEDS:
+        for name in ("sft", "dpo", "sft (stage 1)", "ift at sft's flops"):
+            assert run_config(tiny.runs[(name, s)])["init_from"] == bases[s]["ckpt"]
+        stage2 = tiny.runs[("sft then dpo", s)]
+        assert run_config(stage2)["init_from"] == tiny.runs[("sft (stage 1)", s)]["ckpt"]
+        log = (Path(stage2["ckpt"]).parent / "train.log").read_text()
+        assert "reference is the random initial model" not in log
     names = [row["recipe"] for row in tiny.res["summary"]]
-    assert names == [compare.BASE] + [r["name"] for r in compare.compare_recipes(4)]
-    assert len(tiny.runs) == 14 * 2 and tiny.res["seeds"] == list(SEEDS)
-    for name in ("sft", "dpo", "sft (stage 1)"):
-        assert run_config(tiny.runs[(name, 1338)])["init_from"] == tiny.res["base"]["ckpt"]
+    assert names == [compare.BASE] + [r.name for r in compare.compare_recipes(4)]
     assert not {"loss", "lr", "init_from"} & set(tiny.res["config"])  # each recipe sets its own
-    assert "(sweep)" in tiny.stdout and "left" in tiny.stdout
+    assert "eta" in tiny.stdout and "for the whole comparison" in tiny.stdout
 
 
-def test_sweep_keeps_the_best_validation_lr_for_each_metric(tiny):
-    """Two lrs per swept recipe on the first seed; the best validation score is chosen."""
-    sweep = tiny.res["sweep"]
-    swept = {s["recipe"] for s in sweep}
-    assert len(swept) == 8 and len(sweep) == 16
-    for name in swept:
-        tried = [s for s in sweep if s["recipe"] == name]
-        for metric in ("exact_match", "preference_accuracy"):
-            best = max(tried, key=lambda s: (s["val_" + metric], -s["val_nll"]))
-            assert [s["chosen_for_" + metric] for s in tried].count(True) == 1
-            assert best["chosen_for_" + metric]
-        chosen = next(s for s in tried if s["chosen_for_exact_match"])
-        assert tiny.runs[(name, 1338)]["lr"] == chosen["lr"]
+def test_tuning_seeds_choose_the_lrs_on_validation_and_are_never_judged(tiny):
+    """The tuning seeds (their own bases) train every grid point; none reads the test split or
+    appears among the judged runs; each chosen lr is the best mean validation score."""
+    tuning = tiny.res["tuning_seeds"]
+    assert tuning == [1337 + 1000, 1338 + 1000] and not set(tuning) & set(SEEDS)
+    assert {x["seed"] for x in tiny.res["tuning_runs"]} == set(tuning)
+    assert all(x.get("test") is None for x in tiny.res["tuning_runs"])
+    assert all(x["seed"] in SEEDS for x in tiny.res["runs"])
+    for name, t in tiny.res["tuning"].items():
+        ok = [s for s in t["scores"] if not s.get("diverged")]
+        for metric, key in (("val_exact_match", "lr"), ("val_margin", "lr_margin")):
+            best = min(ok, key=lambda s: (-s[metric], s["val_nll"], s["lr"]))
+            assert t[key] == best["lr"]
+            per_seed = [x[metric] for x in tiny.res["tuning_runs"]
+                        if x["recipe"] == name and x["lr"] == best["lr"]]
+            assert len(per_seed) == 2 and best[metric] == pytest.approx(sum(per_seed) / 2)
+        assert len(t["grid"]) in (2, 3, 4)  # two points, at most one step past each edge
+        for s in SEEDS:
+            assert tiny.runs[(name, s)]["lr"] == t["lr"]
     lr = {row["recipe"]: row["lr"] for row in tiny.res["summary"]}
-    assert lr["ift, noisy lam"] == lr["ift at sft's flops"] == lr["ift"]
-    assert lr["sft (stage 1)"] == lr["sft"]
-
-
-def test_stage_two_starts_from_the_same_seeds_stage_one(tiny):
-    """Stage 2 fine-tunes the same seed's stage-1 checkpoint; DPO then uses it as reference."""
-    stage2 = tiny.runs[("sft then dpo", 1338)]
-    assert run_config(stage2)["init_from"] == tiny.runs[("sft (stage 1)", 1338)]["ckpt"]
-    log = (Path(stage2["ckpt"]).parent / "train.log").read_text()
-    assert "reference is the random initial model" not in log
+    assert lr["ift at sft's flops"] == lr["ift"] and lr["sft (stage 1)"] == lr["sft"]
 
 
 def test_claims_are_paired_test_differences(tiny):
-    """Each claim's differences are the test metrics of its two recipes, seed by seed."""
-    claim = next(c for c in tiny.res["claims"] if c["claim"] == "d")
-    assert {c["claim"] for c in tiny.res["claims"]} == {"a", "a'", "b", "c", "d"}
+    """Each claim's differences are the test metrics of its two recipes, seed by seed; (c) on
+    the margin of its runs at their margin lrs, preference accuracy beside it."""
+    claims = {c["claim"]: c for c in tiny.res["claims"]}
+    assert set(claims) == {"a", "a'", "b", "c", "d", compare.CONTROL}
 
-    def exact(name, s):
-        return tiny.runs[(name, s)]["test"]["exact_match"]
-    assert claim["diffs"] == pytest.approx([exact("sft then ift", s) - exact("sft then sft", s)
-                                            for s in SEEDS])
-    assert claim["moved"]["sft then ift"]["diffs"] == pytest.approx(
-        [exact("sft then ift", s) - exact("sft (stage 1)", s) for s in SEEDS])
-
-
-def test_claim_c_is_picked_and_tuned_on_validation_preference_accuracy(tiny):
-    """Claim (c): both sides picked on validation preference accuracy at their lr tuned for it,
-    judged on the test preference accuracy of those runs."""
-    c = next(c for c in tiny.res["claims"] if c["claim"] == "c")
-    pa = {s["recipe"]: (s["val_preference_accuracy"], -s["val_nll"]) for s in tiny.res["sweep"]
-          if s["chosen_for_preference_accuracy"]}
-    assert c["recipe"] == max((n for n in pa if n.endswith("dpo")), key=pa.get)
-    assert c["other"] == max((n for n in pa if not n.endswith("dpo")), key=pa.get)
+    def test(name, s, metric="exact_match"):
+        return tiny.runs[(name, s)]["test"][metric]
+    assert claims["d"]["diffs"] == pytest.approx([test("sft then ift", s) - test("sft then sft", s)
+                                                  for s in SEEDS])
+    assert claims["d"]["moved"]["sft then ift"]["diffs"] == pytest.approx(
+        [test("sft then ift", s) - test("sft (stage 1)", s) for s in SEEDS])
+    assert claims[compare.CONTROL]["diffs"] == pytest.approx(
+        [test("sft", s) - test("sft then dpo", s) for s in SEEDS])
+    c = claims["c"]
+    assert c["recipe"].endswith("dpo") and not c["other"].endswith("dpo")
     c_runs = {(x["recipe"], x["seed"]): x for x in tiny.res["claim_c_runs"]}
     assert {x["lr"] for x in c_runs.values() if x["recipe"] == c["recipe"]} == {
-        tiny.res["lr_for_preference_accuracy"][c["recipe"]]}
-    assert c["diffs"] == pytest.approx([c_runs[(c["recipe"], s)]["test"]["preference_accuracy"]
-                                        - c_runs[(c["other"], s)]["test"]["preference_accuracy"]
-                                        for s in SEEDS])
+        tiny.res["tuning"][c["recipe"]]["lr_margin"]}
+    for metric, p in (("margin", c), ("preference_accuracy", c["preference_accuracy"])):
+        assert p["diffs"] == pytest.approx([c_runs[(c["recipe"], s)]["test"][metric]
+                                            - c_runs[(c["other"], s)]["test"][metric]
+                                            for s in SEEDS])
 
 
-def test_reports_and_figures_are_written(tiny):
-    """compare.md has well-formed tables and the command; the figures and summary.json exist."""
+def test_reports_figures_and_summary_are_written(tiny):
+    """compare.md has well-formed tables, the command, the four words' rule and the control;
+    the figures exist; summary.json holds per seed its base and claim differences, per recipe
+    its grid and lrs."""
     md = (tiny.out / "compare.md").read_text()
-    assert "python compare.py --seeds 2" in md and "| ift, gamma 0 |" in md
+    assert "python compare.py --seeds 2" in md and "| ift at sft's flops |" in md
+    assert "up to 23%" in md and "(b)'s control, SFT - SFT then DPO" in md
     lines = md.splitlines()
     for i, line in enumerate(lines):  # every markdown table: header, delimiter, rows alike
         if line.startswith("|---"):
@@ -278,20 +367,39 @@ def test_reports_and_figures_are_written(tiny):
         assert (tiny.out / name).read_bytes()[:4] == b"\x89PNG"
     small = json.loads((tiny.out / "summary.json").read_text())
     assert small["regenerate"].startswith("python compare.py --seeds 2")
-    row = next(row for row in tiny.res["summary"] if row["recipe"] == "ift, gamma 0")
-    assert small["recipes"]["ift, gamma 0"]["exact_match"] == {"mean": row["exact_match"][0],
-                                                             "std": row["exact_match"][1]}
-    assert [c["diffs"] for c in small["claims"]] == [c["diffs"] for c in tiny.res["claims"]]
-    assert small["claims"][0]["ci95"] == tiny.res["claims"][0]["ci95"]
+    assert small["tuning_seeds"] == tiny.res["tuning_seeds"]
+    per_seed = small["per_seed"]
+    assert [per_seed[str(s)]["base_ckpt"] for s in SEEDS] == [
+        tiny.res["bases"][str(s)]["ckpt"] for s in SEEDS]
+    for i, c in enumerate(tiny.res["claims"]):
+        assert [per_seed[str(s)]["claims"][c["claim"]] for s in SEEDS] == c["diffs"]
+        assert small["claims"][i]["ci95"] == c["ci95"] and small["claims"][i]["up"] == c["up"]
+    assert small["recipes"]["dpo"]["grid"] == tiny.res["tuning"]["dpo"]["grid"]
+    assert small["recipes"]["dpo"]["lr_margin"] == tiny.res["tuning"]["dpo"]["lr_margin"]
+    row = next(row for row in tiny.res["summary"] if row["recipe"] == "sft then ift")
+    assert small["recipes"]["sft then ift"]["exact_match"] == {"mean": row["exact_match"][0],
+                                                               "std": row["exact_match"][1]}
 
 
-def test_mechanism_on_the_comparisons_checkpoints(tiny):
-    """--mechanism: one row per recipe, per seed and distance; verdicts against SFT's gap."""
+def test_ablations_then_mechanism_on_the_comparisons_bases(tiny):
+    """--ablations trains the four ablations from each judged seed's base at IFT's lr and pairs
+    them with IFT; --mechanism then measures SFT, IFT and the ablations."""
+    r = run_cli("--ablations", "--workers", "2", "--out-dir", str(tiny.out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    abl = json.loads((tiny.out / "ablations.json").read_text())
+    names = [a.name for a in compare.ablation_recipes(4)]
+    assert [v["recipe"] for v in abl["verdicts"]] == names
+    runs = {(x["recipe"], x["seed"]): x for x in abl["runs"]}
+    for s in SEEDS:
+        assert run_config(runs[("ift, lam 0", s)])["init_from"] == tiny.res["bases"][str(s)]["ckpt"]
+        assert runs[("ift, gamma 0", s)]["lr"] == tiny.res["tuning"]["ift"]["lr"]
+    assert abl["verdicts"][0]["diffs"] == pytest.approx(
+        [runs[("ift, lam 0", s)]["test"]["exact_match"]
+         - tiny.runs[("ift", s)]["test"]["exact_match"] for s in SEEDS])
     r = run_cli("--mechanism", "--out-dir", str(tiny.out), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     mech = json.loads((tiny.out / "mechanism.json").read_text())
-    assert list(mech["recipes"]) == list(compare.MECHANISM_RECIPES)
-    assert [v["recipe"] for v in mech["verdicts"]] == list(compare.MECHANISM_RECIPES[1:])
+    assert list(mech["recipes"]) == ["sft", "ift", *names]
     gap = mech["recipes"]["ift"]["gap"]  # per seed, per distance (+ all distances)
     assert len(gap) == 2 and len(gap[0]) == compare.MAX_DISTANCE + 1
     sft = mech["recipes"]["sft"]["gap"]
@@ -300,17 +408,18 @@ def test_mechanism_on_the_comparisons_checkpoints(tiny):
     assert "| ift, noisy lam |" in (tiny.out / "mechanism.md").read_text()
 
 
-def test_one_worker_reuses_the_base_and_trains_as_two_workers_did(tiny, tmp_path):
-    """A second comparison beside the same base reuses it; one run at a time, in this process,
-    it trains seed 1337 exactly as the two worker processes did."""
+def test_one_worker_reuses_the_bases_and_trains_as_two_workers_did(tiny, tmp_path):
+    """A second comparison beside the same bases reuses them; one run at a time, in this
+    process, it tunes and trains seed 1337 exactly as the two worker processes did."""
     shutil.copytree(tiny.out / "base", tmp_path / "base")
     r = run_cli("--seeds", "1", "--workers", "1", *TINY, "--out-dir", str(tmp_path))
-    assert r.returncode == 0 and "base model: reusing" in r.stdout, r.stderr
+    assert r.returncode == 0, r.stderr
     again = json.loads((tmp_path / "compare.json").read_text())
-    assert again["base"] == tiny.res["base"]
-    choices = ("recipe", "lr", "chosen_for_exact_match", "chosen_for_preference_accuracy")
-    assert [[s[k] for k in choices] for s in again["sweep"]] == [[s[k] for k in choices]
-                                                                for s in tiny.res["sweep"]]
+    base, before = again["bases"]["1337"], tiny.res["bases"]["1337"]
+    assert base["reused"] and "reused" not in before
+    assert Path(base["ckpt"]).relative_to(tmp_path) == Path(before["ckpt"]).relative_to(tiny.out)
+    assert {k: (t["grid"], t["lr"], t["lr_margin"]) for k, t in again["tuning"].items()} == {
+        k: (t["grid"], t["lr"], t["lr_margin"]) for k, t in tiny.res["tuning"].items()}
     for x in again["runs"]:
         want = tiny.runs[(x["recipe"], 1337)]
         assert x["lr"] == want["lr"]

@@ -1,15 +1,21 @@
 """Make the toy preference data and the tokenizer that ift.py trains on.
 
-What it writes (byte-identical on every run with the same flags, in a few seconds):
+What it writes (byte-identical on every run with the same flags):
     data/train.jsonl        10000 rows (2500 per family)
     data/val.jsonl            400 rows  (100 per family)
-    data/test.jsonl          2000 rows  (500 per family: 200 drawn with train and val, 300 more
-                            after the pool; the more test rows, the less a model's score depends
-                            on which rows it happens to get right)
-    data/pretrain.jsonl     20000 rows (5000 per family): the pool compare.py's base model
-                            (stage 0) is trained on, drawn after train, val and the first test
-                            rows, so they stay the same whatever its size
+    data/pretrain.jsonl     20000 rows (5000 per family): the pool compare.py's base models
+                            (stage 0) are trained on
+    data/test.jsonl          2000 rows  (500 per family), drawn LAST, against every prompt drawn
+                            before it, so that no test prompt is in train, val, the pool or a
+                            retired test split (below)
     data/tokenizer.tiktoken   a byte-level BPE learned on the train split, in tiktoken's format
+
+Retired test rows. compare.py's confirmatory protocol needs a test split that no earlier result
+has seen. The test rows of the earlier versions of this script (200 per family drawn with train
+and val, 300 more after the pool) are still drawn, in the same places of the random stream, so
+that train, val and the pool stay byte-identical; they are written nowhere, and the fresh test
+split is drawn after them against their prompts too. RESULTS.md says which results came from
+the retired split.
 
 Command (from any working directory; standard library plus tiktoken for the final self-check):
     python data/prepare.py                      # defaults: --seed 1337 --merges 200
@@ -21,10 +27,9 @@ Schema: one JSON object per line, keys in this order,
 Plain text only; ift.py wraps a row as <|user|> prompt <|assistant|> answer <|endoftext|>.
 "chosen" is the correct answer, "rejected" a plausible wrong one (never equal to "chosen").
 SFT and IFT read only "chosen"; DPO and ORPO read both. No prompt appears twice, in any split:
-unique prompts are drawn per family first and then cut into train / val / test; the pool and the
-extra test rows are drawn after them, against every prompt so far. Each split is shuffled, so
-the four families are interleaved (the extra test rows come as a shuffled block after the first
-ones).
+unique prompts are drawn per family first and then cut into train / val / (retired test); the
+pool, the retired extra test rows and then the test split are drawn after them, each against
+every prompt so far. Each split is shuffled, so the four families are interleaved.
 
 The four families (one example row each):
 1. add (reasoning, short answer): two 3-digit operands; ~80% of problems have a carry.
@@ -44,9 +49,8 @@ The four families (one example row each):
    line" scores exactly chance. Why this shape: the answer is found by one look-up that is the
    same in every row (find the token " won", copy the two words before it). An earlier form
    asked for a given name ("Ann has a red key. ... What colour is Bob's key?" -> "blue"), which
-   needs the asked name matched against every fact first; every recipe of compare.py stayed at
-   chance on it (0.27-0.32, chance 2/7), and so did the base model on a list completed from a
-   name ("Ann red / Bob blue / Cid green / Bob" -> "Bob blue") after 3000 or 6000 steps.
+   needs the asked name matched against every fact first; no recipe of compare.py learned it
+   (RESULTS.md, section 8).
 4. add_steps (long answer, reasoning written out): two 4-digit operands, added column by column
    from the right; a column says "carry 1" only when it carries, the next column adds "+1".
    {"task": "add_steps", "prompt": "Add 4821 + 3795 step by step.",
@@ -60,10 +64,10 @@ Tokenizer: byte-level BPE, written out below. Text is pre-split with ift.PAT_STR
 its own chunk, so no token mixes digits and arithmetic stays learnable); ranks 0..255 are the
 single bytes in byte order; then the most frequent adjacent pair inside a chunk (counted over
 the train prompts and chosen answers) is merged into a new rank, ties going to the pair with the
-lower ranks, until --merges new ranks exist or no pair occurs twice (on the default data the
-latter happens after 143 merges, with every word of the templates whole: 399 ranks). The file
-has one line "base64(token bytes) rank" per rank, ascending; the special tokens
-ift.SPECIAL_TOKENS are not in it: ift.py gives them the ids n_ranks, n_ranks + 1, ...
+lower ranks, until --merges new ranks exist or no pair occurs twice (the script prints how
+many ranks it made). The file has one line "base64(token bytes) rank" per rank, ascending; the
+special tokens ift.SPECIAL_TOKENS are not in it: ift.py gives them the ids n_ranks, n_ranks + 1,
+...
 The script ends with a self-check against tiktoken and prints the vocabulary size, rows and
 token counts per family, and file sizes.
 """
@@ -93,6 +97,8 @@ COLOURS = ("red", "blue", "green", "yellow", "black", "white", "pink", "brown", 
 OBJECTS = ("key", "hat", "car", "cup", "bag", "pen", "kite", "ball")
 FACT_SLOTS = [(n_facts, pos) for n_facts in (3, 4) for pos in range(n_facts)]  # asked fact cycles
 P_CARRY = 0.8  # share of add problems with a carry, and of add_steps problems carrying at once
+RETIRED_TEST = (200, 300)  # rows per family of the retired test split: with train and val, after
+                           # the pool (see "Retired test rows" above)
 
 
 def digits(x):
@@ -403,22 +409,19 @@ def main():
     parser.add_argument("--out-dir", type=Path, default=DATA_DIR, help="where the files go")
     parser.add_argument("--train", type=int, default=2500, help="train rows per family")
     parser.add_argument("--val", type=int, default=100, help="validation rows per family")
-    parser.add_argument("--test", type=int, default=200,
-                        help="test rows per family drawn with train and val")
-    parser.add_argument("--more-test", type=int, default=300, help="test rows per family drawn "
-                        "after the pool, so adding them leaves every other file unchanged")
     parser.add_argument("--pretrain", type=int, default=5000, help="rows per family of the "
-                        "pretraining pool (compare.py's base model)")
+                        "pretraining pool (compare.py's base models)")
+    parser.add_argument("--test", type=int, default=500, help="test rows per family, drawn last "
+                        "(so changing it leaves every other file unchanged)")
     parser.add_argument("--merges", type=int, default=200, help="BPE merges on top of 256 bytes")
     parser.add_argument("--tokenizer-for", metavar="DIR", help="instead of making the toy data, "
                         "learn the BPE on DIR/train.jsonl (your own rows) and write "
                         "DIR/tokenizer.tiktoken, which ift.py --data DIR then uses")
     args = parser.parse_args()
-    sizes = {"--train": args.train, "--val": args.val, "--test": args.test,
-             "--more-test": args.more_test, "--pretrain": args.pretrain}
-    low = {"--more-test": 0}  # the others need at least one row
-    bad = next((f"{flag} must lie in [{low.get(flag, 1)}, 20000], got {n}"
-                for flag, n in sizes.items() if not low.get(flag, 1) <= n <= 20000), None)
+    sizes = {"--train": args.train, "--val": args.val, "--pretrain": args.pretrain,
+             "--test": args.test}
+    bad = next((f"{flag} must lie in [1, 20000], got {n}" for flag, n in sizes.items()
+                if not 1 <= n <= 20000), None)
     if bad or not 0 <= args.merges <= 5000:
         parser.error(bad or f"--merges must lie in [0, 5000], got {args.merges}")
     try:
@@ -435,9 +438,12 @@ def main():
 def make_data(args):
     """The toy data, its tokenizer and the self-check, into --out-dir."""
     rng = random.Random(args.seed)
-    splits = make_splits(rng, {"train": args.train, "val": args.val, "test": args.test})
+    splits = make_splits(rng, {"train": args.train, "val": args.val, "retired": RETIRED_TEST[0]})
     splits["pretrain"] = make_pool(rng, args.pretrain, splits)
-    splits["test"] += make_pool(rng, args.more_test, splits)
+    splits["retired"] += make_pool(rng, RETIRED_TEST[1], splits)
+    splits["test"] = make_pool(rng, args.test, splits)  # against every prompt above, retired too
+    retired = splits.pop("retired")                     # drawn for the stream's sake, not written
+    assert not {r["prompt"] for r in retired} & {r["prompt"] for r in splits["test"]}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         write_jsonl(args.out_dir / f"{name}.jsonl", rows)
