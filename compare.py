@@ -100,27 +100,28 @@ class CompareConfig(ift.Config):
 
 
 def compare_problem(cfg):
-    """ift.py's checks, plus the comparison's own."""
+    """ift.py's checks, plus the comparison's own: the first problem as one line, or None."""
+    if ift.WORLD > 1:
+        return "compare.py runs in one process: run it without torchrun"
+    if not 1 <= cfg.seeds <= TUNING_OFFSET:
+        return f"--seeds must lie in [1, {TUNING_OFFSET}], got {cfg.seeds}"
+    if not 1 <= cfg.tuning_seeds <= 100:
+        return f"--tuning-seeds must lie in [1, 100], got {cfg.tuning_seeds}"
+    if cfg.base_steps < 1:
+        return f"--base-steps must be >= 1, got {cfg.base_steps}"
+    if not 0 <= cfg.workers <= 64:
+        return f"--workers must lie in [0, 64] (0: automatic), got {cfg.workers}"
+    if not 0 <= cfg.max_extensions <= 5:
+        return f"--max-extensions must lie in [0, 5], got {cfg.max_extensions}"
+    if cfg.max_steps < 2:
+        return "--max-steps must be >= 2 (two sequential stages)"
+    if cfg.ablations and cfg.mechanism:
+        return "--ablations and --mechanism are two commands: pass one, then the other"
     grid = cfg.lr_grid
-    problems = [
-        (ift.WORLD > 1, "compare.py runs in one process: run it without torchrun"),
-        (not 1 <= cfg.seeds <= TUNING_OFFSET, f"--seeds must lie in [1, {TUNING_OFFSET}], got "
-                                              f"{cfg.seeds}"),
-        (not 1 <= cfg.tuning_seeds <= 100, f"--tuning-seeds must lie in [1, 100], got "
-                                           f"{cfg.tuning_seeds}"),
-        (cfg.base_steps < 1, f"--base-steps must be >= 1, got {cfg.base_steps}"),
-        (not 0 <= cfg.workers <= 64, f"--workers must lie in [0, 64] (0: automatic), got "
-                                     f"{cfg.workers}"),
-        (not 0 <= cfg.max_extensions <= 5, f"--max-extensions must lie in [0, 5], got "
-                                           f"{cfg.max_extensions}"),
-        (cfg.max_steps < 2, "--max-steps must be >= 2 (two sequential stages)"),
-        (cfg.ablations and cfg.mechanism, "--ablations and --mechanism are two commands: pass "
-                                          "one, then the other"),
-        (len(grid) < 2 or not all(m > 0 for m in grid) or len(set(grid)) < len(grid),
-         f"--lr-grid must be at least two distinct positive numbers, got "
-         f"{' '.join(map(str, grid))}"),
-    ]
-    return next((message for bad, message in problems if bad), None) or ift.config_problem(cfg)
+    if len(grid) < 2 or not all(m > 0 for m in grid) or len(set(grid)) < len(grid):
+        return (f"--lr-grid must be at least two distinct positive numbers, got "
+                f"{' '.join(map(str, grid))}")
+    return ift.config_problem(cfg)
 
 
 # -----------------------------------------------------------------------------
