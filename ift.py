@@ -763,35 +763,41 @@ def load_tokenizer(data_dir):
 # -----------------------------------------------------------------------------
 # Data files: JSON-lines rows -> checked rows -> token ids (make_batch pads them, above)
 
-def load_rows(path, need_rejected=False, limit=0):
-    """Read one split, checking every row; errors name the file and the line."""
+def json_lines(path, hint):
+    """(line number, object) for each non-blank line of a JSON-lines file, read as bytes so that
+    a line that is not UTF-8 is named, not a traceback; every error names the file and the line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: data file not found (pass --data with a folder holding "
-                        f"train.jsonl, val.jsonl and test.jsonl)")
-    rows = []
-    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is named, not a traceback
+        raise UserError(f"{path}: data file not found ({hint})")
+    with path.open("rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line.decode("utf-8"))
+                yield lineno, json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as e:
                 raise UserError(f"{path} line {lineno}: byte {e.object[e.start]:#04x} at column "
                                 f"{e.start + 1} is not UTF-8; save the file as UTF-8") from None
             except json.JSONDecodeError as e:
                 raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path} line {lineno}: expected a JSON object")
-            for key in ("task", "prompt", "chosen", "rejected"):  # rejected: if needed or given
-                if key == "rejected" and not (need_rejected or key in row):
-                    continue
-                if not isinstance(row.get(key), str):
-                    hint = " (DPO and ORPO need preference pairs)" if key == "rejected" else ""
-                    raise UserError(f"{path} line {lineno}: missing text field '{key}'{hint}")
-            rows.append(row)
-            if limit and len(rows) == limit:
-                break
+
+
+def load_rows(path, need_rejected=False, limit=0):
+    """Read one split, checking every row; errors name the file and the line."""
+    rows = []
+    hint = "pass --data with a folder holding train.jsonl, val.jsonl and test.jsonl"
+    for lineno, row in json_lines(path, hint):
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {lineno}: expected a JSON object")
+        for key in ("task", "prompt", "chosen", "rejected"):  # rejected: if needed or given
+            if key == "rejected" and not (need_rejected or key in row):
+                continue
+            if not isinstance(row.get(key), str):
+                hint = " (DPO and ORPO need preference pairs)" if key == "rejected" else ""
+                raise UserError(f"{path} line {lineno}: missing text field '{key}'{hint}")
+        rows.append(row)
+        if limit and len(rows) == limit:
+            break
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows

@@ -203,33 +203,19 @@ FORMATS = ('{"prompt", "completion"} (text or message lists), {"messages": [...]
 def read_rows(path, limit=0):
     """The JSON objects of a JSON-lines file, each checked to be of one accepted format (all of
     the file's of the same one); errors name the file and the line, as ift.load_rows'."""
-    path, rows, kinds = Path(path), [], set()
-    if not path.is_file():
-        raise ift.UserError(f"{path}: data file not found (pass --data with a folder holding "
-                            f"train.jsonl)")
-    with path.open("rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise ift.UserError(f"{path} line {lineno}: byte {e.object[e.start]:#04x} at "
-                                    f"column {e.start + 1} is not UTF-8; save the file as UTF-8"
-                                    ) from None
-            except json.JSONDecodeError as e:
-                raise ift.UserError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-            kind = row_format(row)
-            if kind is None:
-                raise ift.UserError(f"{path} line {lineno}: no accepted row format; a row is "
-                                    f"{FORMATS}")
-            kinds.add(kind)
-            if len(kinds) > 1:
-                raise ift.UserError(f"{path} line {lineno}: a {kind} row among {kinds - {kind}} "
-                                    f"rows; keep one format per file")
-            rows.append(row)
-            if limit and len(rows) == limit:
-                break
+    rows, kinds = [], set()
+    for lineno, row in ift.json_lines(path, "pass --data with a folder holding train.jsonl"):
+        kind = row_format(row)
+        if kind is None:
+            raise ift.UserError(f"{path} line {lineno}: no accepted row format; a row is "
+                                f"{FORMATS}")
+        kinds.add(kind)
+        if len(kinds) > 1:
+            raise ift.UserError(f"{path} line {lineno}: a {kind} row among {kinds - {kind}} "
+                                f"rows; keep one format per file")
+        rows.append(row)
+        if limit and len(rows) == limit:
+            break
     if not rows:
         raise ift.UserError(f"{path}: no rows")
     return rows
