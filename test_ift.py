@@ -340,12 +340,13 @@ def test_tokenizer_round_trip_digits_and_special_tokens():
 
 
 def test_committed_splits_are_disjoint_and_well_formed():
-    """The shipped splits parse, share no prompt, and every rejected answer differs from chosen."""
+    """The shipped splits and pool parse, share no prompt, and every rejected answer differs."""
     splits = {n: ift.load_rows(DATA / f"{n}.jsonl", need_rejected=True)
-              for n in ("train", "val", "test")}
+              for n in ("train", "val", "test", "pretrain")}
     prompts = {n: {r["prompt"] for r in rows} for n, rows in splits.items()}
     assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["val"]
     assert not prompts["val"] & prompts["test"]
+    assert not prompts["pretrain"] & (prompts["train"] | prompts["val"] | prompts["test"])
     assert all(r["chosen"] != r["rejected"] for rows in splits.values() for r in rows)
 
 
@@ -362,7 +363,7 @@ def test_facts_answer_is_the_winning_line_at_no_fixed_position():
                 assert row["rejected"] in [who for who, result in lines if result == "lost"]
                 counts[len(lines), won[0]] += 1
     assert set(counts) == {(n, k) for n in (3, 4) for k in range(n)}
-    # three draws (the splits, the pool, the extra test rows), each cycling through the slots
+    # three draws (train and val, the pool, the fresh test split), each cycling through the slots
     assert max(counts.values()) - min(counts.values()) <= 3
 
 
