@@ -206,13 +206,6 @@ def config_for(cfg, **fields):
     return ift.Config(**{**plain, **fields})
 
 
-def preference_margin(logps):
-    """Mean over rows of log p(chosen) - log p(rejected), each summed over answer tokens
-    (logps: (N, 2), from ift.answer_logps). Unlike preference accuracy it is not capped at 1:
-    it keeps growing while a model separates pairs it already ranks right."""
-    return (logps[:, 0] - logps[:, 1]).mean().item()
-
-
 def train_and_test(rcfg, model, enc, train_split, data, device, run_dir, judged):
     """ift.train() on train_split (what a plain run prints goes to run_dir/train.log), the
     validation metrics the tuning reads, and (judged runs only) the test metrics. A run whose
@@ -230,15 +223,14 @@ def train_and_test(rcfg, model, enc, train_split, data, device, run_dir, judged)
     val_logps = ift.answer_logps(model, data["val"], device, autocast)       # (N, 2)
     last = [r for r in log if "val_exact_match" in r][-1]
     record.update(outcome="finished", val_exact_match=last["val_exact_match"],
-                  val_nll=last["val_nll"], val_margin=preference_margin(val_logps),
+                  val_nll=last["val_nll"], val_margin=ift.preference_margin(val_logps),
                   val_preference_accuracy=(val_logps[:, 0] > val_logps[:, 1]).float().mean().item(),
                   ms_per_step=1000 * train_seconds / rcfg.max_steps, test=None)
     if judged:
         res = ift.evaluate(model, enc, data["test"], device, autocast, rcfg.max_new_tokens)
-        test_logps = ift.answer_logps(model, data["test"], device, autocast)  # (N, 2)
         record["test"] = {**{k: res[k] for k in ("exact_match", "exact_match_by_task", "nll",
                                                  "preference_accuracy")},
-                          "margin": preference_margin(test_logps)}
+                          "margin": res["preference_margin"]}
     return {**record, "seconds": time.time() - t}
 
 

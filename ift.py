@@ -588,10 +588,10 @@ def generate(model, idx, eot, max_new_tokens, autocast):
 
 def prompt_groups(split, batch_size):
     """The split's row indices in batches of up to batch_size rows with one prompt length."""
-    by_length = {}
+    by_prompt_len = {}
     for j, (_, prompt_len) in enumerate(split.chosen):
-        by_length.setdefault(prompt_len, []).append(j)
-    return [rows[i:i + batch_size] for _, rows in sorted(by_length.items())
+        by_prompt_len.setdefault(prompt_len, []).append(j)
+    return [rows[i:i + batch_size] for _, rows in sorted(by_prompt_len.items())
             for i in range(0, len(rows), batch_size)]
 
 
@@ -603,10 +603,19 @@ def evaluate(model, enc, split, device, autocast, max_new_tokens, batch_size=256
         prompts = torch.tensor([split.chosen[j][0][:split.chosen[j][1]] for j in idx])  # (B, P)
         out = generate(model, prompts.to(device), enc.eot_token, max_new_tokens, autocast)
         answers.update((j, enc.decode(ids)) for j, ids in zip(idx, out))
-    logps = answer_logps(model, split, device, autocast).tolist()
-    nll = {j: -logps[j][0] / (len(ids) - p) for j, (ids, p) in enumerate(split.chosen)}
-    preferred = {j: lp[0] > lp[1] for j, lp in enumerate(logps)} if split.has_pairs else {}
-    return score(split, answers, nll, preferred)
+    logps = answer_logps(model, split, device, autocast)                   # (N, 2) or (N, 1)
+    rows = logps.tolist()
+    nll = {j: -rows[j][0] / (len(ids) - p) for j, (ids, p) in enumerate(split.chosen)}
+    preferred = {j: lp[0] > lp[1] for j, lp in enumerate(rows)} if split.has_pairs else {}
+    margin = preference_margin(logps) if split.has_pairs else None
+    return {**score(split, answers, nll, preferred), "preference_margin": margin}
+
+
+def preference_margin(logps):
+    """Mean over rows of log p(chosen) - log p(rejected), each summed over answer tokens (logps
+    (N, 2) from answer_logps). Unlike preference accuracy it is not capped at 1: it keeps growing
+    while a model separates pairs it already ranks right."""
+    return (logps[:, 0] - logps[:, 1]).mean().item()
 
 
 def score(split, answers, nll, preferred):

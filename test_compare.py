@@ -101,9 +101,9 @@ def test_paired_verdicts_from_the_t_interval():
 def test_preference_margin_against_a_hand_computed_example():
     """The margin is the mean of log p(chosen) - log p(rejected), summed log-probs per row."""
     logps = torch.tensor([[-1.0, -3.0], [-2.0, -1.5], [-0.5, -4.5]])           # (N, 2)
-    assert compare.preference_margin(logps) == pytest.approx((2.0 - 0.5 + 4.0) / 3)
+    assert ift.preference_margin(logps) == pytest.approx((2.0 - 0.5 + 4.0) / 3)
     # unlike preference accuracy (2 of 3 here, for any margins of these signs), it keeps moving
-    assert compare.preference_margin(logps * 2) == pytest.approx(2 * (2.0 - 0.5 + 4.0) / 3)
+    assert ift.preference_margin(logps * 2) == pytest.approx(2 * (2.0 - 0.5 + 4.0) / 3)
 
 
 def test_compare_recipes_share_the_step_budget():

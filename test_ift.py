@@ -409,6 +409,7 @@ def test_cli_every_loss_and_a_sequential_recipe(tmp_path):
         res = json.loads((out / "eval.json").read_text())
         assert set(res["exact_match_by_task"]) == {"add", "add_steps", "facts", "reverse"}
         assert 0 <= res["preference_accuracy"] <= 1 and res["nll"] > 0
+        assert math.isfinite(res["preference_margin"])  # summed log p(chosen) - log p(rejected)
         assert "step     2 | loss" in r.stdout and "overall" in r.stdout
         assert json.loads((out / "config.json").read_text())["loss"] == loss
     assert "reference is the random initial model" not in run_cli(
