@@ -219,15 +219,13 @@ def train_and_test(rcfg, model, enc, train_split, data, device, run_dir, judged)
                                                               "val": data["val"]}, device, run_dir)
     except ift.UserError as e:
         return {**record, "outcome": "diverged", "error": str(e)}
-    autocast = ift.autocast_for(device)
-    val_logps = ift.answer_logps(model, data["val"], device, autocast)       # (N, 2)
-    last = [r for r in log if "val_exact_match" in r][-1]
-    record.update(outcome="finished", val_exact_match=last["val_exact_match"],
-                  val_nll=last["val_nll"], val_margin=ift.preference_margin(val_logps),
-                  val_preference_accuracy=(val_logps[:, 0] > val_logps[:, 1]).float().mean().item(),
-                  ms_per_step=1000 * train_seconds / rcfg.max_steps, test=None)
+    last = [r for r in log if "val_exact_match" in r][-1]  # ift.train validates at its last step
+    record.update(outcome="finished", ms_per_step=1000 * train_seconds / rcfg.max_steps,
+                  test=None, **{k: last[k] for k in ("val_exact_match", "val_nll", "val_margin",
+                                                     "val_preference_accuracy")})
     if judged:
-        res = ift.evaluate(model, enc, data["test"], device, autocast, rcfg.max_new_tokens)
+        res = ift.evaluate(model, enc, data["test"], device, ift.autocast_for(device),
+                           rcfg.max_new_tokens)
         record["test"] = {**{k: res[k] for k in ("exact_match", "exact_match_by_task", "nll",
                                                  "preference_accuracy")},
                           "margin": res["preference_margin"]}

@@ -545,7 +545,9 @@ def train(cfg, model, enc, splits, device, out_dir):
             res = evaluate(model, enc, splits["val"], device, autocast, cfg.max_new_tokens)
             print(f"eval step {step:5d} | val exact match {res['exact_match']:.3f} | "
                   f"val answer nll {res['nll']:.4f}", flush=True)
-            log[-1].update(val_exact_match=res["exact_match"], val_nll=res["nll"])
+            log[-1].update(val_exact_match=res["exact_match"], val_nll=res["nll"],
+                           val_preference_accuracy=res["preference_accuracy"],
+                           val_margin=res["preference_margin"])
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise UserError(f"step {step}: the weights hold NaN or inf; lower --lr (now "
                                 f"{cfg.lr}); the last good checkpoint was kept")
@@ -557,7 +559,8 @@ def train(cfg, model, enc, splits, device, out_dir):
     if RANK == 0:
         with (out_dir / "log.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "lam", "tok_per_s",
-                                                   "val_exact_match", "val_nll"])
+                                                   "val_exact_match", "val_nll",
+                                                   "val_preference_accuracy", "val_margin"])
             writer.writeheader()
             writer.writerows(log)
     return log, time.time() - t0
