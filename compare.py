@@ -495,7 +495,8 @@ def tune(cfg, run, progress, recipes, seeds, starts, also=()):
         if round_:  # the first round is in the plan already
             progress.total += sum(run_cost(job.recipe) for job in jobs)
         done += run_jobs(run, jobs + (list(also) if round_ == 0 else []), progress)
-        choice = {r.name: best_lrs(grid_scores(r, done, seeds)) for r in recipes}
+        scores = {r.name: grid_scores(r, done, seeds) for r in recipes}
+        choice = {name: best_lrs(s) for name, s in scores.items()}
         lost = next((name for name, c in choice.items() if c is None), None)
         if lost:
             raise ift.UserError(f"{lost}: every lr of its grid diverged on a tuning seed; try "
@@ -510,7 +511,7 @@ def tune(cfg, run, progress, recipes, seeds, starts, also=()):
                       "lr_margin": choice[r.name]["margin"],
                       "at_edge": [m for m, lr in choice[r.name].items()
                                   if extension(grids[r.name], lr) is not None],
-                      "scores": grid_scores(r, done, seeds)} for r in recipes}
+                      "scores": scores[r.name]} for r in recipes}
     return done, table
 
 
