@@ -999,9 +999,7 @@ def plot_claims(claims, info, path):
     """Each claim's paired difference: its mean over the seeds and 95% t-interval, the +-delta
     band shaded, the verdict written beside it; exact-match claims above, the margin claim below
     (its own unit)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = ift.pyplot()
     groups = [[c for c in claims if c["metric"] == m] for m in ("exact_match", "margin")]
     fig, axes = plt.subplots(2, 1, figsize=(9, 0.6 * len(claims) + 2.2),
                              gridspec_kw={"height_ratios": [len(g) + 0.5 for g in groups]})
@@ -1035,9 +1033,7 @@ def plot_claims(claims, info, path):
 def plot_families(summary, info, path):
     """Test exact match per recipe (rows) and task family (columns), mean over the seeds, as a
     heat map with the mean and std written in each cell."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = ift.pyplot()
     columns = info["tasks"] + ["exact_match"]
     means = [[row[k][0] for k in columns] for row in summary]                # (recipes, tasks)
     fig, ax = plt.subplots(figsize=(1.25 * len(columns) + 2.4, 0.34 * len(summary) + 1.2))
@@ -1260,9 +1256,7 @@ def mechanism_report(info, table, verdicts):
 def plot_mechanism(table, info, path):
     """Accuracy after one's own mistake, and the gap to the clean prefix, against the distance
     after the mistake: mean ± std over seeds, one line per recipe."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = ift.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     d = list(range(1, MAX_DISTANCE + 1))
     for name, t in table.items():

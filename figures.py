@@ -57,9 +57,7 @@ def coefficients(losses, gamma, detach):
 
 def plot_relation_weights(cfg, path):
     """The figure (see the docstring); returns what it drew, for the tests."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = ift.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     drawn = {"weights": {}, "coefficients": {}}
     for gamma in cfg.gammas:

@@ -119,7 +119,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ift import UserError, arg, dpo_loss, mean_std, orpo_loss, parse_flags, relation_weights
+from ift import (UserError, arg, dpo_loss, mean_std, orpo_loss, parse_flags, pyplot,
+                 relation_weights)
 
 # -----------------------------------------------------------------------------------------------
 # Config
@@ -841,15 +842,6 @@ def sweep_verdicts(rows, cfg):
 
 # -----------------------------------------------------------------------------------------------
 # Plots
-
-def pyplot():
-    """matplotlib.pyplot drawing into files only (the Agg backend, no window): chosen here,
-    where the figures are drawn, so that importing this file leaves matplotlib alone."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
 
 METHOD_COLORS = {"SFT": "tab:gray", "DPO": "tab:blue", "ORPO": "tab:purple",
                  "IFT": "tab:red"}

@@ -655,9 +655,7 @@ def print_eval_table(res):
 
 def plot_loss_curve(log, loss_name, path):
     """Training loss and validation exact match against the optimizer step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in log], [r["loss"] for r in log])
     ax.set(xlabel="optimizer step", ylabel=f"train {loss_name} loss (blue)",
@@ -1003,6 +1001,15 @@ def build_model(cfg, enc, device):
 
 def fmt_time(seconds):
     return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s" if seconds >= 60 else f"{int(seconds)}s"
+
+
+def pyplot():
+    """matplotlib.pyplot drawing into files only (the Agg backend, no window), imported when a
+    figure is drawn, so that importing a program leaves matplotlib alone."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def mean_std(values):
