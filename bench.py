@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import ift
+import plumbing
 
 ROWS = ("nanogpt", "sft", "ift", "dpo", "orpo")
 WARMUP = 3  # untimed steps of each row first
@@ -42,8 +43,8 @@ SKIP = ("loss", "init_from", "max_steps", "warmup_steps", "min_lr_ratio", "lam_s
 
 @dataclass
 class BenchConfig(ift.Config):
-    out_dir: str = ift.arg("out/bench", "output folder (bench.json)")
-    steps: int = ift.arg(15, "timed steps per row, after 3 warm-up steps")
+    out_dir: str = plumbing.arg("out/bench", "output folder (bench.json)")
+    steps: int = plumbing.arg(15, "timed steps per row, after 3 warm-up steps")
 
 
 def bench_problem(cfg):
@@ -199,7 +200,7 @@ def bench(cfg):
     ratios = {"ift/sft": ms["ift"] / ms["sft"], "dpo/sft": ms["dpo"] / ms["sft"],
               "orpo/sft": ms["orpo"] / ms["sft"], "sft/nanogpt": ms["sft"] / ms["nanogpt"]}
     info = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
-            "device_name": ift.device_name(device), "torch": torch.__version__,
+            "device_name": plumbing.device_name(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "compile": step_model is not model,
             "batch_size": len(batch), "seq_len": T, "real_tokens": n_real,
             "params": sum(p.numel() for p in model.parameters()),
@@ -237,14 +238,14 @@ def print_table(info, rows, ratios):
 
 
 def main(argv=None):
-    cfg = ift.parse_flags(BenchConfig, argv, check=bench_problem, skip=SKIP,
+    cfg = plumbing.parse_flags(BenchConfig, argv, check=bench_problem, skip=SKIP,
                           description=__doc__.split("\n\n")[0].strip())
     cfg.lr = cfg.lr or ift.DEFAULT_LR["sft"]
     print("config: " + json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
                                    if k not in SKIP}), flush=True)
     try:
         bench(cfg)
-    except ift.UserError as e:
+    except plumbing.UserError as e:
         sys.exit(f"error: {e}")
 
 

@@ -61,6 +61,7 @@ from pathlib import Path
 import torch
 
 import ift
+import plumbing
 
 RECIPE_FIELDS = ("loss", "lr", "init_from")  # each recipe sets its own: no flags for them
 TUNING_OFFSET = 1000  # tuning seeds are --seed + 1000, ...: never a judged seed (--seeds <= 1000)
@@ -69,33 +70,33 @@ TUNING_OFFSET = 1000  # tuning seeds are --seed + 1000, ...: never a judged seed
 @dataclass
 class CompareConfig(ift.Config):
     # ift.py's fields, with smaller defaults (RESULTS.md, section 1, says why these sizes)
-    n_layer: int = ift.arg(2, "transformer blocks")
-    n_embd: int = ift.arg(64, "width C of the residual stream")
-    max_steps: int = ift.arg(1000, "steps of each single-stage run (each sequential stage: half)")
-    warmup_steps: int = ift.arg(30, "linear warm-up steps, then cosine decay")
-    log_interval: int = ift.arg(250, "steps between log lines (in each run's train.log)")
-    eval_interval: int = ift.arg(1000, "steps between validation evaluations")
-    compile: str = ift.arg("off", "torch.compile (off: it would compile anew for every short run)",
+    n_layer: int = plumbing.arg(2, "transformer blocks")
+    n_embd: int = plumbing.arg(64, "width C of the residual stream")
+    max_steps: int = plumbing.arg(1000, "steps of each single-stage run (each sequential stage: half)")
+    warmup_steps: int = plumbing.arg(30, "linear warm-up steps, then cosine decay")
+    log_interval: int = plumbing.arg(250, "steps between log lines (in each run's train.log)")
+    eval_interval: int = plumbing.arg(1000, "steps between validation evaluations")
+    compile: str = plumbing.arg("off", "torch.compile (off: it would compile anew for every short run)",
                            ("auto", "on", "off"))
-    out_dir: str = ift.arg("out/compare", "output folder")
+    out_dir: str = plumbing.arg("out/compare", "output folder")
     # the comparison's own
-    base_steps: int = ift.arg(6000, "steps of stage 0: each seed's base model, trained by plain "
+    base_steps: int = plumbing.arg(6000, "steps of stage 0: each seed's base model, trained by plain "
                               "language modelling on <data>/pretrain.jsonl (kept in "
                               "<out-dir>/base and reused while its settings and the data files "
                               "are unchanged)")
-    seeds: int = ift.arg(6, "judged seeds --seed, --seed + 1, ...: each trains its own base and "
+    seeds: int = plumbing.arg(6, "judged seeds --seed, --seed + 1, ...: each trains its own base and "
                          "every recipe from it; the claims are paired over them")
-    tuning_seeds: int = ift.arg(2, "tuning seeds --seed + 1000, ...: each its own base; they "
+    tuning_seeds: int = plumbing.arg(2, "tuning seeds --seed + 1000, ...: each its own base; they "
                                 "choose the lrs and are never judged")
-    lr_grid: tuple = ift.arg((0.1, 0.33, 1.0), "multipliers of each recipe's DEFAULT_LR tried on "
+    lr_grid: tuple = plumbing.arg((0.1, 0.33, 1.0), "multipliers of each recipe's DEFAULT_LR tried on "
                              "the tuning seeds (the same number of points for every recipe)")
-    max_extensions: int = ift.arg(2, "times a recipe's grid may add a multiplier step past the "
+    max_extensions: int = plumbing.arg(2, "times a recipe's grid may add a multiplier step past the "
                                   "edge where its best lr lies")
-    workers: int = ift.arg(0, "runs trained at once, each in a process of its own (0: one per "
+    workers: int = plumbing.arg(0, "runs trained at once, each in a process of its own (0: one per "
                            "CPU core, at most 8, on a CPU; 1 on a GPU)")
-    ablations: bool = ift.arg(False, "instead of the comparison, train IFT's ablations on the "
+    ablations: bool = plumbing.arg(False, "instead of the comparison, train IFT's ablations on the "
                               "judged seeds' bases of the comparison in --out-dir")
-    mechanism: bool = ift.arg(False, "instead of training, measure how the checkpoints of the "
+    mechanism: bool = plumbing.arg(False, "instead of training, measure how the checkpoints of the "
                               "comparison in --out-dir recover from their own mistakes")
 
 
@@ -217,7 +218,7 @@ def train_and_test(rcfg, model, enc, train_split, data, device, run_dir, judged)
         with (run_dir / "train.log").open("w") as f, contextlib.redirect_stdout(f):
             log, train_seconds = ift.train(rcfg, model, enc, {"train": train_split,
                                                               "val": data["val"]}, device, run_dir)
-    except ift.UserError as e:
+    except plumbing.UserError as e:
         return {**record, "outcome": "diverged", "error": str(e)}
     last = [r for r in log if "val_exact_match" in r][-1]  # ift.train validates at its last step
     record.update(outcome="finished", ms_per_step=1000 * train_seconds / rcfg.max_steps,
@@ -250,7 +251,7 @@ def read_json(path, what):
     try:
         return json.loads(path.read_bytes())
     except (ValueError, OSError) as e:  # not UTF-8 or not JSON is a ValueError too
-        raise ift.UserError(f"{path}: not {what} ({type(e).__name__}); delete it, or pass "
+        raise plumbing.UserError(f"{path}: not {what} ({type(e).__name__}); delete it, or pass "
                             f"another --out-dir") from None
 
 
@@ -300,7 +301,7 @@ def load_data(cfg, enc):
     token after <|user|> is a target)."""
     pool_path = Path(cfg.data) / "pretrain.jsonl"
     if not pool_path.is_file():
-        raise ift.UserError(f"{pool_path}: no pretraining pool for the base model; run python "
+        raise plumbing.UserError(f"{pool_path}: no pretraining pool for the base model; run python "
                             f"data/prepare.py, or put rows of your own there")
     data = ift.load_splits(cfg, enc, need_rejected=("train", "val", "test"))
     n = len(data["train"])
@@ -395,11 +396,11 @@ class Progress:
             test = f" | test exact {res['test']['exact_match']:.3f}" if res["test"] else ""
             scores = (f"val exact {res['val_exact_match']:.3f} | val margin "
                       f"{res['val_margin']:.2f}{test}")
-        left = ift.fmt_time(elapsed / self.done * max(self.total - self.done, 0))
+        left = plumbing.fmt_time(elapsed / self.done * max(self.total - self.done, 0))
         kind = "judged" if job.judged else "tuning"
         print(f"[{min(self.done / self.total, 1):4.0%}] {kind} seed {job.seed} | "
               f"{job.recipe.name:<18} | lr {job.lr:.1e} | {scores} | {res.get('seconds', 0):.0f}s"
-              f" | elapsed {ift.fmt_time(elapsed)}, eta {left} for the whole comparison",
+              f" | elapsed {plumbing.fmt_time(elapsed)}, eta {left} for the whole comparison",
               flush=True)
 
 
@@ -411,7 +412,7 @@ def run_jobs(run, jobs, progress):
     for job, res in zip(jobs, run(worker_run, jobs)):  # results come in order, as they finish
         progress.report(job, res)
         if res["outcome"] != "finished" and (job.judged or job.recipe.name == BASE):
-            raise ift.UserError(f"{job.recipe.name}, seed {job.seed}: {res['error']}")
+            raise plumbing.UserError(f"{job.recipe.name}, seed {job.seed}: {res['error']}")
         done.append((job, res))
     return done
 
@@ -459,7 +460,7 @@ def grid_scores(recipe, done, seeds):
     for lr, by_seed in runs.items():
         ok = [by_seed[s] for s in seeds if s in by_seed and by_seed[s]["outcome"] == "finished"]
         scores[lr] = None if len(ok) < len(seeds) else tuple(
-            ift.mean_std([r[k] for r in ok])[0] for k in ("val_exact_match", "val_margin",
+            plumbing.mean_std([r[k] for r in ok])[0] for k in ("val_exact_match", "val_margin",
                                                           "val_nll"))
     return scores
 
@@ -499,7 +500,7 @@ def tune(cfg, run, progress, recipes, seeds, starts, also=()):
         choice = {name: best_lrs(s) for name, s in scores.items()}
         lost = next((name for name, c in choice.items() if c is None), None)
         if lost:
-            raise ift.UserError(f"{lost}: every lr of its grid diverged on a tuning seed; try "
+            raise plumbing.UserError(f"{lost}: every lr of its grid diverged on a tuning seed; try "
                                 f"smaller --lr-grid multipliers")
         new = {r.name: sorted({lr for lr in (extension(grids[r.name], b) for b in
                                              choice[r.name].values()) if lr is not None})
@@ -636,7 +637,7 @@ def verdict(lo, hi, delta):
 def paired(diffs, delta):
     """Mean, sample std and 95% t-interval half-width of paired differences, the verdict, the
     seeds each way, and how many seeds the same std would need for a half-width of delta."""
-    mean, std = ift.mean_std(diffs)
+    mean, std = plumbing.mean_std(diffs)
     ways = {"up": sum(d > 0 for d in diffs), "down": sum(d < 0 for d in diffs)}
     if len(diffs) < 2:
         return {"diffs": diffs, "mean": mean, "std": None, "ci95": None, "seeds_needed": None,
@@ -714,11 +715,11 @@ def summarize(recipes, runs, seeds, lrs, tasks):
         row = {"recipe": r.name, "group": r.group, "lr": lrs.get(r.lr_of or r.name),
                "steps": r.steps}
         for t in tasks:
-            row[t] = ift.mean_std([p["test"]["exact_match_by_task"][t] for p in per_seed])
+            row[t] = plumbing.mean_std([p["test"]["exact_match_by_task"][t] for p in per_seed])
         for k in ("exact_match", "preference_accuracy", "margin", "nll"):
-            row[k] = ift.mean_std([p["test"][k] for p in per_seed])
-        row["seconds"] = ift.mean_std([p["seconds"] for p in per_seed])
-        row["ms_per_step"] = ift.mean_std([p["ms_per_step"] for p in per_seed])
+            row[k] = plumbing.mean_std([p["test"][k] for p in per_seed])
+        row["seconds"] = plumbing.mean_std([p["seconds"] for p in per_seed])
+        row["ms_per_step"] = plumbing.mean_std([p["ms_per_step"] for p in per_seed])
         rows.append(row)
     return rows
 
@@ -744,7 +745,7 @@ def compare(cfg, command):
     with worker_pool(cfg, workers, threads, device, out_dir, enc, data) as run:
         done, table, claim_c = train_all(cfg, run, progress, recipes, tuning, judged)
     info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "device": str(device), "device_name": ift.device_name(device),
+            "device": str(device), "device_name": plumbing.device_name(device),
             "torch": torch.__version__, "threads": threads, "workers": workers,
             "runtime_seconds": time.time() - t_start,
             "busy_seconds": sum(res.get("seconds", 0) for job, res in done
@@ -881,8 +882,8 @@ def compare_report(info, summary, claims, table, runs, cfg):
         "# IFT, SFT, ORPO and DPO at toy scale (`python compare.py`)", "",
         f"Regenerate: `{info['command']}`", "",
         f"Machine: {machine(info)}; {info['date']}. Runtime "
-        f"{ift.fmt_time(info['runtime_seconds'])} in all; the runs trained now took "
-        f"{ift.fmt_time(info['busy_seconds'])} summed over the workers.", "",
+        f"{plumbing.fmt_time(info['runtime_seconds'])} in all; the runs trained now took "
+        f"{plumbing.fmt_time(info['busy_seconds'])} summed over the workers.", "",
         f"Settings: GPT {cfg.n_layer}x{cfg.n_embd} ({info['params'] / 1e6:.2f}M parameters), "
         f"batch {cfg.batch_size}; each seed's base model: {cfg.base_steps} steps of language "
         f"modelling on the pretraining pool; from it {cfg.max_steps} steps per single-stage run "
@@ -999,7 +1000,7 @@ def plot_claims(claims, info, path):
     """Each claim's paired difference: its mean over the seeds and 95% t-interval, the +-delta
     band shaded, the verdict written beside it; exact-match claims above, the margin claim below
     (its own unit)."""
-    plt = ift.pyplot()
+    plt = plumbing.pyplot()
     groups = [[c for c in claims if c["metric"] == m] for m in ("exact_match", "margin")]
     fig, axes = plt.subplots(2, 1, figsize=(9, 0.6 * len(claims) + 2.2),
                              gridspec_kw={"height_ratios": [len(g) + 0.5 for g in groups]})
@@ -1033,7 +1034,7 @@ def plot_claims(claims, info, path):
 def plot_families(summary, info, path):
     """Test exact match per recipe (rows) and task family (columns), mean over the seeds, as a
     heat map with the mean and std written in each cell."""
-    plt = ift.pyplot()
+    plt = plumbing.pyplot()
     columns = info["tasks"] + ["exact_match"]
     means = [[row[k][0] for k in columns] for row in summary]                # (recipes, tasks)
     fig, ax = plt.subplots(figsize=(1.25 * len(columns) + 2.4, 0.34 * len(summary) + 1.2))
@@ -1067,12 +1068,12 @@ def saved_comparison(cfg):
     (with this command line's --workers and --device)."""
     path = Path(cfg.out_dir) / "compare.json"
     if not path.is_file():
-        raise ift.UserError(f"{path}: no comparison there; run python compare.py first (with the "
+        raise plumbing.UserError(f"{path}: no comparison there; run python compare.py first (with the "
                             f"same --out-dir)")
     saved = read_json(path, "a comparison of compare.py")
     if not isinstance(saved, dict) or not {"command", "config", "runs", "seeds", "bases",
                                            "tuning"} <= saved.keys():
-        raise ift.UserError(f"{path}: not a comparison of compare.py (keys missing); run python "
+        raise plumbing.UserError(f"{path}: not a comparison of compare.py (keys missing); run python "
                             f"compare.py again with this --out-dir")
     fields = {f.name for f in dataclasses.fields(CompareConfig)}
     run_cfg = dataclasses.replace(cfg, **{k: v for k, v in saved["config"].items()
@@ -1108,14 +1109,14 @@ def ablations(cfg, command):
         [res["test"]["exact_match"] - ift_runs[job.seed]["test"]["exact_match"]
          for job, res in done if job.recipe == r], DELTA["exact_match"])} for r in recipes]
     info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "device_name": ift.device_name(device), "comparison": saved["command"],
+            "device_name": plumbing.device_name(device), "comparison": saved["command"],
             "seeds": seeds, "lr": lr, "runtime_seconds": time.time() - t_start}
     (out_dir / "ablations.json").write_text(json.dumps({**info, "verdicts": verdicts,
                                                         "runs": runs}, indent=2))
     lines = [f"# IFT's ablations (`{command}`)", "",
              f"On the judged seeds {', '.join(map(str, seeds))} of `{saved['command']}`, each from "
              f"its seed's base at IFT's lr {lr:.1e}; {info['device_name']}, {info['date']}, "
-             f"{ift.fmt_time(info['runtime_seconds'])}.", "",
+             f"{plumbing.fmt_time(info['runtime_seconds'])}.", "",
              "Paired by seed on test exact match: the ablation minus IFT "
              f"(delta {DELTA['exact_match']}).", "",
              "| ablation - ift | per-seed differences | mean ± std | 95% interval (± half-width)"
@@ -1187,7 +1188,7 @@ def mechanism(cfg):
                      run_cfg.block_size, str(test_path))
     seqs = [s for s, r in zip(test.chosen, test.rows) if r["task"] in MECHANISM_TASKS]
     if not seqs:
-        raise ift.UserError(f"{test_path}: no rows of {', '.join(MECHANISM_TASKS)}")
+        raise plumbing.UserError(f"{test_path}: no rows of {', '.join(MECHANISM_TASKS)}")
     saved_runs = saved["runs"]
     if (out_dir / "ablations.json").is_file():
         saved_runs = saved_runs + read_json(out_dir / "ablations.json",
@@ -1212,7 +1213,7 @@ def mechanism(cfg):
         for name in names if name != "sft"]
     info = {"command": shlex.join(["python", "compare.py", "--mechanism", "--out-dir",
                                    cfg.out_dir]),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "device_name": ift.device_name(device),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "device_name": plumbing.device_name(device),
             "comparison": saved["command"].strip(), "seeds": saved["seeds"],
             "tasks": MECHANISM_TASKS, "rows": len(seqs), "tokens_scored": scored}
     paths = [out_dir / "mechanism.json", out_dir / "mechanism.md", out_dir / "mechanism.png"]
@@ -1229,7 +1230,7 @@ def mechanism(cfg):
 def mechanism_report(info, table, verdicts):
     """mechanism.md: accuracies and gaps by distance (mean ± std over seeds), then the verdicts."""
     def cell(t, d, k):
-        return pm(ift.mean_std(t[:, d, k].tolist()))
+        return pm(plumbing.mean_std(t[:, d, k].tolist()))
     dists = [f"d = {d}" for d in range(1, MAX_DISTANCE + 1)] + ["all d"]
     lines = [
         "# Recovery from one's own mistakes (`" + info["command"] + "`)", "",
@@ -1256,7 +1257,7 @@ def mechanism_report(info, table, verdicts):
 def plot_mechanism(table, info, path):
     """Accuracy after one's own mistake, and the gap to the clean prefix, against the distance
     after the mistake: mean ± std over seeds, one line per recipe."""
-    plt = ift.pyplot()
+    plt = plumbing.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     d = list(range(1, MAX_DISTANCE + 1))
     for name, t in table.items():
@@ -1282,7 +1283,7 @@ def plot_mechanism(table, info, path):
 
 def parse_config(argv):
     """The CompareConfig of `python compare.py ...`, checked; no flags for RECIPE_FIELDS."""
-    return ift.parse_flags(CompareConfig, argv, check=compare_problem, skip=RECIPE_FIELDS,
+    return plumbing.parse_flags(CompareConfig, argv, check=compare_problem, skip=RECIPE_FIELDS,
                            description=__doc__.split("\n\n")[0].strip())
 
 
@@ -1299,7 +1300,7 @@ def main(argv=None):
             ablations(cfg, command)
         else:
             compare(cfg, command)
-    except ift.UserError as e:
+    except plumbing.UserError as e:
         sys.exit(f"error: {e}")
 
 

@@ -23,15 +23,16 @@ from pathlib import Path
 import torch
 
 import ift
+import plumbing
 
 WORKED_EXAMPLE = [2, .1, .1, .1, 3, .1, .1, .1]  # token losses, as in ift.py's derivation
 
 
 @dataclass
 class FigureConfig:
-    out_dir: str = ift.arg("out/figures", "output folder")
-    tokens: int = ift.arg(20, "answer length N of the left panel")
-    gammas: tuple = ift.arg((0.0, 0.8, 0.9, 0.95, 0.99), "gammas of the left panel, in [0, 1]")
+    out_dir: str = plumbing.arg("out/figures", "output folder")
+    tokens: int = plumbing.arg(20, "answer length N of the left panel")
+    gammas: tuple = plumbing.arg((0.0, 0.8, 0.9, 0.95, 0.99), "gammas of the left panel, in [0, 1]")
 
 
 def figure_problem(cfg):
@@ -57,7 +58,7 @@ def coefficients(losses, gamma, detach):
 
 def plot_relation_weights(cfg, path):
     """The figure (see the docstring); returns what it drew, for the tests."""
-    plt = ift.pyplot()
+    plt = plumbing.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     drawn = {"weights": {}, "coefficients": {}}
     for gamma in cfg.gammas:
@@ -85,7 +86,7 @@ def plot_relation_weights(cfg, path):
 
 
 def main(argv=None):
-    cfg = ift.parse_flags(FigureConfig, argv, check=figure_problem,
+    cfg = plumbing.parse_flags(FigureConfig, argv, check=figure_problem,
                           description=__doc__.split("\n\n")[0].strip())
     print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     try:
@@ -93,13 +94,13 @@ def main(argv=None):
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ift.UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
+            raise plumbing.UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
         path = out_dir / "relation_weights.png"
         drawn = plot_relation_weights(cfg, path)
         c = drawn["coefficients"][False]
         print("worked example, dL/dl through the weights: " + " ".join(f"{x:+.3f}" for x in c))
         print(f"wrote {path}")
-    except ift.UserError as e:
+    except plumbing.UserError as e:
         sys.exit(f"error: {e}")
 
 

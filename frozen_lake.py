@@ -119,8 +119,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ift import (UserError, arg, dpo_loss, mean_std, orpo_loss, parse_flags, pyplot,
-                 relation_weights)
+from ift import dpo_loss, orpo_loss, relation_weights
+from plumbing import UserError, arg, mean_std, parse_flags, pyplot
 
 # -----------------------------------------------------------------------------------------------
 # Config

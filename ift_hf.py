@@ -81,6 +81,7 @@ from trl.data_utils import common_prefix_length  # noqa: E402
 from trl.trainer.utils import disable_dropout_in_model  # noqa: E402
 
 import ift  # noqa: E402
+import plumbing  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Config: trl.SFTConfig plus IFT's fields; the command line's own few
@@ -117,7 +118,7 @@ class IFTConfig(trl.SFTConfig):
     def __post_init__(self):
         for name in ("lam", "gamma"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ift.UserError(f"--{name} must lie in [0, 1], got {getattr(self, name)}")
+                raise plumbing.UserError(f"--{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and not self.use_cpu and not self.fp16
         for old, new in (("gradient_checkpointing", "activation_checkpointing"),
@@ -162,7 +163,7 @@ def parse_config(argv=None):
         script, args, model_args = Parser((ScriptArguments, IFTConfig, trl.ModelConfig)) \
             .parse_args_and_config(argv)
     except ValueError as e:  # e.g. a flag that no dataclass has
-        raise ift.UserError(f"{str(e).strip().splitlines()[0]} (see --help)") from None
+        raise plumbing.UserError(f"{str(e).strip().splitlines()[0]} (see --help)") from None
     problems = [(not (script.model or model_args.model_name_or_path),
                  "--model is required: a local folder written by save_pretrained, or a hub id"),
                 (min(script.limit_rows, script.bench) < 0, "--limit_rows and --bench must be >= 0"),
@@ -179,7 +180,7 @@ def parse_config(argv=None):
                  "--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")]
     problem = next((message for bad, message in problems if bad), None)
     if problem:
-        raise ift.UserError(problem)
+        raise plumbing.UserError(problem)
     script.model = script.model or model_args.model_name_or_path
     if script.loss == "sft":  # SFT is IFT with lam = 0 and gamma = 0 (ift.py's reduction)
         args.lam, args.gamma, args.lam_schedule = 0.0, 0.0, "constant"
@@ -204,20 +205,20 @@ def read_rows(path, limit=0):
     """The JSON objects of a JSON-lines file, each checked to be of one accepted format (all of
     the file's of the same one); errors name the file and the line, as ift.load_rows'."""
     rows, kinds = [], set()
-    for lineno, row in ift.json_lines(path, "pass --data with a folder holding train.jsonl"):
+    for lineno, row in plumbing.json_lines(path, "pass --data with a folder holding train.jsonl"):
         kind = row_format(row)
         if kind is None:
-            raise ift.UserError(f"{path} line {lineno}: no accepted row format; a row is "
+            raise plumbing.UserError(f"{path} line {lineno}: no accepted row format; a row is "
                                 f"{FORMATS}")
         kinds.add(kind)
         if len(kinds) > 1:
-            raise ift.UserError(f"{path} line {lineno}: a {kind} row among {kinds - {kind}} "
+            raise plumbing.UserError(f"{path} line {lineno}: a {kind} row among {kinds - {kind}} "
                                 f"rows; keep one format per file")
         rows.append(row)
         if limit and len(rows) == limit:
             break
     if not rows:
-        raise ift.UserError(f"{path}: no rows")
+        raise plumbing.UserError(f"{path}: no rows")
     return rows
 
 
@@ -276,7 +277,7 @@ def trl_batch(inputs):
     """SFTTrainer's collated batch (input_ids, attention_mask, labels: (B, L), right-padded)
     -> ift.make_batch's x, y, mask, real (B, T), T = L - 1: the same shift by one."""
     if not {"input_ids", "attention_mask", "labels"} <= set(inputs):
-        raise ift.UserError(f"the batch holds {sorted(inputs)}; IFT needs input_ids, "
+        raise plumbing.UserError(f"the batch holds {sorted(inputs)}; IFT needs input_ids, "
                             f"attention_mask and labels (SFTTrainer's own collator)")
     ids, labels = inputs["input_ids"], inputs["labels"]                     # (B, L)
     real = inputs["attention_mask"][:, 1:].bool()                           # (B, T)
@@ -309,22 +310,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def check_folder(path):
     """A local model folder's problem as a UserError: no config, not a causal LM, no tokenizer."""
     if not (path / "config.json").is_file():
-        raise ift.UserError(f"--model {path}: no config.json; pass a folder written by "
+        raise plumbing.UserError(f"--model {path}: no config.json; pass a folder written by "
                             f"save_pretrained")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        raise ift.UserError(f"--model {path}: config.json is not a model config "
+        raise plumbing.UserError(f"--model {path}: config.json is not a model config "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not causal.intersection(
             config.architectures or causal):
-        raise ift.UserError(f"--model {path}: a {config.model_type} model "
+        raise plumbing.UserError(f"--model {path}: a {config.model_type} model "
                             f"({', '.join(config.architectures or ['?'])}), not a causal LM; "
                             f"pass a causal LM (GPT-2, Llama, Mistral, Qwen, ...)")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ift.UserError(f"--model {path}: no tokenizer files; save the tokenizer there too "
+        raise plumbing.UserError(f"--model {path}: no tokenizer files; save the tokenizer there too "
                             f"(tokenizer.save_pretrained(DIR))")
 
 
@@ -333,7 +334,7 @@ def load_model(name, model_args, trust_remote_code=False):
     asked); any problem is one UserError."""
     path, local = Path(name), Path(name).exists()
     if local and not path.is_dir():
-        raise ift.UserError(f"--model {name}: a file, not a folder written by save_pretrained")
+        raise plumbing.UserError(f"--model {name}: a file, not a folder written by save_pretrained")
     if local:
         check_folder(path)
     kwargs = {"revision": model_args.model_revision,
@@ -346,21 +347,21 @@ def load_model(name, model_args, trust_remote_code=False):
     except Exception as e:  # a corrupt weights file, a tokenizer that cannot load, no network
         first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
         if not local:
-            raise ift.UserError(f"--model {name}: no such local folder, and the hub did not give "
+            raise plumbing.UserError(f"--model {name}: no such local folder, and the hub did not give "
                                 f"it (offline, HF_HUB_OFFLINE=1, or no such model); where there is "
                                 f"a network run `hf download {name} --local-dir DIR`, then pass "
                                 f"--model DIR") from None
-        raise ift.UserError(f"--model {name}: cannot load it ({type(e).__name__}: {first})"
+        raise plumbing.UserError(f"--model {name}: cannot load it ({type(e).__name__}: {first})"
                             ) from None
     if tok.eos_token_id is None:
-        raise ift.UserError(f"--model {name}: the tokenizer has no end-of-sequence token; set "
+        raise plumbing.UserError(f"--model {name}: the tokenizer has no end-of-sequence token; set "
                             f"tokenizer.eos_token and save it")
     E = model.get_input_embeddings()
     if not isinstance(E, torch.nn.Embedding):
-        raise ift.UserError(f"--model {name}: its input embeddings are not a torch.nn.Embedding "
+        raise plumbing.UserError(f"--model {name}: its input embeddings are not a torch.nn.Embedding "
                             f"(get_input_embeddings()); IFT mixes token embeddings")
     if len(tok) > E.num_embeddings:
-        raise ift.UserError(f"--model {name}: the tokenizer has {len(tok)} tokens, the model's "
+        raise plumbing.UserError(f"--model {name}: the tokenizer has {len(tok)} tokens, the model's "
                             f"embedding {E.num_embeddings}: they do not belong together")
     return model, tok
 
@@ -429,11 +430,11 @@ class IFTTrainer(trl.SFTTrainer):
 
     def __init__(self, model, args=None, train_dataset=None, **kwargs):
         if not isinstance(args, IFTConfig):
-            raise ift.UserError("IFTTrainer takes an IFTConfig as args (SFTConfig plus lam, "
+            raise plumbing.UserError("IFTTrainer takes an IFTConfig as args (SFTConfig plus lam, "
                                 "gamma, ...)")
         problem = incompatible(args, kwargs.get("compute_loss_func"))
         if problem:
-            raise ift.UserError(problem)
+            raise plumbing.UserError(problem)
         if args.assistant_only_loss is None:  # messages rows: every assistant turn, as official
             args.assistant_only_loss = train_dataset is not None and "messages" in next(
                 iter(train_dataset))
@@ -555,13 +556,13 @@ def check_out_dir(out_dir, model, resuming):
     user's: it must be new, empty, or an earlier output of this program."""
     out, model = Path(out_dir).resolve(), Path(model).resolve()
     if out == model or model in out.parents or out in model.parents:
-        raise ift.UserError(f"--output_dir {out_dir} holds or lies inside --model; pass another "
+        raise plumbing.UserError(f"--output_dir {out_dir} holds or lies inside --model; pass another "
                             f"folder, so that the model you brought stays as it is")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / MARK).is_file():
-        raise ift.UserError(f"--output_dir {out_dir} exists and was not written by ift_hf.py; "
+        raise plumbing.UserError(f"--output_dir {out_dir} exists and was not written by ift_hf.py; "
                             f"pass a new folder")
     if resuming is True and not any(out.glob("checkpoint-*")):
-        raise ift.UserError(f"--resume_from_checkpoint: no checkpoint-* in --output_dir "
+        raise plumbing.UserError(f"--resume_from_checkpoint: no checkpoint-* in --output_dir "
                             f"{out_dir}; pass the checkpoint's folder, or start afresh")
     return out
 
@@ -649,7 +650,7 @@ def run(script, args, model_args):
                              train_dataset=to_dataset(train_rows, tok, script.separator),
                              peft_config=trl.get_peft_config(model_args))
     except (ValueError, RuntimeError, TypeError) as e:  # TRL's own checks of data and options
-        raise ift.UserError(f"TRL refused the setup: {str(e).strip().splitlines()[0]}") from None
+        raise plumbing.UserError(f"TRL refused the setup: {str(e).strip().splitlines()[0]}") from None
     if script.bench:
         return bench(trainer, script.bench)
     print(f"{script.loss} | {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,}"
@@ -680,8 +681,8 @@ def run(script, args, model_args):
                    context)
     res.update(train_seconds=train_seconds, eval_seconds=time.time() - t, loss=script.loss)
     print(f"\ntest split ({res['rows']} rows), after {trainer.state.global_step} steps of "
-          f"{script.loss} ({ift.fmt_time(train_seconds)} training, "
-          f"{ift.fmt_time(res['eval_seconds'])} evaluation):")
+          f"{script.loss} ({plumbing.fmt_time(train_seconds)} training, "
+          f"{plumbing.fmt_time(res['eval_seconds'])} evaluation):")
     ift.print_eval_table(res)
     (out / "eval.json").write_text(json.dumps(res, indent=2))
     print(f"wrote {out} (the model or LoRA adapter, its tokenizer, {MARK}, log.csv, eval.json)")
@@ -697,7 +698,7 @@ def main(argv=None):
                                        "gamma": args.gamma, "output_dir": args.output_dir}),
               flush=True)
         return run(script, args, model_args)
-    except ift.UserError as e:
+    except plumbing.UserError as e:
         sys.exit(f"error: {e}")
     finally:
         if torch.distributed.is_initialized():

@@ -18,6 +18,7 @@ import torch
 
 import frozen_lake as fl
 import ift
+import plumbing
 from frozen_lake import DOWN, LEFT, RIGHT, UP
 
 SCRIPT = Path(__file__).with_name("frozen_lake.py")
@@ -352,7 +353,7 @@ def test_summarize_reports_the_sample_std():
 
 
 def test_one_seed_has_std_zero():
-    """With one seed the std is 0.0, not nan (ift.mean_std, shared): summarize and mean_std."""
+    """With one seed the std is 0.0, not nan (plumbing.mean_std, shared): summarize and mean_std."""
     for entry in fl.summarize(fake_runs([0.4])).values():
         assert all(v == {"mean": 0.4, "std": 0.0} for v in entry.values())
     mean, std = fl.mean_std(np.array([[0.1, 0.2, 0.3]]))  # (seeds, steps + 1), as plot_curves
@@ -522,7 +523,7 @@ def test_limits_accept_their_edges():
     assert fl.config_problem(dataclasses.replace(fl.Config(), **edges)) is None
 
 
-# These need ift.parse_flags to refuse a number that is not finite at parse time.
+# These need plumbing.parse_flags to refuse a number that is not finite at parse time.
 @pytest.mark.parametrize("args", [
     ["--lr", "nan"],
     ["--lam", "inf"],
@@ -541,9 +542,9 @@ def test_nan_and_inf_are_refused(args, capsys):
 
 
 def test_unwritable_out_dir_is_a_user_error_with_status_1(tmp_path):
-    """An unwritable --out-dir: ift.UserError, printed as one 'error:' line, exit status 1."""
-    assert fl.UserError is ift.UserError
-    with pytest.raises(ift.UserError, match="cannot write into --out-dir"):
+    """An unwritable --out-dir: plumbing.UserError, printed as one 'error:' line, exit status 1."""
+    assert fl.UserError is plumbing.UserError
+    with pytest.raises(plumbing.UserError, match="cannot write into --out-dir"):
         fl.make_out_dir(fl.Config(out_dir="/proc/version/out"))
     result = run_cli("--out-dir", "/proc/version/out")
     assert result.returncode == 1
@@ -553,10 +554,10 @@ def test_unwritable_out_dir_is_a_user_error_with_status_1(tmp_path):
 
 
 def test_map_without_two_routes_is_a_user_error():
-    """two_routes raises ift.UserError, naming the fix, for no route or no second route to G."""
-    with pytest.raises(ift.UserError, match="goal cannot be reached from the start"):
+    """two_routes raises plumbing.UserError, naming the fix, for no route or no second route to G."""
+    with pytest.raises(plumbing.UserError, match="goal cannot be reached from the start"):
         fl.two_routes(fl.FrozenLake(["SHG"]))
-    with pytest.raises(ift.UserError, match="no second route .* REJECTED_ROUTES"):
+    with pytest.raises(plumbing.UserError, match="no second route .* REJECTED_ROUTES"):
         fl.two_routes(fl.FrozenLake(["SFG"]))  # every other first move bumps into a wall
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import ift
+import plumbing
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -372,14 +373,14 @@ def test_data_errors_name_file_and_line(tmp_path):
     path = tmp_path / "train.jsonl"
     good = json.dumps({"task": "t", "prompt": "p", "chosen": "c"})
     path.write_text(good + "\n{not json\n")
-    with pytest.raises(ift.UserError, match=r"train.jsonl line 2: not valid JSON"):
+    with pytest.raises(plumbing.UserError, match=r"train.jsonl line 2: not valid JSON"):
         ift.load_rows(path)
     path.write_text(good + "\n" + json.dumps({"task": "t", "prompt": "p"}) + "\n")
-    with pytest.raises(ift.UserError, match=r"line 2: missing text field 'chosen'"):
+    with pytest.raises(plumbing.UserError, match=r"line 2: missing text field 'chosen'"):
         ift.load_rows(path)
     path.write_text(good + "\n")
     assert len(ift.load_rows(path)) == 1
-    with pytest.raises(ift.UserError, match=r"line 1: missing text field 'rejected'"):
+    with pytest.raises(plumbing.UserError, match=r"line 1: missing text field 'rejected'"):
         ift.load_rows(path, need_rejected=True)
 
 
@@ -667,18 +668,18 @@ def test_torchrun_two_processes_match_one_process(tmp_path, loss):
 # plumbing shared with the other programs
 
 def test_mean_std_is_the_sample_mean_and_std_along_the_first_axis():
-    """ift.mean_std against statistics.mean / stdev: floats for 1-D, per column for 2-D, std 0."""
+    """plumbing.mean_std against statistics.mean / stdev: floats for 1-D, per column for 2-D, std 0."""
     values = [0.25, 0.5, 1.0, 0.125]
-    mean, std = ift.mean_std(values)
+    mean, std = plumbing.mean_std(values)
     assert type(mean) is float and type(std) is float  # JSON-ready, as compare.py writes them
     assert mean == pytest.approx(statistics.mean(values), rel=1e-12)
     assert std == pytest.approx(statistics.stdev(values), rel=1e-12)
-    assert ift.mean_std([0.75]) == (0.75, 0.0)
+    assert plumbing.mean_std([0.75]) == (0.75, 0.0)
     rows = [[1.0, 2.0, 4.0], [3.0, 2.0, 0.0]]                                 # (seeds, steps)
-    mean, std = ift.mean_std(rows)
+    mean, std = plumbing.mean_std(rows)
     assert mean.tolist() == [2.0, 2.0, 2.0]
     assert std.tolist() == pytest.approx([statistics.stdev(c) for c in zip(*rows)], rel=1e-12)
-    assert ift.mean_std([[1.0, 2.0]])[1].tolist() == [0.0, 0.0]
+    assert plumbing.mean_std([[1.0, 2.0]])[1].tolist() == [0.0, 0.0]
 
 
 def test_by_length_sorts_rows_by_their_chosen_length_and_keeps_ties_in_order():

@@ -86,7 +86,8 @@ import tiktoken
 
 DATA_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(DATA_DIR.parent))  # the repository root, where ift.py lives
-from ift import PAT_STR, SPECIAL_TOKENS, ArgumentParser, UserError, load_rows  # noqa: E402
+from ift import PAT_STR, SPECIAL_TOKENS, load_rows  # noqa: E402
+from plumbing import ArgumentParser, UserError  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Task families: each maker returns one row from the rng (and the row's index in its family)

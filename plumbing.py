@@ -1,0 +1,121 @@
+"""
+Plumbing that ift.py and the programs beside it share: the one error type every program prints
+the same way, config dataclasses as command-line flags, a JSON-lines reader that names the bad
+byte or line, and small formatting helpers. Nothing here is part of the IFT lesson.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+from dataclasses import field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A bad input: every program's main() prints it as one line, "error: ...", and exits 1."""
+
+
+def arg(default, help, choices=None):
+    """A config field: its default, and the help text (and allowed values) of its --flag."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (exit status 2), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def finite(text):
+    """The argparse type of every float flag: a finite number ("x": invalid finite value)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def parse_flags(cls, argv=None, check=None, skip=(), description=""):
+    """The config dataclass cls from the command line: every field but those in skip is a --flag
+    (a bool a switch, a tuple several numbers, a float finite). check(cfg) returns the first
+    problem with the values as one line (printed as the error), or None."""
+    parser = ArgumentParser(description=description, allow_abbrev=False)  # --lr is not --lr-sweep
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = ({"action": "store_true"} if isinstance(f.default, bool) else
+                {"type": finite, "nargs": "+"} if isinstance(f.default, tuple) else
+                {"type": finite if isinstance(f.default, float) else type(f.default),
+                 "choices": f.metadata["choices"]})
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                            help=f"{f.metadata['help']} (default: {f.default})", **kind)
+    given = vars(parser.parse_args(argv))
+    cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    problem = check(cfg) if check else None
+    if problem:
+        parser.error(problem)
+    return cfg
+
+
+
+
+def json_lines(path, hint):
+    """(line number, object) for each non-blank line of a JSON-lines file, read as bytes so that
+    a line that is not UTF-8 is named, not a traceback; every error names the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found ({hint})")
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {lineno}: byte {e.object[e.start]:#04x} at column "
+                                f"{e.start + 1} is not UTF-8; save the file as UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+
+
+
+
+def fmt_time(seconds):
+    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s" if seconds >= 60 else f"{int(seconds)}s"
+
+
+def pyplot():
+    """matplotlib.pyplot drawing into files only (the Agg backend, no window), imported when a
+    figure is drawn, so that importing a program leaves matplotlib alone."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) along axis 0: Python
+    floats for 1-D input (JSON-ready), numpy arrays for (n, ...) input (e.g. seeds x steps)."""
+    values = np.asarray(values, dtype=float)                         # (n,) or (n, ...)
+    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
+    mean = values.mean(axis=0)
+    return (float(mean), float(std)) if values.ndim == 1 else (mean, std)
+
+
+def device_name(device):
+    """A human name of the device: the GPU's, or the CPU's model name on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
