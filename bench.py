@@ -129,13 +129,17 @@ def time_rows(cfg, device, model, optimizer, step_model, batch, ref):
     the rows take turns, step by step, so background load slows them alike."""
     autocast = ift.autocast_for(device)
     idx = list(range(len(batch)))
-    x, y, _, real = ift.make_batch(batch.chosen, device)                    # (B, T) each
+    x, y, mask = ift.make_batch(batch.chosen, device)                       # (B, T) each
+    n = torch.tensor([len(ids) - 1 for ids, _ in batch.chosen], device=x.device)[:, None]
+    real = torch.arange(x.shape[1], device=x.device) < n   # (B, T): each row's n - 1 inputs
+    plain = model if cfg.padded else ift.Unpadded(model)  # what wrap_for_training wraps
 
     def loss_of(name, module):
         """The loss of one step of row `name` on the batch, and the real tokens it reads."""
         if name == "nanogpt":  # nanoGPT: every real position against the next token
+            net = module if cfg.padded else ift.OnRealTokens(module, mask)
             with autocast:
-                return F.cross_entropy(module(x, real=real), y[real]), int(real.sum())
+                return F.cross_entropy(net(x)[real], y[real]), int(real.sum())
         loss, _, ntok = ift.compute_loss(dataclasses.replace(cfg, loss=name), module, batch, idx,
                                          device, autocast, ref, cfg.lam)
         return loss, ntok
@@ -151,7 +155,7 @@ def time_rows(cfg, device, model, optimizer, step_model, batch, ref):
     # first, on the initial weights: each row's loss, tokens, and the activations it keeps
     first_loss, ntok, saved = {}, {}, {}
     for name in ROWS:
-        (loss, ntok[name]), saved[name] = saved_for_backward(model, lambda: loss_of(name, model))
+        (loss, ntok[name]), saved[name] = saved_for_backward(model, lambda: loss_of(name, plain))
         first_loss[name] = loss.item()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds, peak = {name: [] for name in ROWS}, {name: 0 for name in ROWS}

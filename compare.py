@@ -1154,7 +1154,7 @@ MAX_DISTANCE = 4  # distances d = 1 .. 4 after the mistake (an add answer: 3-4 d
 def recovery_counts(model, seqs, device):
     """Counts (MAX_DISTANCE, 3): for d = 1.., the later answer tokens scored, right after a clean
     prefix, right after a prefix holding the model's likeliest mistake at distance d before."""
-    x, y, mask, _ = ift.make_batch(seqs, device)                          # (B, T) each
+    x, y, mask = ift.make_batch(seqs, device)                             # (B, T) each
     logits = model(x).float()                                              # (B, T, V)
     clean = (logits.argmax(-1) == y) & mask                                # (B, T)
     wrong = logits.scatter(-1, y[..., None], -math.inf).argmax(-1)         # (B, T)

@@ -1,5 +1,5 @@
 """
-Intuitive Fine-Tuning (IFT) next to SFT, DPO and ORPO, in one file you can read top to bottom.
+Intuitive Fine-Tuning (IFT) beside SFT, DPO and ORPO, in one file to read from top to bottom.
 
 A tiny GPT is fine-tuned on a toy instruction set (arithmetic, letter reversal, facts stated in the
 prompt, long step-by-step additions) with one of four losses, then tested on a held-out split by
@@ -13,23 +13,15 @@ greedy exact match, preference accuracy and answer NLL.
     python ift.py --help                     # every setting, with its meaning
 
 On a GPU the same commands use bf16 autocast and torch.compile. Outputs go to --out-dir (default
-out/<loss>): config.json, log.csv, loss.png, ckpt.pt, eval.json.
-
-The lesson comes first: config, model, log-probs, the four losses, training loop, evaluation,
-main. After the PLUMBING banner, which a reader may skip, comes what the programs beside this one
-(compare.py, bench.py, figures.py, frozen_lake.py, ift_hf.py) share: files and their checks,
-flags, device, formatting. Those programs use that part and, above it, Config, arg, DEFAULT_LR,
-GPT, make_batch, sequence_logps, IFT_COST, by_length and the functions of the losses, training
-and evaluation sections but lr_at: keep their names and signatures.
+out/<loss>): config.json, log.csv, loss.png, ckpt.pt, eval.json. The sections, in reading order:
+config, model, batches and log-probs, the losses, speed (skip it on a first reading), set-up,
+training loop, evaluation, main.
 
 Reference: Hua et al., "Intuitive Fine-Tuning: Towards Simplifying Alignment into a Single
 Process", arXiv:2405.11870 (ACL 2025); equation numbers are those of v3. Official code:
-github.com/TsinghuaC3I/Intuitive-Fine-Tuning. IFT trains on SFT's data, but feeds the model a mix
-of each answer token's embedding and the embedding of its own greedy prediction of it (eq. 17),
-and re-weights each token loss by a discounted sum of the losses after it (eq. 21), so early
-tokens, whose errors derail the rest, weigh more. The losses section derives each step.
+github.com/TsinghuaC3I/Intuitive-Fine-Tuning.
 
-Where this code departs from the paper or the official code (the one list; README links here):
+Where this code departs from the paper or the official code:
   1. Relation propagation follows the official code, a discounted SUFFIX sum of the token losses
      that weights EARLY tokens more, not eq. 21 read literally (a double sum that weights later
      tokens more). The code's form is the one behind the paper's numbers.
@@ -38,9 +30,8 @@ Where this code departs from the paper or the official code (the one list; READM
   3. gamma = 0 is special-cased to weights of exactly 1, as in the official code; so IFT with
      lam = 0 and gamma = 0 is SFT exactly.
   4. The mix uses the model's own embedding table E (the paper's wording), trained through both
-     terms. The official trainer feeds both IFT forwards from a frozen copy of E, re-copied after
-     each step: an untied model (Mistral, Llama) never trains its input embeddings under IFT, not
-     even at lam = 0, gamma = 0 (its sft loss does). ift_hf.py --frozen-embeddings does the same.
+     terms. The official trainer feeds both IFT forwards from a frozen copy of E, so an untied
+     model never trains its input embeddings under IFT (ift_hf.py can do the same).
   5. The official code's lam schedules are offered (--lam-schedule); its other relation-propagation
      variants (position-only weights, L2 / softmax / log norms) are left out.
   6. Toy scale: a 0.4M-parameter GPT trained from scratch on synthetic tasks with AdamW, not
@@ -63,7 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import UserError, arg, fmt_time, json_lines, parse_flags, pyplot
+from plumbing import (UserError, arg, fmt_time, load_checkpoint, load_rows, parse_flags, pyplot,
+                      read_ranks)
 
 HERE = Path(__file__).resolve().parent
 
@@ -109,8 +101,8 @@ class Config:
     limit_rows: int = arg(0, "use only the first N rows of each split (0 = all; for tests)")
     device: str = arg("auto", "auto picks cuda, then mps, then cpu", ("auto", "cpu", "cuda", "mps"))
     compile: str = arg("auto", "torch.compile the step (auto: on for cuda)", ("auto", "on", "off"))
-
-
+    padded: bool = arg(False, "train on padded batches, the plain path: the same numbers, slower "
+                       "(see the section Speed; evaluation always skips the padding)")
 
 
 # -----------------------------------------------------------------------------
@@ -173,18 +165,14 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx=None, tok_emb=None, real=None, cache=None):
-        """Logits (B, T, V) for token ids idx (B, T) or for given token embeddings (B, T, C).
+    def forward(self, idx=None, tok_emb=None, cache=None):
+        """Logits (B, T, V) for token ids idx (B, T), or for token embeddings tok_emb (B, T, C).
 
         IFT passes tok_emb, a mix of rows of self.wte: positions are added after the mix, as for
-        ordinary tokens. cache: one dict per block; new tokens continue it. real (B, T) from
-        make_batch asks for the same logits at the real tokens only, (M, V): the optimisation of
-        the section "Speed: unpadding", entered here because DDP and torch.compile wrap forward."""
+        ordinary tokens. cache (generation only): one dict per block; new tokens continue it."""
         x = self.wte(idx) if tok_emb is None else tok_emb                  # (B, T, C)
         past = cache[0]["k"].shape[2] if cache and cache[0] else 0         # tokens cached so far
         x = x + self.wpe(torch.arange(past, past + x.shape[1], device=x.device))  # (B, T, C)
-        if real is not None:
-            return unpadded_logits(self, x, real)                          # (M, V)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache[i])
         return F.linear(self.ln_f(x), self.wte.weight)  # (B, T, V); tied: the output layer is E
@@ -194,30 +182,28 @@ class GPT(nn.Module):
 # Batches and log-probs: the shift by one, and the one helper every loss uses
 
 def make_batch(seqs, device):
-    """Right-pad sequences (ids, prompt_len) into inputs x, targets y, answer mask, real (B, T).
+    """Right-pad sequences (ids, prompt_len) into inputs x, targets y and answer mask, (B, T) each.
 
     THE SHIFT BY ONE happens here, once: x = seq[:-1] and y = seq[1:], so the logits at position t
     predict y[t] = seq[t+1]. mask[t] is True when y[t] is an answer token (the answer and its
-    <|endoftext|>); real[t] is False on the padding (token 0, a filler that GPT(x, real=real) skips
-    and no loss reads). Every loss below reads x, y, mask."""
+    <|endoftext|>). The padding is token 0, never on the mask: no loss reads it."""
     T = max(len(ids) for ids, _ in seqs) - 1
     seq = torch.tensor([ids + [0] * (T + 1 - len(ids)) for ids, _ in seqs])  # (B, T + 1)
-    n, prompt_len = torch.tensor([(len(ids) - 1, p) for ids, p in seqs]).T[..., None]  # (B, 1) each
+    n = torch.tensor([len(ids) - 1 for ids, _ in seqs])[:, None]  # (B, 1): each row's inputs
+    prompt_len = torch.tensor([p for _, p in seqs])[:, None]                 # (B, 1)
     t = torch.arange(T)                                                      # (T,)
-    real = t < n                                                             # (B, T)
-    mask = real & (t >= prompt_len - 1)  # y[prompt_len - 1] is the first answer token
-    x, y = seq[:, :-1].masked_fill(~real, 0), seq[:, 1:]                     # (B, T) each
-    return x.to(device), y.to(device), mask.to(device), real.to(device)
+    mask = (t < n) & (t >= prompt_len - 1)  # y[prompt_len - 1] is the first answer token
+    x, y = seq[:, :-1].masked_fill(t >= n, 0), seq[:, 1:]                    # (B, T) each
+    return x.to(device), y.to(device), mask.to(device)
 
 
-def sequence_logps(logits, y, mask, real=None):
+def sequence_logps(logits, y, mask):
     """Per-token log-probs of the targets on the answer, and their sum per sequence.
 
-    logits (B, T, V) from inputs x, or (M, V) given real; y (B, T) are ALREADY shifted by one
-    (make_batch), so logits[:, t] scores y[:, t]. Returns token_logps (B, T), zero off the mask,
-    and logps (B,) = token_logps.sum(-1): "*_logps" always means summed over answer tokens."""
-    answer = mask if real is None else mask[real]  # the answer positions among logits' rows
-    logp = torch.log_softmax(logits[answer].float(), dim=-1)  # (A, V): the A answer positions
+    logits (B, T, V) from inputs x; y (B, T) is ALREADY shifted by one (make_batch), so
+    logits[:, t] scores y[:, t]. Returns token_logps (B, T), zero off the mask, and logps (B,) =
+    token_logps.sum(-1): "*_logps" always means summed over answer tokens."""
+    logp = torch.log_softmax(logits[mask].float(), dim=-1)  # (A, V): the A answer positions
     picked = logp.gather(-1, y[mask].unsqueeze(-1)).squeeze(-1)           # (A,)
     token_logps = picked.new_zeros(y.shape).masked_scatter(mask, picked)  # (B, T)
     return token_logps, token_logps.sum(-1)                                # (B, T), (B,)
@@ -242,10 +228,12 @@ def sft_loss(token_logps, mask):
 # DPO (Rafailov et al. 2023; the paper's eqs. 34-35 write it without beta and the reference).
 # With log pi summed over answer tokens,
 #   h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
-#   L_DPO = - log sigmoid(beta * h)
-# At pi = pi_ref, h = 0 and the loss is -log(1/2) = ln 2; the implicit rewards beta * (log pi -
-# log pi_ref) are reported, detached. In code: policy_chosen_logps = log pi(y_w|x), etc. The
-# frozen reference's log-probs are a fixed function of the row, so train() computes them ONCE.
+#   L_DPO = - mean over pairs of log sigmoid(beta * h)
+# At pi = pi_ref, h = 0 and the loss is -log(1/2) = ln 2. The metrics, detached: the implicit
+# rewards r_w = beta * (log pi(y_w|x) - log pi_ref(y_w|x)) and r_l likewise, their margin
+# r_w - r_l = beta * h, and accuracy, 1 where the margin is positive. In code: policy_chosen_logps
+# = log pi(y_w|x), ref_rejected_logps = log pi_ref(y_l|x), and so on. The frozen reference's
+# log-probs are a fixed function of the row, so train() computes them ONCE.
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              beta=0.1):
     """Four (B,) summed log-probs -> (loss, {rewards_chosen, rewards_rejected, margins, accuracy}),
@@ -254,9 +242,98 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     loss = -F.logsigmoid(beta * h).mean()
     rewards_chosen = beta * (policy_chosen_logps - ref_chosen_logps).detach()      # (B,)
     rewards_rejected = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
+    margins = rewards_chosen - rewards_rejected                                     # (B,)
     return loss, {"rewards_chosen": rewards_chosen, "rewards_rejected": rewards_rejected,
-                  "margins": rewards_chosen - rewards_rejected,
-                  "accuracy": (rewards_chosen > rewards_rejected).float()}
+                  "margins": margins, "accuracy": (margins > 0).float()}
+
+
+# IFT and scheduled sampling. SFT trains on true prefixes only, yet the model answers from its own
+# (exposure bias, eqs. 13-14). Scheduled sampling (Bengio et al., NeurIPS 2015), the classic fix,
+# feeds the model, with a probability raised during training, its own sampled token instead of the
+# true previous one. A transformer scores every position in one parallel pass, so it needs its
+# predictions first: Mihaylova and Martins (ACL Student Research Workshop 2019) run a first pass on
+# the true tokens and a second on a mix of true and predicted ones. IFT's temporal residual
+# connection is that two-pass scheme made soft and deterministic: at every answer input the
+# embedding mix (1 - lam) E(true) + lam E(predicted), not a coin flip between the two tokens.
+# Mixing alone lets an early wrong prediction leak into every later input, more so on long
+# answers; relation propagation adds the counterweight, weighting each token by the discounted
+# losses after it, so the tokens whose errors would travel furthest count most.
+#
+# IFT, the whole step (Algorithm 1). x, y, mask as made by make_batch().
+#   1. Inference one step ahead, no gradient: yhat = argmax_v logits(x)[:, t, v] predicts y[:, t].
+#   2. Temporal residual connection (eq. 17): the input at position t+1 is y[:, t]; where y[:, t]
+#      is an answer token, its "intuition" is the model's own prediction of it, yhat[:, t]:
+#        x~[:, t+1] = yhat[:, t] if mask[:, t] else x[:, t+1];   x~[:, 0] = x[:, 0]
+#        e = (1 - lam) E(x) + lam E(x~)
+#      Prompt and padding positions keep the ground truth. The first answer token is predicted
+#      from the last prompt token, so its loss is unchanged. E is the model's own wte, and the
+#      gradient flows through BOTH terms (departure 4): nothing in the mix is detached.
+#   3. Second forward WITH gradient on e (eqs. 19-20): l_t = -log p(y_t | e_<=t), GROUND TRUTH y.
+#   4. loss = mean over sequences of (1/N) sum_t l_t w_t, w = relation_weights(l).
+# lam = 0 makes the mix E(x) (eq. 18's estimate is then SFT's) and gamma = 0 the weights 1: SFT,
+# in value and gradient. In code: yhat (B, T), x_tilde = x~, tok_emb = e (B, T, C), E = wte.
+def ift_loss(model, x, y, mask, lam=0.2, gamma=0.95, detach_weights=False):
+    """x, y, mask (B, T) from make_batch() -> (loss, {"nll": the mean answer-token NLL of the
+    same forward, unweighted}). model is the GPT or, under torchrun, DDP's wrapper of it, whose
+    forward also syncs the gradients: both forwards call model, and E is the GPT's own wte."""
+    E = getattr(model, "module", model).wte  # DDP keeps the GPT at .module
+    with torch.no_grad():  # 1. nothing of this pass is kept for the backward
+        yhat = model(x).argmax(-1)                                          # (B, T)
+    x_tilde = shifted_predictions(x, yhat, mask)                            # 2. (B, T)
+    tok_emb = (1 - lam) * E(x) + lam * E(x_tilde)                           # (B, T, C)
+    token_logps, _ = sequence_logps(model(tok_emb=tok_emb), y, mask)      # 3. (B, T)
+    token_losses = -token_logps                                             # (B, T)
+    w = relation_weights(token_losses, mask, gamma, detach=detach_weights)  # 4. (B, T)
+    loss = ((token_losses * w).sum(-1) / mask.sum(-1)).mean()
+    return loss, {"nll": sft_loss(token_logps.detach(), mask)[0]}
+
+
+# The cost: per token a forward is ~2N FLOPs (N parameters) and a backward ~4N. The no-grad pass
+# adds 2N to SFT's 6N and keeps no activations: IFT needs SFT's memory and 4/3 of its FLOPs.
+IFT_COST = 4 / 3  # FLOPs of an IFT step over an SFT step on the same batch
+
+
+def shifted_predictions(x, yhat, mask):
+    """x~ of step 2: the model's prediction at answer inputs, the ground truth everywhere else."""
+    x_tilde = x.clone()                                                     # (B, T)
+    x_tilde[:, 1:] = torch.where(mask[:, :-1], yhat[:, :-1], x[:, 1:])
+    return x_tilde
+
+
+# IFT, relation propagation (eq. 21; Algorithm 1 step 3 as the official code computes it).
+# For one sequence with token losses l_t on its N answer tokens:
+#   1. c_t = l_t / N on the answer, 0 elsewhere: the mask comes FIRST, so no prompt or padding
+#      loss enters the sums below
+#   2. S_t = sum_{j >= t} gamma^(j - t) c_j       a discounted SUFFIX sum ("reward-to-go")
+#   3. w_t = S_t * N / Z,  Z = sum_k S_k          rescaled so the weights AVERAGE 1 on the answer
+#   4. gamma = 0 gives w_t = 1 (departure 3; the formula would give l_t / mean(l)): SFT's loss.
+# Two guards, inactive on real rows, keep a degenerate one finite: N counts at least 1 (a row
+# without answer tokens) and Z at least 1e-12 (every loss 0).
+# With equal losses the weights fall along the answer (20 tokens, gamma .95: ~1.6 -> ~0.1): an
+# early token's error propagates to every later one (eq. 21 read literally: departure 1).
+# The gradient. L = (1/N) sum_t l_t w_t = sum_t l_t S_t / Z, and dS_t/dl_j = gamma^(j-t) / N for
+# t <= j, so   dL/dl_j = ( S_j + (1/N) sum_{t <= j} gamma^(j-t) (l_t - L) ) / Z.
+# The first term is the detached weight w_j / N; the second, through the weights, is negative
+# when the losses up to j are mostly below L: a late, low-loss token can get a NEGATIVE
+# coefficient, and training pushes its loss UP. Worked example: losses [2 .1 .1 .1 3 .1 .1 .1],
+# gamma .95: L = 1.135, dL/dl = [.318 .158 .105 .055 .167 -.053 -.112 -.167] (a test checks it
+# three ways). detach=True makes every coefficient w_j / N > 0: a pure re-weighting of SFT's
+# token losses. In code: l = token_losses (B, T); S = c @ G^T, G[t, j] = gamma^(j - t), j >= t.
+def relation_weights(token_losses, mask, gamma, detach=False):
+    """token_losses (B, T), mask (B, T) -> weights w (B, T): mean 1 on the mask, 0 off it."""
+    mask = mask.to(token_losses.dtype)                                     # (B, T)
+    if gamma == 0:
+        return mask.clone()
+    if detach:
+        token_losses = token_losses.detach()
+    n = mask.sum(-1, keepdim=True).clamp(min=1)                            # (B, 1): N
+    c = token_losses * mask / n                                            # (B, T)
+    steps = torch.arange(c.shape[1], device=c.device)
+    offset = (steps[None, :] - steps[:, None]).to(c.dtype)                 # (T, T): j - t
+    G = torch.where(offset >= 0, gamma ** offset.clamp(min=0), torch.zeros_like(offset))
+    S = (c @ G.T) * mask                                                   # (B, T): S_t
+    Z = S.sum(-1, keepdim=True).clamp(min=1e-12)                           # (B, 1)
+    return S * n / Z                                                       # (B, T)
 
 
 # ORPO (Hong et al. 2024). Reference-free; with p(y) the LENGTH-NORMALISED probability
@@ -277,78 +354,6 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, reject
     return loss, {"log_odds": log_odds.detach(), "accuracy": (log_odds > 0).float().detach()}
 
 
-# IFT, relation propagation (eq. 21; Algorithm 1 step 3 as the official code computes it).
-# For one sequence with token losses l_t on its N answer tokens:
-#   1. c_t = l_t / N on the answer, 0 elsewhere
-#   2. S_t = sum_{j >= t} gamma^(j - t) c_j       a discounted SUFFIX sum ("reward-to-go")
-#   3. w_t = S_t * N / S,  S = sum_k S_k          rescaled so the weights average 1 on the answer
-#   4. gamma = 0 gives w_t = 1 (departure 3; the formula would give l_t / mean(l)): SFT's loss.
-# With equal losses the weights fall along the answer (20 tokens, gamma .95: ~1.6 -> ~0.1): an
-# early token's error propagates to every later one (eq. 21 read literally: departure 1).
-# The gradient. L = (1/N) sum_t l_t w_t = sum_t l_t S_t / S, and dS_t/dl_j = gamma^(j-t) / N for
-# t <= j, so   dL/dl_j = ( S_j + (1/N) sum_{t <= j} gamma^(j-t) (l_t - L) ) / S.
-# The first term is the detached weight w_j / N; the second, through the weights, is negative
-# when the losses up to j are mostly below L: a late, low-loss token can get a NEGATIVE
-# coefficient, and training pushes its loss UP. Worked example: losses [2 .1 .1 .1 3 .1 .1 .1],
-# gamma .95: L = 1.135, dL/dl = [.318 .158 .105 .055 .167 -.053 -.112 -.167] (a test checks it
-# three ways). detach=True makes every coefficient w_j / N > 0: a pure re-weighting of SFT's
-# token losses. In code: l = token_losses (B, T); S = c @ G^T, G[t, j] = gamma^(j - t), j >= t.
-def relation_weights(token_losses, mask, gamma, detach=False):
-    """token_losses (B, T), mask (B, T) -> weights w (B, T): mean 1 on the mask, 0 off it."""
-    mask = mask.to(token_losses.dtype)                                     # (B, T)
-    if gamma == 0:
-        return mask.clone()
-    if detach:
-        token_losses = token_losses.detach()
-    n = mask.sum(-1, keepdim=True).clamp(min=1)                            # (B, 1)
-    c = token_losses * mask / n                                            # (B, T)
-    steps = torch.arange(c.shape[1], device=c.device)
-    offset = (steps[None, :] - steps[:, None]).to(c.dtype)                 # (T, T): j - t
-    G = torch.where(offset >= 0, gamma ** offset.clamp(min=0), torch.zeros_like(offset))
-    S = (c @ G.T) * mask                                                   # (B, T)
-    return S * n / S.sum(-1, keepdim=True).clamp(min=1e-12)               # (B, T)
-
-
-# IFT, the whole step (Algorithm 1). x, y, mask as made by make_batch().
-#   1. Inference one step ahead, no gradient: yhat = argmax_v logits(x)[:, t, v] predicts y[:, t].
-#   2. Temporal residual connection (eq. 17): the input at position t+1 is y[:, t]; where y[:, t]
-#      is an answer token, its "intuition" is the model's own prediction of it, yhat[:, t]:
-#        x~[:, t+1] = yhat[:, t] if mask[:, t] else x[:, t+1];   x~[:, 0] = x[:, 0]
-#        e = (1 - lam) E(x) + lam E(x~)
-#      Prompt and padding positions keep the ground truth. The first answer token is predicted
-#      from the last prompt token, so its loss is unchanged. E is the model's own wte, trained
-#      through both terms (departure 4).
-#   3. Second forward WITH gradient on e (eqs. 19-20): l_t = -log p(y_t | e_<=t), GROUND TRUTH y.
-#   4. loss = mean over sequences of (1/N) sum_t l_t w_t, w = relation_weights(l).
-# lam = 0 makes the mix E(x) (eq. 18's estimate is then SFT's) and gamma = 0 the weights 1: SFT,
-# in value and gradient. Cost: per token a forward is ~2N FLOPs (N parameters), a backward ~4N;
-# the no-grad pass adds 2N to SFT's 6N, so IFT_COST = 4/3, and keeps no activations (SFT's memory).
-IFT_COST = 4 / 3  # FLOPs of an IFT step over an SFT step on the same batch
-
-
-def shifted_predictions(x, yhat, mask):
-    """x~ of step 2: the model's prediction at answer inputs, the ground truth everywhere else."""
-    x_tilde = x.clone()                                                     # (B, T)
-    x_tilde[:, 1:] = torch.where(mask[:, :-1], yhat[:, :-1], x[:, 1:])
-    return x_tilde
-
-
-def ift_loss(model, x, y, mask, lam=0.2, gamma=0.95, detach_weights=False, real=None):
-    """x, y, mask and maybe real (B, T) from make_batch() (given real, both forwards skip the
-    padding) -> (loss, {"nll": the mean answer-token NLL of the same forward, unweighted})."""
-    gpt = getattr(model, "module", model)  # under torchrun: the GPT inside DDP (its wte is E)
-    with torch.no_grad():  # nothing of this pass is kept for the backward
-        yhat = gpt(x, real=real).argmax(-1)                      # (B, T), or (M,) given real
-        yhat = yhat if real is None else pad_rows(yhat, real)               # (B, T)
-    x_tilde = shifted_predictions(x, yhat, mask)                            # (B, T)
-    tok_emb = (1 - lam) * gpt.wte(x) + lam * gpt.wte(x_tilde)               # (B, T, C)
-    token_logps, _ = sequence_logps(model(tok_emb=tok_emb, real=real), y, mask, real)
-    token_losses = -token_logps                                             # (B, T)
-    w = relation_weights(token_losses, mask, gamma, detach=detach_weights)  # (B, T)
-    loss = ((token_losses * w).sum(-1) / mask.sum(-1)).mean()
-    return loss, {"nll": sft_loss(token_logps.detach(), mask)[0]}
-
-
 def lam_at(cfg, step, noise):
     """lam for this step: constant, linear warm-up, or the official code's noisy lam."""
     lam = {"constant": cfg.lam,
@@ -358,19 +363,19 @@ def lam_at(cfg, step, noise):
 
 
 # -----------------------------------------------------------------------------
-# Speed: unpadding, an exact optimisation (skip it on a first reading)
+# Speed: skipping the padding, an exact optimisation. Skip this section on a first reading.
 #
-# make_batch right-pads rows to the longest, and no loss reads the padding. Given real, the (B, T)
-# mask of the M real tokens, GPT.forward runs every per-token layer (LayerNorms, linears, MLPs,
-# the output layer) on those M tokens alone, as one (M, C) tensor, and returns their (M, V)
-# logits, which sequence_logps and ift_loss read in that order. Attention, the one layer that
-# mixes positions, pads them again in 4 groups of consecutive rows, each to its own longest row.
-# Exact in any row order (with causal attention and right padding no real token sees padding),
-# but fast only if a group's rows are alike in length. THE PRECONDITION, then: every batch's rows
-# are sorted by length, by by_length, which compute_loss and answer_logps call.
+# make_batch right-pads rows to the longest, and no loss reads the padding. Unpadded runs every
+# per-token layer (LayerNorms, linears, MLPs, the output layer) on the M real tokens alone, as one
+# (M, C) tensor; attention, the one layer that mixes positions, pads them again in 4 groups of
+# consecutive rows, each to its own longest row. Exact in any row order (with causal attention and
+# right padding no real token sees padding), but fast only if a group's rows are alike in length,
+# so the training loop sorts each batch's rows by length (by_length). OnRealTokens hands the losses
+# the GPT's own (B, T, V) logits, zero at the padding, so the losses above stay as they are;
+# test_ift.py checks that losses and gradients equal the plain path's. --padded turns it off.
 
 def by_length(split, idx):
-    """The row indices idx of split, shortest chosen answer first (the precondition above)."""
+    """The row indices idx of split, shortest chosen answer first."""
     return sorted(idx, key=lambda j: len(split.chosen[j][0]))
 
 
@@ -379,27 +384,181 @@ def pad_rows(rows, real):
     return rows.new_zeros(*real.shape, *rows.shape[1:]).index_put((real,), rows)
 
 
-def unpadded_logits(gpt, x, real):
-    """GPT.forward after the embeddings, on the real tokens: x (B, T, C), real (B, T) -> (M, V)."""
-    lengths = real.sum(1).cpu().chunk(4)                             # rows' lengths, by group
-    groups = [r[:, :int(n.max())] for r, n in zip(real.chunk(4), lengths)]  # (b, T_g) each
-    sizes = [int(n.sum()) for n in lengths]                          # real tokens per group
-    x = x[real]                                                      # (M, C)
-    for block in gpt.blocks:  # Block.forward, with attention on each group padded alone
-        parts = block.attn.qkv(block.ln_1(x)).split(sizes)           # (M_g, 3C) each
-        y = torch.cat([block.attn.attend(pad_rows(p, r))[r] for p, r in zip(parts, groups)])
-        x = x + block.attn.proj(y)                                   # (M, C)
-        x = x + block.mlp(block.ln_2(x))
-    return F.linear(gpt.ln_f(x), gpt.wte.weight)                     # (M, V)
+class Unpadded(nn.Module):
+    """The GPT on the real tokens only: forward(real, idx or tok_emb) is GPT.forward's (B, T, V)
+    at the real positions real (B, T), and 0 at the padding. A module of its own, with the GPT's
+    parameters, so that torch.compile and DDP wrap it as they would wrap the GPT."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, real, idx=None, tok_emb=None):
+        gpt = self.gpt
+        x = gpt.wte(idx) if tok_emb is None else tok_emb                    # (B, T, C)
+        x = (x + gpt.wpe(torch.arange(x.shape[1], device=x.device)))[real]  # (M, C)
+        lengths = real.sum(1).cpu().chunk(4)                              # rows' lengths, by group
+        groups = [r[:, :int(n.max())] for r, n in zip(real.chunk(4), lengths)]  # (b, T_g) each
+        sizes = [int(n.sum()) for n in lengths]                           # real tokens per group
+        for block in gpt.blocks:  # Block.forward, with attention on each group padded alone
+            parts = block.attn.qkv(block.ln_1(x)).split(sizes)            # (M_g, 3C) each
+            y = torch.cat([block.attn.attend(pad_rows(p, r))[r] for p, r in zip(parts, groups)])
+            x = x + block.attn.proj(y)                                    # (M, C)
+            x = x + block.mlp(block.ln_2(x))
+        return pad_rows(F.linear(gpt.ln_f(x), gpt.wte.weight), real)      # (B, T, V)
+
+
+class OnRealTokens:
+    """What the losses call in place of the GPT for one batch: net(idx) or net(tok_emb=...) ->
+    (B, T, V) through unpadded (an Unpadded, maybe compiled, maybe in DDP), and E at net.wte. A
+    row's real tokens end at its last answer token, the <|endoftext|> (make_batch)."""
+
+    def __init__(self, unpadded, mask):
+        T = mask.shape[1]
+        last = T - 1 - mask.flip(-1).int().argmax(-1)                       # (B,)
+        self.real = torch.arange(T, device=mask.device) <= last[:, None]    # (B, T)
+        self.unpadded, self.wte = unpadded, getattr(unpadded, "module", unpadded).gpt.wte
+
+    def __call__(self, idx=None, tok_emb=None):
+        return self.unpadded(self.real, idx, tok_emb)
+
+
+# -----------------------------------------------------------------------------
+# Set-up, where nanoGPT's train.py has it: device and processes, tokenizer, data files, model
+
+# Data parallel, as in nanoGPT: `torchrun --nproc_per_node=N ift.py ...` starts N copies of this
+# script and sets RANK and WORLD_SIZE in each (see "Training loop"); one process without them.
+RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def pick_device(name):
+    """--device as a torch.device: auto picks cuda, then mps, then cpu."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
+    name = next(d for d in available if available[d]) if name == "auto" else name
+    if not available[name]:
+        raise UserError(f"--device {name}: not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def start(cfg, save_config=False):
+    """Seed, device (joining torchrun's processes), --out-dir (maybe with config.json) made."""
+    torch.manual_seed(cfg.seed)
+    device, out_dir = pick_device(cfg.device), Path(cfg.out_dir)
+    if WORLD > 1 and device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if WORLD > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":  # tiny weights underflow into subnormal floats, much slower
+        torch.set_flush_denormal(True)
+    try:
+        if RANK == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if save_config:
+                (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    except OSError as e:
+        raise UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
+    return device, out_dir
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA (matmuls in bf16, reductions in float32); plain float32 elsewhere."""
+    on_cuda = device.type == "cuda"
+    return torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16, enabled=on_cuda)
+
+
+# The tokenizer: tiktoken, built offline from a rank file that data/prepare.py trains
+
+# Pre-tokenisation regex: every digit is its own chunk (so "478" is 3 tokens and arithmetic stays
+# learnable), words keep one leading space, punctuation runs and whitespace are chunks of their own.
+PAT_STR = r"\d| ?[A-Za-z]+| ?[^\sA-Za-z\d]+|\s+(?!\S)|\s+"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>")
+BUILTIN_TOKENIZER = HERE / "data" / "tokenizer.tiktoken"
+
+
+def load_tokenizer(data_dir):
+    """A tiktoken.Encoding from <data_dir>/tokenizer.tiktoken (one "base64(token) rank" line per
+    token), plus the three special tokens. A folder without one gets the built-in byte-level BPE
+    (ranks 0..255 are the bytes): any text encodes."""
+    import tiktoken
+    path = Path(data_dir) / "tokenizer.tiktoken"
+    if not path.is_file() and BUILTIN_TOKENIZER.is_file():
+        print(f"note: {data_dir} has no tokenizer.tiktoken: using the built-in byte-level BPE "
+              f"(python data/prepare.py --tokenizer-for {data_dir} trains one on your data)")
+        path = BUILTIN_TOKENIZER
+    if not path.is_file():
+        raise UserError(f"{path}: tokenizer file not found; run python data/prepare.py")
+    ranks = read_ranks(path)  # {token bytes: rank}, every line checked
+    n = max(ranks.values()) + 1
+    return tiktoken.Encoding(name="ift-bpe", pat_str=PAT_STR, mergeable_ranks=ranks,
+                             special_tokens={t: n + i for i, t in enumerate(SPECIAL_TOKENS)})
+
+
+# The data files: JSON-lines rows -> checked rows -> token ids (make_batch pads them)
+
+def encode_row(enc, prompt, answer):
+    """Token ids of <|user|> prompt <|assistant|> answer <|endoftext|>, and the prompt length."""
+    eot, user, assistant = (enc.encode_single_token(t) for t in SPECIAL_TOKENS)
+    prompt_ids = [user] + enc.encode_ordinary(prompt) + [assistant]
+    return prompt_ids + enc.encode_ordinary(answer) + [eot], len(prompt_ids)
+
+
+class Split:
+    """One split, tokenised: its rows, and each row's chosen and rejected answer as (ids, prompt
+    length). Rows longer than the context are dropped, and we say how many."""
+
+    def __init__(self, rows, enc, block_size, name):
+        self.rows, self.chosen, self.rejected = [], [], []
+        for row in rows:
+            chosen = encode_row(enc, row["prompt"], row["chosen"])
+            rejected = (encode_row(enc, row["prompt"], row["rejected"]) if "rejected" in row
+                        else None)
+            longest = max(len(chosen[0]), len(rejected[0]) if rejected else 0)
+            if longest - 1 > block_size:  # inputs are the sequence minus its last token
+                continue
+            self.rows.append(row)
+            self.chosen.append(chosen)
+            self.rejected.append(rejected)
+        dropped = len(rows) - len(self.rows)
+        if dropped:
+            print(f"note: {name}: skipped {dropped} of {len(rows)} rows longer than the context "
+                  f"of {block_size} tokens (raise --block-size to keep them)")
+        if not self.rows:
+            raise UserError(f"{name}: every row is over {block_size} tokens (raise --block-size "
+                            f"to keep them)")
+        self.has_pairs = all(r is not None for r in self.rejected)
+
+    def __len__(self):
+        return len(self.rows)
+
+
+def load_splits(cfg, enc, need_rejected=()):
+    """train, val and test from --data, tokenised; need_rejected: the splits that need pairs."""
+    paths = {name: Path(cfg.data) / f"{name}.jsonl" for name in ("train", "val", "test")}
+    return {name: Split(load_rows(path, name in need_rejected, cfg.limit_rows), enc,
+                        cfg.block_size, str(path)) for name, path in paths.items()}
+
+
+def model_args(cfg, enc):
+    return {"vocab_size": enc.n_vocab, "block_size": cfg.block_size, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_embd": cfg.n_embd}
+
+
+def build_model(cfg, enc, device):
+    """A fresh GPT of the configured size, or the --init-from checkpoint (checked), on device."""
+    model = GPT(**model_args(cfg, enc))
+    if cfg.init_from:  # checked: a checkpoint of ift.py, of this very model shape
+        load_checkpoint(cfg.init_from, model, model_args(cfg, enc))
+    return model.to(device)
 
 
 # -----------------------------------------------------------------------------
 # Training loop
 #
-# Data parallel, as in nanoGPT: `torchrun --nproc_per_node=N ift.py ...` starts N copies of this
-# script (RANK, WORLD_SIZE set). Each takes its equal slice of the same global batch; every loss
-# is a mean over sequences, so DDP's averaged gradient is the whole batch's. Rank 0 alone prints
-# (its slice's loss), tests and writes.
+# Under torchrun each process takes its equal slice of the same global batch; every loss is a mean
+# over sequences, so DDP's averaged gradient is the whole batch's. Rank 0 alone prints (its
+# slice's loss), tests and writes.
 
 def batches(n_rows, batch_size, generator):
     """Endless stream of row-index batches: a fresh permutation every epoch."""
@@ -431,41 +590,42 @@ def answer_logps(model, split, device, autocast):
     """Summed log-probs (N, 2) of every row's chosen and rejected answer ((N, 1) without pairs),
     in batches of 128 rows of similar length. DPO's reference; evaluate()'s NLL."""
     out = torch.zeros(len(split), 1 + split.has_pairs, device=device)
-    order = by_length(split, range(len(split)))
+    order = by_length(split, range(len(split)))  # alike lengths together: the speed section
     for idx in (order[i:i + 128] for i in range(0, len(order), 128)):
-        x, y, mask, real = pair_batch(split, idx, device)
+        x, y, mask = pair_batch(split, idx, device)                         # (2b, T) each
         with autocast:
-            _, logps = sequence_logps(model(x, real=real), y, mask, real)   # (2b,) or (b,)
+            logits = OnRealTokens(Unpadded(model), mask)(x)  # = model(x), padding skipped
+            _, logps = sequence_logps(logits, y, mask)                      # (2b,) or (b,)
         out[idx] = torch.stack(logps.split(len(idx)), dim=1)                # (b, 2) or (b, 1)
     return out
 
 
 def compute_loss(cfg, model, split, idx, device, autocast, ref, lam):
-    """cfg.loss on the batch of rows idx: (loss, metrics to log, real tokens read)."""
-    idx = by_length(split, idx)  # the precondition of unpadding
-    if cfg.loss in ("sft", "ift"):
-        x, y, mask, real = make_batch([split.chosen[i] for i in idx], device)
-        with autocast:
-            if cfg.loss == "ift":
-                loss, metrics = ift_loss(model, x, y, mask, lam, cfg.gamma, cfg.detach_weights,
-                                         real)
-            else:
-                token_logps, _ = sequence_logps(model(x, real=real), y, mask, real)  # (B, T)
-                loss, metrics = sft_loss(token_logps, mask)
-        return loss, metrics, int(real.sum())
-    x, y, mask, real = pair_batch(split, idx, device)
+    """cfg.loss on the batch of rows idx: (loss, metrics to log, real tokens read). model is
+    what wrap_for_training returns; ref (N, 2) DPO's reference log-probs (answer_logps)."""
+    idx = by_length(split, idx)  # alike lengths together: the speed section
+    pairs = cfg.loss in ("dpo", "orpo")
+    seqs = [split.chosen[i] for i in idx] + ([split.rejected[i] for i in idx] if pairs else [])
+    x, y, mask = make_batch(seqs, device)                       # (B, T); DPO, ORPO: (2B, T)
+    net = model if cfg.padded else OnRealTokens(model, mask)    # same logits, padding skipped
     with autocast:
-        _, logps = sequence_logps(model(x, real=real), y, mask, real)       # (2B,)
-    chosen, rejected = logps.split(len(idx))                                # (B,), (B,)
-    lengths = mask.sum(-1).float()                                          # (2B,)
-    if cfg.loss == "dpo":
-        loss, m = dpo_loss(chosen, rejected, ref[idx, 0], ref[idx, 1], cfg.dpo_beta)
-    else:
-        loss, m = orpo_loss(chosen, rejected, *lengths.split(len(idx)), cfg.orpo_beta)
-    metrics = {"acc": m["accuracy"].mean(), "chosen_nll": -(chosen / lengths[:len(idx)]).mean()}
-    if cfg.loss == "dpo":
-        metrics["margin"] = m["margins"].mean()
-    return loss, metrics, int(real.sum())
+        if cfg.loss == "ift":
+            loss, metrics = ift_loss(net, x, y, mask, lam, cfg.gamma, cfg.detach_weights)
+        else:
+            token_logps, logps = sequence_logps(net(x), y, mask)     # (B, T), (B,); or (2B,..)
+        if cfg.loss == "sft":
+            loss, metrics = sft_loss(token_logps, mask)
+    if pairs:
+        chosen, rejected = logps.split(len(idx))                            # (B,), (B,)
+        lengths = mask.sum(-1).float()                                      # (2B,)
+        if cfg.loss == "dpo":
+            loss, m = dpo_loss(chosen, rejected, ref[idx, 0], ref[idx, 1], cfg.dpo_beta)
+        else:
+            loss, m = orpo_loss(chosen, rejected, *lengths.split(len(idx)), cfg.orpo_beta)
+        metrics = {"acc": m["accuracy"].mean(), "chosen_nll": -(chosen / lengths[:len(idx)]).mean()}
+        if cfg.loss == "dpo":
+            metrics["margin"] = m["margins"].mean()
+    return loss, metrics, sum(len(ids) - 1 for ids, _ in seqs)  # tok/s counts no padding
 
 
 def make_optimizer(cfg, model):
@@ -478,12 +638,14 @@ def make_optimizer(cfg, model):
 
 
 def wrap_for_training(cfg, model, device):
-    """model, maybe compiled, inside DDP under torchrun: what the step calls (same parameters)."""
+    """What the step calls, with the GPT's parameters: the GPT (--padded) or its Unpadded view,
+    maybe compiled, and under torchrun inside DDP, whose forward also syncs the gradients."""
+    net = model if cfg.padded else Unpadded(model)
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
-        model = torch.compile(model, dynamic=True)  # one graph for every T and M, not one each
+        net = torch.compile(net, dynamic=True)  # one graph for every T and M, not one each
     if WORLD > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return net
 
 
 def train(cfg, model, enc, splits, device, out_dir):
@@ -665,6 +827,34 @@ def plot_loss_curve(log, loss_name, path):
 # -----------------------------------------------------------------------------
 # main: the command line
 
+def config_problem(cfg):
+    """The first problem with a Config's values, as one line, or None."""
+    for name in ("lam", "gamma", "min_lr_ratio"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            return f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, name)}"
+    for name in ("dpo_beta", "orpo_beta"):
+        if getattr(cfg, name) <= 0:
+            return f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}"
+    if min(cfg.lr, cfg.weight_decay, cfg.grad_clip) < 0:
+        return "--lr (0: the loss's default), --weight-decay and --grad-clip must be >= 0"
+    if not 0 <= cfg.seed < 2**31:
+        return f"--seed must lie in [0, 2^31), got {cfg.seed}"
+    if min(cfg.max_steps, cfg.batch_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size,
+           cfg.log_interval, cfg.max_new_tokens) < 1:
+        return ("--max-steps, --batch-size, --n-layer, --n-head, --n-embd, --block-size, "
+                "--log-interval and --max-new-tokens must be >= 1")
+    if min(cfg.eval_interval, cfg.warmup_steps, cfg.limit_rows) < 0:
+        return "--eval-interval, --warmup-steps and --limit-rows must be >= 0"
+    if cfg.n_embd % cfg.n_head:
+        return f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}"
+    if cfg.batch_size % WORLD:
+        return (f"--batch-size {cfg.batch_size} must be divisible by the {WORLD} processes "
+                f"torchrun started: each takes an equal slice")
+    if WORLD > 1 and cfg.device == "mps":
+        return "torchrun runs on cuda or cpu here: pass --device cpu"
+    return None
+
+
 def parse_config(argv=None):
     """The Config of `python ift.py ...`: flags, checks, and the loss's defaults filled in."""
     cfg = parse_flags(Config, argv, check=config_problem,
@@ -717,216 +907,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-# =============================================================================
-# PLUMBING shared by the programs beside this one. The lesson ends above: a reader may stop here.
-# Below: tokenizer and data files and their checks, flags, device and processes, formatting.
-# =============================================================================
-
-# -----------------------------------------------------------------------------
-# Tokenizer: tiktoken, built offline from a rank file that data/prepare.py trains
-
-# Pre-tokenisation regex: every digit is its own chunk (so "478" is 3 tokens and arithmetic stays
-# learnable), words keep one leading space, punctuation runs and whitespace are chunks of their own.
-PAT_STR = r"\d| ?[A-Za-z]+| ?[^\sA-Za-z\d]+|\s+(?!\S)|\s+"
-SPECIAL_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>")
-BUILTIN_TOKENIZER = HERE / "data" / "tokenizer.tiktoken"
-
-
-def load_tokenizer(data_dir):
-    """A tiktoken.Encoding from <data_dir>/tokenizer.tiktoken (one "base64(token) rank" line per
-    token, parsed here: tiktoken.load caches by path), plus the three special tokens. A folder
-    without one gets the built-in byte-level BPE (ranks 0..255 are the bytes): any text encodes."""
-    import base64
-    import tiktoken
-    path = Path(data_dir) / "tokenizer.tiktoken"
-    if not path.is_file() and BUILTIN_TOKENIZER.is_file():
-        print(f"note: {data_dir} has no tokenizer.tiktoken: using the built-in byte-level BPE "
-              f"(python data/prepare.py --tokenizer-for {data_dir} trains one on your data)")
-        path = BUILTIN_TOKENIZER
-    if not path.is_file():
-        raise UserError(f"{path}: tokenizer file not found; run python data/prepare.py")
-    ranks = {}
-    for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except ValueError:  # also a bad base64 or a byte that is not ASCII
-            raise UserError(f"{path} line {lineno}: expected 'base64 rank', got "
-                            f"{line[:40]!r}") from None
-    if not ranks:
-        raise UserError(f"{path}: the file holds no tokens; run python data/prepare.py")
-    n = max(ranks.values()) + 1
-    return tiktoken.Encoding(name="ift-bpe", pat_str=PAT_STR, mergeable_ranks=ranks,
-                             special_tokens={t: n + i for i, t in enumerate(SPECIAL_TOKENS)})
-
-
-# -----------------------------------------------------------------------------
-# Data files: JSON-lines rows -> checked rows -> token ids (make_batch pads them, above)
-
-def load_rows(path, need_rejected=False, limit=0):
-    """Read one split, checking every row; errors name the file and the line."""
-    rows = []
-    hint = "pass --data with a folder holding train.jsonl, val.jsonl and test.jsonl"
-    for lineno, row in json_lines(path, hint):
-        if not isinstance(row, dict):
-            raise UserError(f"{path} line {lineno}: expected a JSON object")
-        for key in ("task", "prompt", "chosen", "rejected"):  # rejected: if needed or given
-            if key == "rejected" and not (need_rejected or key in row):
-                continue
-            if not isinstance(row.get(key), str):
-                hint = " (DPO and ORPO need preference pairs)" if key == "rejected" else ""
-                raise UserError(f"{path} line {lineno}: missing text field '{key}'{hint}")
-        rows.append(row)
-        if limit and len(rows) == limit:
-            break
-    if not rows:
-        raise UserError(f"{path}: no rows")
-    return rows
-
-
-def encode_row(enc, prompt, answer):
-    """Token ids of <|user|> prompt <|assistant|> answer <|endoftext|>, and the prompt length."""
-    eot, user, assistant = (enc.encode_single_token(t) for t in SPECIAL_TOKENS)
-    prompt_ids = [user] + enc.encode_ordinary(prompt) + [assistant]
-    return prompt_ids + enc.encode_ordinary(answer) + [eot], len(prompt_ids)
-
-
-class Split:
-    """One split, tokenised: its rows, and each row's chosen and rejected answer as (ids, prompt
-    length). Rows longer than the context are dropped, and we say how many."""
-    too_long = "raise --block-size to keep them"  # the hint of that note
-
-    def __init__(self, rows, enc, block_size, name):
-        self.enc, self.rows, self.chosen, self.rejected = enc, [], [], []
-        for row in rows:
-            chosen = self.encode(row["prompt"], row["chosen"])
-            rejected = self.encode(row["prompt"], row["rejected"]) if "rejected" in row else None
-            longest = max(len(chosen[0]), len(rejected[0]) if rejected else 0)
-            if longest - 1 > block_size:  # inputs are the sequence minus its last token
-                continue
-            self.rows.append(row)
-            self.chosen.append(chosen)
-            self.rejected.append(rejected)
-        dropped = len(rows) - len(self.rows)
-        if dropped:
-            print(f"note: {name}: skipped {dropped} of {len(rows)} rows longer than the context "
-                  f"of {block_size} tokens ({self.too_long})")
-        if not self.rows:
-            raise UserError(f"{name}: every row is over {block_size} tokens ({self.too_long})")
-        self.has_pairs = all(r is not None for r in self.rejected)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def encode(self, prompt, answer):  # ift_hf.py's split encodes with a model's own tokenizer
-        return encode_row(self.enc, prompt, answer)
-
-
-def load_splits(cfg, enc, need_rejected=()):
-    """train, val and test from --data, tokenised; need_rejected: the splits that need pairs."""
-    paths = {name: Path(cfg.data) / f"{name}.jsonl" for name in ("train", "val", "test")}
-    return {name: Split(load_rows(path, name in need_rejected, cfg.limit_rows), enc,
-                        cfg.block_size, str(path)) for name, path in paths.items()}
-
-
-def config_problem(cfg):
-    """The first problem with a Config's values, as one line, or None."""
-    for name in ("lam", "gamma", "min_lr_ratio"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            return f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, name)}"
-    for name in ("dpo_beta", "orpo_beta"):
-        if getattr(cfg, name) <= 0:
-            return f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}"
-    if min(cfg.lr, cfg.weight_decay, cfg.grad_clip) < 0:
-        return "--lr (0: the loss's default), --weight-decay and --grad-clip must be >= 0"
-    if not 0 <= cfg.seed < 2**31:
-        return f"--seed must lie in [0, 2^31), got {cfg.seed}"
-    if min(cfg.max_steps, cfg.batch_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size,
-           cfg.log_interval, cfg.max_new_tokens) < 1:
-        return ("--max-steps, --batch-size, --n-layer, --n-head, --n-embd, --block-size, "
-                "--log-interval and --max-new-tokens must be >= 1")
-    if min(cfg.eval_interval, cfg.warmup_steps, cfg.limit_rows) < 0:
-        return "--eval-interval, --warmup-steps and --limit-rows must be >= 0"
-    if cfg.n_embd % cfg.n_head:
-        return f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}"
-    if cfg.batch_size % WORLD:
-        return (f"--batch-size {cfg.batch_size} must be divisible by the {WORLD} processes "
-                f"torchrun started: each takes an equal slice")
-    if WORLD > 1 and cfg.device == "mps":
-        return "torchrun runs on cuda or cpu here: pass --device cpu"
-    return None
-
-
-# -----------------------------------------------------------------------------
-# Device and processes; checkpoints
-
-# torchrun sets these in each process it starts (see "Training loop"); one process without it
-RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-def pick_device(name):
-    """--device as a torch.device: auto picks cuda, then mps, then cpu."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
-                 "cpu": True}
-    name = next(d for d in available if available[d]) if name == "auto" else name
-    if not available[name]:
-        raise UserError(f"--device {name}: not available on this machine; use --device cpu")
-    return torch.device(name)
-
-
-def start(cfg, save_config=False):
-    """Seed, device (joining torchrun's processes), --out-dir (maybe with config.json) made."""
-    torch.manual_seed(cfg.seed)
-    device, out_dir = pick_device(cfg.device), Path(cfg.out_dir)
-    if WORLD > 1 and device.type == "cuda":  # one GPU per process
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if WORLD > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu":  # tiny weights underflow into subnormal floats, much slower
-        torch.set_flush_denormal(True)
-    try:
-        if RANK == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if save_config:
-                (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    except OSError as e:
-        raise UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
-    return device, out_dir
-
-
-def autocast_for(device):
-    """bf16 autocast on CUDA (matmuls in bf16, reductions in float32); plain float32 elsewhere."""
-    on_cuda = device.type == "cuda"
-    return torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16, enabled=on_cuda)
-
-
-def model_args(cfg, enc):
-    return {"vocab_size": enc.n_vocab, "block_size": cfg.block_size, "n_layer": cfg.n_layer,
-            "n_head": cfg.n_head, "n_embd": cfg.n_embd}
-
-
-def build_model(cfg, enc, device):
-    """A fresh GPT of the configured size, or the --init-from checkpoint (checked), on device."""
-    model = GPT(**model_args(cfg, enc))
-    path = Path(cfg.init_from)
-    if cfg.init_from and not path.is_file():
-        raise UserError(f"--init-from {path}: no such checkpoint")
-    if cfg.init_from:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            diff = [f"{k} {ckpt['model_args'].get(k)} != {v}"
-                    for k, v in model_args(cfg, enc).items() if ckpt["model_args"].get(k) != v]
-            if not diff:
-                model.load_state_dict(ckpt["model"])
-        except Exception as e:
-            raise UserError(f"--init-from {path}: not a checkpoint of ift.py "
-                            f"({type(e).__name__})") from None
-        if diff:
-            raise UserError(f"--init-from {path}: incompatible model ({', '.join(diff)}); "
-                            f"pass the same model flags and tokenizer it was trained with")
-    return model.to(device)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ byte or line, and small formatting helpers. Nothing here is part of the IFT less
 """
 
 import argparse
+import base64
 import dataclasses
 import json
 import math
@@ -119,3 +120,61 @@ def device_name(device):
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     return names[0] if names else platform.processor() or "unknown CPU"
+
+
+def load_rows(path, need_rejected=False, limit=0):
+    """Read one split of ift.py's schema (task, prompt, chosen and maybe rejected: text fields),
+    checking every row; errors name the file and the line."""
+    rows = []
+    hint = "pass --data with a folder holding train.jsonl, val.jsonl and test.jsonl"
+    for lineno, row in json_lines(path, hint):
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {lineno}: expected a JSON object")
+        for key in ("task", "prompt", "chosen", "rejected"):  # rejected: if needed or given
+            if key == "rejected" and not (need_rejected or key in row):
+                continue
+            if not isinstance(row.get(key), str):
+                hint = " (DPO and ORPO need preference pairs)" if key == "rejected" else ""
+                raise UserError(f"{path} line {lineno}: missing text field '{key}'{hint}")
+        rows.append(row)
+        if limit and len(rows) == limit:
+            break
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    return rows
+
+
+def read_ranks(path):
+    """{token bytes: rank} from a tiktoken rank file, one "base64(token) rank" line per token
+    (parsed here, not by tiktoken.load, which caches by path); a bad line is named."""
+    ranks = {}
+    for lineno, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:  # also a bad base64 or a byte that is not ASCII
+            raise UserError(f"{path} line {lineno}: expected 'base64 rank', got "
+                            f"{line[:40]!r}") from None
+    if not ranks:
+        raise UserError(f"{path}: the file holds no tokens; run python data/prepare.py")
+    return ranks
+
+
+def load_checkpoint(path, model, model_args):
+    """Load the ift.py checkpoint at path into model, once it is checked to be one, saved from a
+    model of these model_args (a dict); any failure is one UserError line, and no file changes."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--init-from {path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        diff = [f"{k} {ckpt['model_args'].get(k)} != {v}"
+                for k, v in model_args.items() if ckpt["model_args"].get(k) != v]
+        if not diff:
+            model.load_state_dict(ckpt["model"])
+    except Exception as e:
+        raise UserError(f"--init-from {path}: not a checkpoint of ift.py "
+                        f"({type(e).__name__})") from None
+    if diff:
+        raise UserError(f"--init-from {path}: incompatible model ({', '.join(diff)}); "
+                        f"pass the same model flags and tokenizer it was trained with")

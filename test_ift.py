@@ -39,7 +39,7 @@ def toy_batch(vocab=50, seed=1):
     g = torch.Generator().manual_seed(seed)
     seqs = [(torch.randint(0, vocab, (12,), generator=g).tolist(), 5),
             (torch.randint(0, vocab, (9,), generator=g).tolist(), 3)]
-    return ift.make_batch(seqs, "cpu")[:3]
+    return ift.make_batch(seqs, "cpu")
 
 
 def run_cli(*args, cwd=None, env=None):
@@ -64,12 +64,11 @@ def test_sequence_logps_matches_cross_entropy():
 
 def test_make_batch_shifts_by_one_and_masks_the_answer():
     """Targets are the inputs shifted by one; the mask covers exactly the answer tokens."""
-    x, y, mask, real = ift.make_batch([([10, 11, 12, 13, 14], 3), ([20, 21, 22], 2)], "cpu")
+    x, y, mask = ift.make_batch([([10, 11, 12, 13, 14], 3), ([20, 21, 22], 2)], "cpu")
     assert x.tolist() == [[10, 11, 12, 13], [20, 21, 0, 0]]
     assert y.tolist() == [[11, 12, 13, 14], [21, 22, 0, 0]]
     # row 0: prompt [10 11 12], answer [13 14] -> targets 13, 14 at positions 2, 3
     assert mask.tolist() == [[False, False, True, True], [False, True, False, False]]
-    assert real.tolist() == [[True, True, True, True], [True, True, False, False]]
 
 
 @pytest.mark.parametrize("loss", ["sft", "ift"])
@@ -95,16 +94,27 @@ def test_prompt_and_padding_positions_get_zero_gradient(loss):
     assert grad[mask].abs().max() > 0
 
 
+def shift_by_hand(x, yhat, mask):
+    """eq. 17's x~ in plain Python: input t+1 is yhat[t] where target t is an answer token."""
+    rows = x.tolist()
+    for b, t in zip(*[i.tolist() for i in mask[:, :-1].nonzero(as_tuple=True)]):
+        rows[b][t + 1] = yhat[b, t].item()
+    return torch.tensor(rows)
+
+
 @pytest.mark.temporal_residual
 @pytest.mark.exposure_bias
 def test_mix_replaces_answer_inputs_only():
     """x~ takes the prediction at answer inputs (position after a masked target), x elsewhere."""
-    x = torch.tensor([[1, 2, 3, 4, 5, 6]])
-    yhat = torch.tensor([[91, 92, 93, 94, 95, 96]])
-    mask = torch.tensor([[False, False, True, True, True, False]])  # targets 2..4 are answer
+    x = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 0, 0]])
+    yhat = torch.tensor([[91, 92, 93, 94, 95, 96], [81, 82, 83, 84, 85, 86]])
+    mask = torch.tensor([[False, False, True, True, True, False],   # targets 2..4 are answer
+                         [False, True, True, False, False, False]])  # then padding
     x_tilde = ift.shifted_predictions(x, yhat, mask)
-    # inputs 3, 4, 5 hold answer tokens y[2], y[3], y[4]; the predictions of them are yhat[2..4]
-    assert x_tilde.tolist() == [[1, 2, 3, 93, 94, 95]]
+    # row 0: inputs 3, 4, 5 hold answer tokens y[2], y[3], y[4], predicted as yhat[2..4]
+    assert x_tilde.tolist() == [[1, 2, 3, 93, 94, 95], [7, 8, 82, 83, 0, 0]]
+    assert x_tilde.tolist() == shift_by_hand(x, yhat, mask).tolist()
+    assert x.tolist()[0] == [1, 2, 3, 4, 5, 6]  # the input is left as it was
 
 
 # -----------------------------------------------------------------------------
@@ -134,6 +144,17 @@ def test_dpo_is_ln2_at_the_reference_with_closed_form_gradient():
     assert loss.item() == pytest.approx(-(math.log(1 / (1 + math.exp(-1.0)))
                                           + math.log(1 / (1 + math.exp(0.5)))) / 2)
     assert metrics["accuracy"].tolist() == [1.0, 0.0]
+    # the implicit rewards beta (log pi - log pi_ref), their margins, from a reference of its own
+    policy_w, policy_l = torch.tensor([-2.0, -4.0]), torch.tensor([-5.0, -1.0])
+    ref_w, ref_l = torch.tensor([-3.0, -3.5]), torch.tensor([-4.0, -2.5])
+    loss, metrics = ift.dpo_loss(policy_w, policy_l, ref_w, ref_l, beta=0.25)
+    torch.testing.assert_close(metrics["rewards_chosen"], torch.tensor([0.25, -0.125]))
+    torch.testing.assert_close(metrics["rewards_rejected"], torch.tensor([-0.25, 0.375]))
+    torch.testing.assert_close(metrics["margins"], torch.tensor([0.5, -0.5]))
+    assert metrics["accuracy"].tolist() == [1.0, 0.0]
+    h = [(-2 + 3) - (-5 + 4), (-4 + 3.5) - (-1 + 2.5)]  # [2, -2]
+    assert loss.item() == pytest.approx(
+        sum(math.log(1 + math.exp(-0.25 * hi)) for hi in h) / 2, rel=1e-6)
 
 
 def test_orpo_matches_independent_formula():
@@ -154,13 +175,18 @@ def test_orpo_matches_independent_formula():
 
 @pytest.mark.relation_propagation
 def test_relation_weights_closed_form_for_uniform_losses():
-    """Equal losses: S_t = (1 - gamma^(N - t)) / (N (1 - gamma)), mean 1 (~1.64->0.13)."""
+    """Equal answer losses: S_t = (1 - gamma^(N - t)) / (N (1 - gamma)), mean 1 (~1.64->0.13),
+    whatever the losses at the prompt before and the padding after the answer."""
     N, gamma = 20, 0.95
-    w = ift.relation_weights(torch.ones(1, N), torch.ones(1, N, dtype=torch.bool), gamma)
+    losses = torch.cat([torch.full((1, 3), 7.0), torch.ones(1, N), torch.full((1, 4), 5.0)], 1)
+    mask = torch.zeros(1, N + 7, dtype=torch.bool)
+    mask[0, 3:3 + N] = True                                    # 3 prompt, N answer, 4 padding
+    w = ift.relation_weights(losses, mask, gamma)
     S = torch.tensor([(1 - gamma ** (N - t)) / (1 - gamma) for t in range(N)])
-    torch.testing.assert_close(w[0], S * N / S.sum())
-    assert w[0, 0].item() == pytest.approx(1.6425, abs=1e-3)
-    assert w[0, -1].item() == pytest.approx(0.1280, abs=1e-3)
+    torch.testing.assert_close(w[0, 3:3 + N], S * N / S.sum())
+    assert w[0, 3].item() == pytest.approx(1.6425, abs=1e-3)
+    assert w[0, 2 + N].item() == pytest.approx(0.1280, abs=1e-3)
+    assert w[~mask].abs().max() == 0
 
 
 @pytest.mark.relation_propagation
@@ -257,6 +283,12 @@ def test_mix_leaves_the_first_answer_token_loss_unchanged():
     torch.testing.assert_close(loss, sft)
 
 
+def mean_answer_nll(logits, y, mask):
+    """SFT's loss by F.cross_entropy: each row's mean answer-token NLL, then the mean of rows."""
+    nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")      # (B, T)
+    return ((nll * mask).sum(-1) / mask.sum(-1)).mean()
+
+
 @pytest.mark.temporal_residual
 @pytest.mark.exposure_bias
 @pytest.mark.sft_reduction
@@ -265,12 +297,29 @@ def test_mix_uses_the_models_own_predictions():
     model = tiny_model()
     x, y, mask = toy_batch()
     with torch.no_grad():
-        yhat = model(x).argmax(-1)                                          # (B, T)
-    x_tilde = ift.shifted_predictions(x, yhat, mask)
-    assert not torch.equal(x_tilde, x)  # the untrained model gets some answer tokens wrong
-    want, _ = ift.sft_loss(ift.sequence_logps(model(x_tilde), y, mask)[0], mask)
+        x_tilde = shift_by_hand(x, model(x).argmax(-1), mask)                # (B, T)
+    assert (x_tilde != x).sum() >= 3  # the untrained model gets several answer tokens wrong
+    want = mean_answer_nll(model(x_tilde), y, mask)
     got, _ = ift.ift_loss(model, x, y, mask, lam=1.0, gamma=0.0)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.temporal_residual
+def test_mix_trains_the_embeddings_through_both_terms():
+    """lam = 0.3, gamma = 0: loss and every gradient equal those of (1 - lam) E(x) + lam E(x~)
+    built here by hand, so neither term is detached and the weights are not swapped."""
+    x, y, mask = toy_batch()
+    model, reference = tiny_model(), tiny_model()
+    with torch.no_grad():
+        x_tilde = shift_by_hand(x, reference(x).argmax(-1), mask)          # (B, T)
+    E = reference.wte
+    want = mean_answer_nll(reference(tok_emb=0.7 * E(x) + 0.3 * E(x_tilde)), y, mask)
+    want.backward()
+    got, _ = ift.ift_loss(model, x, y, mask, lam=0.3, gamma=0.0)
+    got.backward()
+    torch.testing.assert_close(got, want)
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
 
 
 def test_lam_schedules():
@@ -318,8 +367,8 @@ def test_evaluate_keeps_each_row_its_own_scores_whatever_the_batches():
     for (ids, prompt_len), row, output in zip(split.chosen, split.rows, res["answers"]):
         answer = ift.generate(model, torch.tensor([ids[:prompt_len]]), enc.eot_token, 6, off)[0]
         assert output == enc.decode(answer)
-        x, y, mask, real = ift.make_batch([(ids, prompt_len)], "cpu")
-        _, logps = ift.sequence_logps(model(x, real=real), y, mask, real)
+        x, y, mask = ift.make_batch([(ids, prompt_len)], "cpu")
+        _, logps = ift.sequence_logps(model(x), y, mask)
         nll.setdefault(row["task"], []).append((-logps / mask.sum(-1)).item())
     assert res["nll_by_task"] == pytest.approx({t: sum(v) / len(v) for t, v in nll.items()})
 
@@ -581,49 +630,55 @@ def ragged_batch(vocab=50, seed=4, rows=FOUR_ROWS):
     return ift.make_batch(seqs, device="cpu")
 
 
-def test_make_batch_marks_the_real_tokens_and_counts_them():
-    """real is True exactly at the inputs of each sequence; compute_loss counts those tokens."""
-    x, y, mask, real = ragged_batch()
-    assert real.sum(-1).tolist() == [12, 5, 9, 4]  # a sequence of n tokens has n - 1 inputs
+def test_real_tokens_are_each_rows_inputs_and_compute_loss_counts_them():
+    """OnRealTokens finds each row's n - 1 inputs from the mask alone; compute_loss counts them."""
+    x, y, mask = ragged_batch()
+    real = ift.OnRealTokens(ift.Unpadded(tiny_model()), mask).real
     assert real.tolist() == [[t < n for t in range(12)] for n in (12, 5, 9, 4)]
-    assert not (mask & ~real).any()  # every answer target lies within the real tokens
-    cfg = ift.Config(loss="sft")
+    cfg, cpu = ift.Config(loss="sft", compile="off"), torch.device("cpu")
     split = SimpleNamespace(chosen=[(list(range(1, n + 2)), 1) for n in (12, 5, 9, 4)])
-    _, _, ntok = ift.compute_loss(cfg, tiny_model(), split, [0, 1, 2, 3], "cpu",
-                                  ift.autocast_for(torch.device("cpu")), None, 0.0)
+    _, _, ntok = ift.compute_loss(cfg, ift.wrap_for_training(cfg, tiny_model(), cpu), split,
+                                  [0, 1, 2, 3], cpu, ift.autocast_for(cpu), None, 0.0)
     assert ntok == 12 + 5 + 9 + 4
 
 
 @pytest.mark.parametrize("rows", [FOUR_ROWS, ELEVEN_ROWS], ids=["4 rows", "11 rows"])
 @pytest.mark.parametrize("inputs", ["ids", "tok_emb"])
-def test_unpadded_forward_equals_padded_forward_at_real_positions(inputs, rows):
-    """GPT(real=...) gives the padded forward's logits at the real positions, in their order."""
+def test_unpadded_forward_equals_the_plain_forward_at_real_positions(inputs, rows):
+    """Unpadded gives GPT.forward's (B, T, V) logits at the real positions, zeros elsewhere."""
     model = tiny_model()
-    x, _, mask, real = ragged_batch(rows=rows)
+    x, _, mask = ragged_batch(rows=rows)
     args = {"idx": x} if inputs == "ids" else {"tok_emb": torch.randn(*x.shape, 16)}
-    padded, unpadded = model(**args), model(**args, real=real)             # (B, T, V), (M, V)
-    assert unpadded.shape == (real.sum(), padded.shape[-1])
-    torch.testing.assert_close(unpadded, padded[real], rtol=0, atol=1e-5)
+    net = ift.OnRealTokens(ift.Unpadded(model), mask)
+    plain, unpadded = model(**args), net(**args)                            # (B, T, V) each
+    assert net.wte is model.wte
+    torch.testing.assert_close(unpadded[net.real], plain[net.real], rtol=0, atol=1e-5)
+    assert unpadded[~net.real].abs().max() == 0
 
 
 @pytest.mark.parametrize("rows", [FOUR_ROWS, ELEVEN_ROWS], ids=["4 rows", "11 rows"])
-@pytest.mark.parametrize("loss", ["sft", "ift"])
-def test_unpadded_loss_and_gradients_equal_the_padded_ones(loss, rows):
-    """SFT's and IFT's loss and every parameter gradient are unchanged by skipping the padding."""
-    x, y, mask, real = ragged_batch(rows=rows)
-    grads = []
-    for r in (None, real):
-        model = tiny_model()
-        if loss == "sft":
-            value, _ = ift.sft_loss(ift.sequence_logps(model(x, real=r), y, mask, r)[0], mask)
-        else:
-            value, _ = ift.ift_loss(model, x, y, mask, lam=0.5, gamma=0.95, real=r)
+@pytest.mark.parametrize("loss", ift.LOSSES)
+def test_the_fast_path_gives_the_plain_paths_losses_and_gradients(loss, rows):
+    """compute_loss as training calls it (wrap_for_training), by default and with --padded: the
+    same loss and every parameter gradient, for each of the four losses."""
+    g = torch.Generator().manual_seed(5)
+    chosen = [(torch.randint(1, 50, (n,), generator=g).tolist(), p) for n, p in rows]
+    rejected = [(ids[:p] + torch.randint(1, 50, (3,), generator=g).tolist(), p)
+                for ids, p in chosen]
+    split = SimpleNamespace(chosen=chosen, rejected=rejected, has_pairs=True)
+    ref = torch.randn(len(rows), 2, generator=g) - 20                       # (N, 2)
+    idx, off = list(range(len(rows)))[::-1], torch.autocast("cpu", enabled=False)
+    results = []
+    for padded in (True, False):
+        cfg, model = ift.Config(loss=loss, padded=padded, compile="off"), tiny_model()
+        net = ift.wrap_for_training(cfg, model, torch.device("cpu"))
+        value, _, _ = ift.compute_loss(cfg, net, split, idx, "cpu", off, ref, 0.5)
         value.backward()
-        grads.append((value, {name: p.grad for name, p in model.named_parameters()}))
-    (padded, padded_grads), (unpadded, unpadded_grads) = grads
-    torch.testing.assert_close(unpadded, padded, rtol=0, atol=1e-6)
-    for name, g in padded_grads.items():
-        torch.testing.assert_close(unpadded_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+        results.append((value, {name: p.grad for name, p in model.named_parameters()}))
+    (plain, plain_grads), (fast, fast_grads) = results
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_batch_not_divisible_by_the_processes_is_one_clear_line(monkeypatch, capsys):
@@ -668,7 +723,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, loss):
 # plumbing shared with the other programs
 
 def test_mean_std_is_the_sample_mean_and_std_along_the_first_axis():
-    """plumbing.mean_std against statistics.mean / stdev: floats for 1-D, per column for 2-D, std 0."""
+    """plumbing.mean_std against statistics.mean / stdev: floats for 1-D, per column for 2-D."""
     values = [0.25, 0.5, 1.0, 0.125]
     mean, std = plumbing.mean_std(values)
     assert type(mean) is float and type(std) is float  # JSON-ready, as compare.py writes them
