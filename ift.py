@@ -274,8 +274,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 # in value and gradient. In code: yhat (B, T), x_tilde = x~, tok_emb = e (B, T, C), E = wte.
 def ift_loss(model, x, y, mask, lam=0.2, gamma=0.95, detach_weights=False):
     """x, y, mask (B, T) from make_batch() -> (loss, {"nll": the mean answer-token NLL of the
-    same forward, unweighted}). model is the GPT or, under torchrun, DDP's wrapper of it, whose
-    forward also syncs the gradients: both forwards call model, and E is the GPT's own wte."""
+    same forward, unweighted}). model: the GPT, or a stand-in called like it (under torchrun
+    DDP's wrapper, whose forward also syncs the gradients; in training, by default, the speed
+    section's OnRealTokens). Both forwards call model; E is the GPT's own wte."""
     E = getattr(model, "module", model).wte  # DDP keeps the GPT at .module
     with torch.no_grad():  # 1. nothing of this pass is kept for the backward
         yhat = model(x).argmax(-1)                                          # (B, T)

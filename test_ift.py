@@ -722,6 +722,24 @@ def test_torchrun_two_processes_match_one_process(tmp_path, loss):
 # -----------------------------------------------------------------------------
 # plumbing shared with the other programs
 
+@pytest.mark.parametrize("program", ["compare.py", "bench.py", "figures.py", "frozen_lake.py",
+                                     "ift_hf.py", "data/prepare.py", "test_ift_hf.py"])
+def test_every_name_a_program_takes_from_ift_or_plumbing_exists(program):
+    """What the programs beside the lesson use of ift.py and plumbing.py (ift.X, from ift import
+    X), read from their source, exists: a rename in the lesson cannot break them silently."""
+    import ast
+    modules = {"ift": ift, "plumbing": plumbing}
+    used = set()
+    for node in ast.walk(ast.parse((HERE / program).read_text())):
+        if isinstance(node, ast.Attribute) and getattr(node.value, "id", None) in modules:
+            used.add((node.value.id, node.attr))
+        if isinstance(node, ast.ImportFrom) and node.module in modules:
+            used.update((node.module, alias.name) for alias in node.names)
+    assert used, f"{program} uses nothing of ift.py or plumbing.py"
+    missing = sorted(f"{m}.{name}" for m, name in used if not hasattr(modules[m], name))
+    assert not missing, f"{program} uses {missing}"
+
+
 def test_mean_std_is_the_sample_mean_and_std_along_the_first_axis():
     """plumbing.mean_std against statistics.mean / stdev: floats for 1-D, per column for 2-D."""
     values = [0.25, 0.5, 1.0, 0.125]
