@@ -67,7 +67,8 @@ What the trainer does beyond SFTTrainer, and why:
      works; one whose prefixes render differently is refused (--assistant_only_loss false trains
      on whole conversations).
   8. Rows longer than --max_length are dropped, not cut (a cut row has no stop token), and
-     counted in one line, as ift.py does; so are rows with no answer token.
+     counted in one line, as ift.py does; so are rows with no answer token. (A streamed dataset
+     is cut, by TRL.)
   9. Refused, in one line: options that merge sequences or change the forward's logits
      (packing, padding_free, Liger kernels, loss_type other than nll, label smoothing).
  10. --frozen_embeddings: the official trainer's IFT, which feeds both forwards from a frozen
@@ -576,6 +577,9 @@ class IFTTrainer(trl.SFTTrainer):
                 lambda row: dict(zip(("input_ids", "assistant_masks"),
                                      encode_messages(tok, row["messages"], template))),
                 remove_columns=columns)
+        if not isinstance(dataset, datasets.Dataset):  # streamed: TRL's own truncation
+            return super()._prepare_dataset(dataset, processing_class, args, packing,
+                                            formatting_func, dataset_name)
         whole = copy.copy(args)
         whole.max_length = None  # TRL's truncation off: the rows whole, so that we can count
         dataset = super()._prepare_dataset(dataset, processing_class, whole, packing,
@@ -583,7 +587,7 @@ class IFTTrainer(trl.SFTTrainer):
         n, limit = len(dataset), args.max_length or float("inf")
         dataset = dataset.filter(lambda row: len(row["input_ids"]) <= limit and any(
             label != -100 for label in row["labels"]))
-        if len(dataset) < n and self.accelerator.is_main_process:
+        if len(dataset) < n and args.process_index == 0:
             print(f"note: {dataset_name}: dropped {n - len(dataset)} of {n} rows longer than "
                   f"--max_length {args.max_length} tokens or with no answer token (raise "
                   f"--max_length to keep long ones)", flush=True)

@@ -421,6 +421,136 @@ def test_every_row_format_trains_with_and_without_lora(kind, fmt, lora, folders,
 
 
 # -----------------------------------------------------------------------------
+# TRL's kinds of tests: every parameter trains; accumulation; evaluation; the loss type
+
+def trainer_on(folder, out, rows=24, **kw):
+    """An IFTTrainer on folder's model and the first `rows` swap rows (this project's format)."""
+    model, tok = load(folder)
+    data = ift_hf.to_dataset(swap_rows()[:rows], tok, "\n")
+    return ift_hf.IFTTrainer(model, args=config(out, **kw), processing_class=tok,
+                             train_dataset=data)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_every_trainable_parameter_changes(lora, folders, tmp_path):
+    """Three steps of IFT on an untied Llama (LoRA: its adapter): every parameter that requires
+    a gradient differs from its start; under LoRA no other one does."""
+    model, tok = load(folders["llama"])
+    trainer = ift_hf.IFTTrainer(model, args=config(tmp_path, max_steps=3), processing_class=tok,
+                                train_dataset=ift_hf.to_dataset(swap_rows()[:24], tok, "\n"),
+                                peft_config=peft.LoraConfig(r=4) if lora else None)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[name]) != p.requires_grad, name
+
+
+def test_gradient_accumulation_1x8_equals_8x1(folders, tmp_path):
+    """Three optimizer steps of 8 rows at once, and of 8 accumulated steps of 1 row: the same
+    logged losses and gradient norms to 1e-5 relative (float32; the padding of the batch of 8
+    is all that differs). IFT's loss is a mean per sequence; the Trainer divides each
+    accumulated step's by 8, which gives the same mean."""
+    logs = []
+    for batch, steps in ((8, 1), (1, 8)):
+        trainer = trainer_on(folders["llama"], tmp_path / str(batch), max_steps=3,
+                             per_device_train_batch_size=batch, gradient_accumulation_steps=steps)
+        trainer.train()
+        logs.append(torch.tensor([(h["loss"], h["grad_norm"]) for h in trainer.state.log_history
+                                  if "loss" in h]))
+    assert logs[0].shape == (3, 2)
+    torch.testing.assert_close(logs[1], logs[0], rtol=1e-5, atol=0)
+
+
+def test_evaluation_without_num_items_in_batch_and_with_compute_metrics(folders, tmp_path):
+    """compute_loss ignores num_items_in_batch (None or a count: the same loss); evaluate() on 8
+    rows in one batch gives that loss, and hands compute_metrics the logits and labels of the
+    scored forward: (8, T, V) and (8, T), -100 off the answers."""
+    seen = {}
+
+    def metrics(p):
+        seen["shapes"] = p.predictions.shape, p.label_ids.shape
+        return {"answer_tokens": float((p.label_ids != -100).sum())}
+    model, tok = load(folders["llama"])
+    data = ift_hf.to_dataset(swap_rows()[:8], tok, "\n")
+    trainer = ift_hf.IFTTrainer(model, args=config(tmp_path, per_device_eval_batch_size=8),
+                                processing_class=tok, train_dataset=data, eval_dataset=data,
+                                compute_metrics=metrics)
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(8)])
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        counted = trainer.compute_loss(model, dict(batch), num_items_in_batch=40)
+    assert torch.equal(loss, counted)
+    res = trainer.evaluate()
+    assert abs(res["eval_loss"] - loss.item()) < 1e-5, res
+    T = batch["input_ids"].shape[1] - 1
+    assert seen["shapes"] == ((8, T, model.config.vocab_size), (8, T))
+    assert res["eval_answer_tokens"] == (batch["labels"][:, 1:] != -100).sum().item()
+
+
+def test_chunked_nll_leaves_ifts_loss_alone(folders, tmp_path):
+    """TRL's loss_type "chunked_nll" (the SFT default of TRL 1.7-1.15; in the installed TRL an
+    alias of "nll") and TRL's fused log-prob head patched onto the model: IFTTrainer's loss on a
+    batch equals ift_loss on an unpatched copy of the same model."""
+    with pytest.warns(FutureWarning):
+        trainer = trainer_on(folders["llama"], tmp_path, loss_type="chunked_nll")
+    assert trainer.args.loss_type == "nll"
+    plain, _ = load(folders["llama"])
+    batch = trl_batches(trainer, 8)
+    x, y, mask, real = ift_hf.trl_batch(batch)
+    got = trainer.compute_loss(trainer.model, dict(batch))
+    want, _ = ift_hf.ift_loss(plain.train(), x, y, mask, 0.2, 0.95, False, real)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_flags_the_bridge_overrides_or_refuses(folders, data_dir, tmp_path, capsys):
+    """Each flag the bridge sets or refuses, through the real parser: --loss sft, --dtype,
+    --bf16 and --use_cpu defaults, the eos_token of a chat template, --eval_strategy (no stays
+    no; unset, steps once there is an evaluation set), --max_length (longer rows dropped and
+    counted in one line), --load_in_4bit (refused without CUDA and bitsandbytes)."""
+    script, args, model_args = ift_hf.parse_config(["--model", "m", "--loss", "sft",
+                                                    "--dtype", "bfloat16"])
+    assert (args.lam, args.gamma, args.half_weights, args.bf16) == (0, 0, True, False)
+    assert args.use_cpu == (ift.WORLD > 1 and not torch.accelerator.is_available())
+    _, tok = load(folders["chat-llama"])
+    rows = ift.load_rows(HERE / "data" / "val.jsonl", limit=24)  # of many lengths
+    lengths = sorted(len(ift_hf.encode_pair(tok, *ift_hf.bridge_row(r, tok, "").values())[0])
+                     for r in rows)
+    limit = lengths[12]
+    long = sum(n > limit for n in lengths)
+    said = {}
+    for name, kw in (("no", dict(eval_strategy="no")), ("unset", {}), ("steps", dict(
+            eval_strategy="steps", eval_steps=3))):
+        model, tok = load(folders["chat-llama"])
+        data = ift_hf.to_dataset(rows, tok, "\n")
+        trainer = ift_hf.IFTTrainer(model, args=config(tmp_path, max_length=limit, **kw),
+                                    processing_class=tok, train_dataset=data, eval_dataset=data)
+        said[name] = trainer.args.eval_strategy, trainer.args.eval_steps
+    assert said == {"no": ("no", None), "unset": ("steps", 1), "steps": ("steps", 3)}
+    assert tok.eos_token == "<|im_end|>" and trainer.args.eos_token == "<|im_end|>"
+    assert tok.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
+    assert 0 < long < 24 and len(trainer.train_dataset) == 24 - long
+    notes = [line for line in capsys.readouterr().out.splitlines() if "dropped" in line]
+    assert notes[0] == (f"note: train: dropped {long} of 24 rows longer than --max_length {limit} "
+                        f"tokens or with no answer token (raise --max_length to keep long ones)")
+    error = main("--model", folders["gpt2"], "--data", data_dir, "--output_dir", tmp_path / "q",
+                 "--load_in_4bit", "true", "--use_peft", *FAST)
+    assert error.startswith("error: --load_in_4bit needs ") and "\n" not in error, error
+    assert not (tmp_path / "q").exists()
+
+
+def test_dataset_name_reads_a_local_dataset_folder(folders, data_dir, tmp_path):
+    """--dataset_name with a folder of data files (load_dataset's local form): it trains on the
+    train split and logs the evaluation loss of the test split, as TRL's scripts."""
+    out = tmp_path / "out"
+    res = main("--model", folders["llama"], "--dataset_name", data_dir, "--output_dir", out,
+               "--max_steps", 2, "--logging_steps", 1, "--per_device_train_batch_size", 8, *FAST)
+    assert res == {}
+    log = logged(out)
+    assert [h["step"] for h in log if "eval_loss" in h] == [1, 2]
+
+
+# -----------------------------------------------------------------------------
 # float32 master weights; the frozen embeddings; resuming
 
 def changed(folder, model):
@@ -545,10 +675,10 @@ def test_cli_on_a_chat_llama_stops_at_the_templates_end_of_turn(lora, folders, d
                                        ("chat-llama", "messages")])
 def test_the_exact_match_table_agrees_with_an_independent_generate(kind, fmt, folders,
                                                                    tmp_path):
-    """16 rows of one format trained by heart; test.jsonl holds 8 of them and 4 unseen: the
-    table's exact match equals the fraction that the saved model, prompted in the training
+    """16 rows of one format trained by heart; test.jsonl holds 8 of them and 4 unseen: each of
+    the table's answers is what the saved model's own generate() gives, prompted in the training
     format (a text prompt as it is, template or not; a conversation's turns before its last),
-    completes with the answer by its own generate()."""
+    and so is the exact match."""
     rows, data, out = rows_of(fmt), tmp_path / "data", tmp_path / "out"
     data.mkdir()
     test = rows[:8] + rows[-4:]
@@ -560,7 +690,7 @@ def test_the_exact_match_table_agrees_with_an_independent_generate(kind, fmt, fo
     model, tok = load(out)
     stops = model.generation_config.eos_token_id
     stops = stops if isinstance(stops, list) else [stops]
-    right = []
+    answers, right = [], []
     for row in test:
         if fmt == "messages":
             prompt = tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True,
@@ -570,8 +700,9 @@ def test_the_exact_match_table_agrees_with_an_independent_generate(kind, fmt, fo
             prompt, want = tok(row["prompt"])["input_ids"], row["completion"]
         new = generated(model, prompt)
         new = new[:next((k for k, i in enumerate(new) if i in stops), len(new))]
-        right.append(tok.decode(new, skip_special_tokens=True).strip() == want.strip())
-    assert res["rows"] == 12 and res["exact_match"] == sum(right) / 12 > 0, (res, right)
+        answers.append(tok.decode(new, skip_special_tokens=True))
+        right.append(answers[-1].strip() == want.strip())
+    assert res["answers"] == answers and res["exact_match"] == sum(right) / 12, (res, right)
 
 
 def test_assistant_turns_of_a_three_turn_conversation_token_by_token(folders):
