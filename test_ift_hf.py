@@ -32,12 +32,11 @@ HERE = Path(__file__).resolve().parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 WORDS = ["cat", "dog", "sun", "red", "sky", "fox", "owl", "bee", "elk", "yak", "ant", "emu"]
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
-# ChatML's shape: a turn ends with <|im_end|>, which is not the tokenizer's eos (<eos>); the
-# generation marks let TRL mask everything but the assistant's turns
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
-          "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}"
-          "{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# ChatML as real models ship it, with no {% generation %} marks: a turn ends with <|im_end|>,
+# which is not the tokenizer's eos (<eos>)
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def swap_rows():
@@ -118,8 +117,9 @@ def main(*args):
         return e.code
 
 
-FAST = ["--gradient_checkpointing", "false", "--report_to", "none", "--disable_tqdm", "true",
-        "--use_cpu", "true", "--save_strategy", "no", "--dataloader_drop_last", "true"]
+QUIET = ["--gradient_checkpointing", "false", "--report_to", "none", "--disable_tqdm", "true",
+         "--save_strategy", "no", "--dataloader_drop_last", "true"]
+FAST = [*QUIET, "--use_cpu", "true"]
 
 
 def config(out, **kw):
@@ -134,6 +134,11 @@ def config(out, **kw):
 def load(folder, dtype=torch.float32):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def logged(out):
+    """The log_history of the trainer_state.json a run wrote into out."""
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
 
 
 def losses(trainer):
@@ -158,6 +163,14 @@ def data_dir(tmp_path_factory):
 
 # -----------------------------------------------------------------------------
 # the transplant: the lesson's GPT inside transformers.GPT2LMHeadModel
+
+def padded(seqs):
+    """ift.make_batch's x, y, mask of (ids, prompt length) pairs, and real (B, T): True on the
+    tokens of x that are not padding (from the lengths, not from make_batch)."""
+    x, y, mask = ift.make_batch(seqs, "cpu")[:3]                            # (B, T) each
+    real = torch.arange(x.shape[1]) < torch.tensor([len(ids) - 1 for ids, _ in seqs])[:, None]
+    return x, y, mask, real
+
 
 def transplant(gpt):
     """A GPT2LMHeadModel with the lesson GPT's weights (Conv1D stores its matrices transposed)."""
@@ -190,10 +203,10 @@ def lesson():
     split = ift.Split(ift.load_rows(HERE / "data" / "val.jsonl", limit=12), enc, 128, "val")
     torch.manual_seed(0)
     gpt = ift.GPT(enc.n_vocab, 128, n_layer=2, n_head=2, n_embd=32)
-    batch = ift.make_batch(split.chosen, "cpu")                             # x, y, mask, real
+    batch = padded(split.chosen)                                            # x, y, mask, real
     optimizer = torch.optim.AdamW(gpt.parameters(), lr=3e-3)
     for _ in range(20):
-        loss, _ = ift.ift_loss(gpt, *batch[:3], real=batch[3])
+        loss, _ = ift.ift_loss(gpt, *batch[:3])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -205,7 +218,7 @@ def test_transplant_gives_the_lesson_gpts_logits(lesson, tmp_path):
     gpt, (x, _, _, real) = lesson
     transplant(gpt).save_pretrained(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
-    want = gpt(x, real=real)                                                # (M, V)
+    want = gpt(x)[real]                                                     # (M, V)
     got = hf(input_ids=x, attention_mask=real.long()).logits[real]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
@@ -217,7 +230,7 @@ def test_bridge_ift_loss_equals_the_lessons_in_value_and_gradient(lesson, lam, g
     gpt, (x, y, mask, real) = lesson
     hf = transplant(gpt).train()
     gpt.zero_grad()
-    want, want_metrics = ift.ift_loss(gpt, x, y, mask, lam, gamma, detach, real)
+    want, want_metrics = ift.ift_loss(gpt, x, y, mask, lam, gamma, detach)
     want.backward()
     got, got_metrics = ift_hf.ift_loss(hf, x, y, mask, lam, gamma, detach, real)
     got.backward()
@@ -277,7 +290,7 @@ def test_trl_preprocessing_and_collator_give_make_batchs_batch(chat, folders, tm
             prompt, answer = tok(r["prompt"] + "\n"), tok(r["chosen"])["input_ids"] + [
                 tok.eos_token_id]
         seqs.append((prompt["input_ids"] + answer, len(prompt["input_ids"])))
-    want = ift.make_batch(seqs, "cpu")
+    want = padded(seqs)
     for name, got, w in zip("x y mask real".split(), (x, y, mask, real), want):
         assert torch.equal(got, w), name
     eot = tok.convert_tokens_to_ids("<|im_end|>") if chat else tok.eos_token_id
@@ -320,8 +333,8 @@ def test_llama_with_lam0_gamma0_is_sft_computed_independently(folders, data_dir)
     the answer tokens (the prompt masked with -100), mean per row, then over rows."""
     model, tok = load(folders["llama"])
     rows = ift.load_rows(data_dir / "train.jsonl", limit=6)
-    x, y, mask, real = ift.make_batch([ift_hf.encode_pair(tok, r["prompt"] + "\n", r["chosen"])
-                                       for r in rows], "cpu")
+    x, y, mask, real = padded([ift_hf.encode_pair(tok, r["prompt"] + "\n", r["chosen"])
+                               for r in rows])
     loss, _ = ift_hf.ift_loss(model, x, y, mask, 0.0, 0.0, False, real)
     loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -408,6 +421,136 @@ def test_every_row_format_trains_with_and_without_lora(kind, fmt, lora, folders,
 
 
 # -----------------------------------------------------------------------------
+# TRL's kinds of tests: every parameter trains; accumulation; evaluation; the loss type
+
+def trainer_on(folder, out, rows=24, **kw):
+    """An IFTTrainer on folder's model and the first `rows` swap rows (this project's format)."""
+    model, tok = load(folder)
+    data = ift_hf.to_dataset(swap_rows()[:rows], tok, "\n")
+    return ift_hf.IFTTrainer(model, args=config(out, **kw), processing_class=tok,
+                             train_dataset=data)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_every_trainable_parameter_changes(lora, folders, tmp_path):
+    """Three steps of IFT on an untied Llama (LoRA: its adapter): every parameter that requires
+    a gradient differs from its start; under LoRA no other one does."""
+    model, tok = load(folders["llama"])
+    trainer = ift_hf.IFTTrainer(model, args=config(tmp_path, max_steps=3), processing_class=tok,
+                                train_dataset=ift_hf.to_dataset(swap_rows()[:24], tok, "\n"),
+                                peft_config=peft.LoraConfig(r=4) if lora else None)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[name]) != p.requires_grad, name
+
+
+def test_gradient_accumulation_1x8_equals_8x1(folders, tmp_path):
+    """Three optimizer steps of 8 rows at once, and of 8 accumulated steps of 1 row: the same
+    logged losses and gradient norms to 1e-5 relative (float32; the padding of the batch of 8
+    is all that differs). IFT's loss is a mean per sequence; the Trainer divides each
+    accumulated step's by 8, which gives the same mean."""
+    logs = []
+    for batch, steps in ((8, 1), (1, 8)):
+        trainer = trainer_on(folders["llama"], tmp_path / str(batch), max_steps=3,
+                             per_device_train_batch_size=batch, gradient_accumulation_steps=steps)
+        trainer.train()
+        logs.append(torch.tensor([(h["loss"], h["grad_norm"]) for h in trainer.state.log_history
+                                  if "loss" in h]))
+    assert logs[0].shape == (3, 2)
+    torch.testing.assert_close(logs[1], logs[0], rtol=1e-5, atol=0)
+
+
+def test_evaluation_without_num_items_in_batch_and_with_compute_metrics(folders, tmp_path):
+    """compute_loss ignores num_items_in_batch (None or a count: the same loss); evaluate() on 8
+    rows in one batch gives that loss, and hands compute_metrics the logits and labels of the
+    scored forward: (8, T, V) and (8, T), -100 off the answers."""
+    seen = {}
+
+    def metrics(p):
+        seen["shapes"] = p.predictions.shape, p.label_ids.shape
+        return {"answer_tokens": float((p.label_ids != -100).sum())}
+    model, tok = load(folders["llama"])
+    data = ift_hf.to_dataset(swap_rows()[:8], tok, "\n")
+    trainer = ift_hf.IFTTrainer(model, args=config(tmp_path, per_device_eval_batch_size=8),
+                                processing_class=tok, train_dataset=data, eval_dataset=data,
+                                compute_metrics=metrics)
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(8)])
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        counted = trainer.compute_loss(model, dict(batch), num_items_in_batch=40)
+    assert torch.equal(loss, counted)
+    res = trainer.evaluate()
+    assert abs(res["eval_loss"] - loss.item()) < 1e-5, res
+    T = batch["input_ids"].shape[1] - 1
+    assert seen["shapes"] == ((8, T, model.config.vocab_size), (8, T))
+    assert res["eval_answer_tokens"] == (batch["labels"][:, 1:] != -100).sum().item()
+
+
+def test_chunked_nll_leaves_ifts_loss_alone(folders, tmp_path):
+    """TRL's loss_type "chunked_nll" (the SFT default of TRL 1.7-1.15; in the installed TRL an
+    alias of "nll") and TRL's fused log-prob head patched onto the model: IFTTrainer's loss on a
+    batch equals ift_loss on an unpatched copy of the same model."""
+    with pytest.warns(FutureWarning):
+        trainer = trainer_on(folders["llama"], tmp_path, loss_type="chunked_nll")
+    assert trainer.args.loss_type == "nll"
+    plain, _ = load(folders["llama"])
+    batch = trl_batches(trainer, 8)
+    x, y, mask, real = ift_hf.trl_batch(batch)
+    got = trainer.compute_loss(trainer.model, dict(batch))
+    want, _ = ift_hf.ift_loss(plain.train(), x, y, mask, 0.2, 0.95, False, real)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_flags_the_bridge_overrides_or_refuses(folders, data_dir, tmp_path, capsys):
+    """Each flag the bridge sets or refuses, through the real parser: --loss sft, --dtype,
+    --bf16 and --use_cpu defaults, the eos_token of a chat template, --eval_strategy (no stays
+    no; unset, steps once there is an evaluation set), --max_length (longer rows dropped and
+    counted in one line), --load_in_4bit (refused without CUDA and bitsandbytes)."""
+    script, args, model_args = ift_hf.parse_config(["--model", "m", "--loss", "sft",
+                                                    "--dtype", "bfloat16"])
+    assert (args.lam, args.gamma, args.half_weights, args.bf16) == (0, 0, True, False)
+    assert args.use_cpu == (ift.WORLD > 1 and not torch.accelerator.is_available())
+    _, tok = load(folders["chat-llama"])
+    rows = ift.load_rows(HERE / "data" / "val.jsonl", limit=24)  # of many lengths
+    lengths = sorted(len(ift_hf.encode_pair(tok, *ift_hf.bridge_row(r, tok, "").values())[0])
+                     for r in rows)
+    limit = lengths[12]
+    long = sum(n > limit for n in lengths)
+    said = {}
+    for name, kw in (("no", dict(eval_strategy="no")), ("unset", {}), ("steps", dict(
+            eval_strategy="steps", eval_steps=3))):
+        model, tok = load(folders["chat-llama"])
+        data = ift_hf.to_dataset(rows, tok, "\n")
+        trainer = ift_hf.IFTTrainer(model, args=config(tmp_path, max_length=limit, **kw),
+                                    processing_class=tok, train_dataset=data, eval_dataset=data)
+        said[name] = trainer.args.eval_strategy, trainer.args.eval_steps
+    assert said == {"no": ("no", None), "unset": ("steps", 1), "steps": ("steps", 3)}
+    assert tok.eos_token == "<|im_end|>" and trainer.args.eos_token == "<|im_end|>"
+    assert tok.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
+    assert 0 < long < 24 and len(trainer.train_dataset) == 24 - long
+    notes = [line for line in capsys.readouterr().out.splitlines() if "dropped" in line]
+    assert notes[0] == (f"note: train: dropped {long} of 24 rows longer than --max_length {limit} "
+                        f"tokens or with no answer token (raise --max_length to keep long ones)")
+    error = main("--model", folders["gpt2"], "--data", data_dir, "--output_dir", tmp_path / "q",
+                 "--load_in_4bit", "true", "--use_peft", *FAST)
+    assert error.startswith("error: --load_in_4bit needs ") and "\n" not in error, error
+    assert not (tmp_path / "q").exists()
+
+
+def test_dataset_name_reads_a_local_dataset_folder(folders, data_dir, tmp_path):
+    """--dataset_name with a folder of data files (load_dataset's local form): it trains on the
+    train split and logs the evaluation loss of the test split, as TRL's scripts."""
+    out = tmp_path / "out"
+    res = main("--model", folders["llama"], "--dataset_name", data_dir, "--output_dir", out,
+               "--max_steps", 2, "--logging_steps", 1, "--per_device_train_batch_size", 8, *FAST)
+    assert res == {}
+    log = logged(out)
+    assert [h["step"] for h in log if "eval_loss" in h] == [1, 2]
+
+
+# -----------------------------------------------------------------------------
 # float32 master weights; the frozen embeddings; resuming
 
 def changed(folder, model):
@@ -467,14 +610,11 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_runs_loss(folders, d
             "--logging_steps", 1, "--lam_schedule", "noisy", *FAST, "--save_strategy", "steps",
             "--save_steps", 3]
     assert isinstance(main(*args), dict)
-    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    first = logged(tmp_path / "run")
     assert isinstance(main(*args, "--resume_from_checkpoint", tmp_path / "run" / "checkpoint-3"),
                       dict)
-    again = (tmp_path / "run" / "log.csv").read_text().splitlines()
-
-    def loss_by_step(lines):
-        return {int(r.split(",")[0]): float(r.split(",")[1]) for r in lines[1:] if r.split(",")[1]}
-    first, second = loss_by_step(log), loss_by_step(again)
+    second = logged(tmp_path / "run")
+    first, second = ({h["step"]: h["loss"] for h in log if "loss" in h} for log in (first, second))
     assert sorted(second) == [1, 2, 3, 4, 5, 6]  # 1-3 from checkpoint-3's trainer state
     for step in (4, 5, 6):
         assert abs(second[step] - first[step]) < 1e-5, (step, first, second)
@@ -483,44 +623,119 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_runs_loss(folders, d
 # -----------------------------------------------------------------------------
 # the command line, end to end: the template's own stop token; torchrun; the bench
 
-def test_cli_on_a_chat_llama_stops_at_the_templates_end_of_turn(folders, data_dir, tmp_path):
+def generated(model, prompt, max_new_tokens=8):
+    """The ids model generates greedily after prompt (ids), by its own generation config."""
+    prompt = torch.tensor([prompt])
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                          max_new_tokens=max_new_tokens)[0, prompt.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_cli_on_a_chat_llama_stops_at_the_templates_end_of_turn(lora, folders, data_dir, tmp_path):
     """python ift_hf.py on a Llama whose template ends a turn with <|im_end|> (not its eos), 8
-    rows learnt by heart, val.jsonl for the evaluation loss: the saved model, given each training
-    prompt through the template, generates the answer and then <|im_end|>; the exact-match
-    table, the log with the evaluation loss."""
+    rows learnt by heart, val.jsonl for the evaluation loss: the saved model (LoRA: the adapter
+    loaded as the README says, and merged), given each training prompt through the template,
+    generates the answer (LoRA: some answer) and then <|im_end|>, once; the exact-match table,
+    the log with the evaluation loss."""
     data = write_data(tmp_path / "data")
     (data / "val.jsonl").write_text((data_dir / "test.jsonl").read_text())
     out = tmp_path / "out"
+    adapter = ["--use_peft", "--lora_r", 16, "--lora_alpha", 32, "--lora_target_modules",
+               "all-linear", "--lora_modules_to_save", "lm_head"] if lora else []
     res = main("--model", folders["chat-llama"], "--data", data, "--output_dir", out,
                "--limit_rows", 8, "--max_steps", 60, "--per_device_train_batch_size", 8,
-               "--learning_rate", 1e-2, "--logging_steps", 20, *FAST)
+               "--learning_rate", 3e-2 if lora else 1e-2, "--logging_steps", 20, *FAST, *adapter)
     assert isinstance(res, dict) and res["rows"] == 8 and 0 <= res["exact_match"] <= 1, res
-    header, *lines = (out / "log.csv").read_text().splitlines()
-    assert header.startswith("step,loss,nll_loss,lam") and "eval_loss" in header
-    train = [line.split(",") for line in lines if line.split(",")[1]]
-    assert len(train) == 3 and all(abs(float(r[3]) - 0.2) < 1e-9 for r in train)
-    assert any(line.split(",")[6] for line in lines)  # an evaluation loss
-    model, tok = load(out)
+    log = logged(out)
+    train = [h for h in log if "loss" in h]
+    assert len(train) == 3 and all(abs(h["lam"] - 0.2) < 1e-9 for h in train)
+    assert any("eval_loss" in h and "eval_nll_loss" in h for h in log)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    if lora:  # the README's way: the adapter, with the generation config saved beside it
+        model = peft.AutoPeftModelForCausalLM.from_pretrained(
+            out, generation_config=transformers.GenerationConfig.from_pretrained(out))
+        models = [model, model.merge_and_unload()]
+    else:
+        models = [transformers.AutoModelForCausalLM.from_pretrained(out)]
     eot = tok.convert_tokens_to_ids("<|im_end|>")
-    assert eot != tok.eos_token_id and eot in model.generation_config.eos_token_id
-    for row in swap_rows()[:8]:
-        prompt = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}],
-                                         add_generation_prompt=True, return_tensors="pt",
-                                         return_dict=True)["input_ids"]
-        new = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:]
-        assert tok.decode(new) == row["chosen"] + "<|im_end|>"
+    for model in models:
+        assert eot != 1 and eot in model.generation_config.eos_token_id
+        for row in swap_rows()[:8]:
+            prompt = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                             add_generation_prompt=True, return_dict=True)[
+                                                 "input_ids"]
+            text = tok.decode(generated(model, prompt))  # LoRA learns these rows less well:
+            assert text == row["chosen"] + "<|im_end|>" or lora and text.count("<|im_end|>") == 1 \
+                and text.endswith("<|im_end|>"), text  # it stops there, once
     assert json.loads((out / "ift_hf.json").read_text())["script"]["loss"] == "ift"
 
 
-def test_torchrun_two_processes_match_one_process(folders, data_dir, tmp_path):
-    """torchrun with 2 CPU processes (the Trainer's DDP, gloo) ends with one process's weights,
-    and prints the test table once."""
+@pytest.mark.parametrize("kind, fmt", [("llama", "prompt/completion"),
+                                       ("chat-llama", "prompt/completion"),
+                                       ("chat-llama", "messages")])
+def test_the_exact_match_table_agrees_with_an_independent_generate(kind, fmt, folders,
+                                                                   tmp_path):
+    """16 rows of one format trained by heart; test.jsonl holds 8 of them and 4 unseen: each of
+    the table's answers is what the saved model's own generate() gives, prompted in the training
+    format (a text prompt as it is, template or not; a conversation's turns before its last),
+    and so is the exact match."""
+    rows, data, out = rows_of(fmt), tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    test = rows[:8] + rows[-4:]
+    for name, part in (("train", rows[:16]), ("test", test)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    res = main("--model", folders[kind], "--data", data, "--output_dir", out, "--max_steps", 40,
+               "--per_device_train_batch_size", 8, "--learning_rate", 1e-2, "--logging_steps",
+               40, *FAST)
+    model, tok = load(out)
+    stops = model.generation_config.eos_token_id
+    stops = stops if isinstance(stops, list) else [stops]
+    answers, right = [], []
+    for row in test:
+        if fmt == "messages":
+            prompt = tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True,
+                                             return_dict=True)["input_ids"]
+            want = row["messages"][-1]["content"]
+        else:
+            prompt, want = tok(row["prompt"])["input_ids"], row["completion"]
+        new = generated(model, prompt)
+        new = new[:next((k for k, i in enumerate(new) if i in stops), len(new))]
+        answers.append(tok.decode(new, skip_special_tokens=True))
+        right.append(answers[-1].strip() == want.strip())
+    assert res["answers"] == answers and res["exact_match"] == sum(right) / 12, (res, right)
+
+
+def test_assistant_turns_of_a_three_turn_conversation_token_by_token(folders):
+    """encode_messages under a plain ChatML template (no generation marks) on a conversation of
+    three exchanges: the template's own ids, and the mask 1 exactly on each assistant turn's
+    answer, <|im_end|> and newline, 0 on every user turn and every turn's header."""
+    _, tok = load(folders["chat-llama"])
+    messages = [{"role": role, "content": text} for question, answer in (
+        ("swap cat dog:", " dog cat"), ("swap sun red:", " red sun"), ("swap sky fox:", " fox sky"))
+        for role, text in (("user", question), ("assistant", answer))]
+    ids, mask = ift_hf.encode_messages(tok, messages)
+    assert ids == tok.apply_chat_template(messages, return_dict=True)["input_ids"]
+    want_ids, want_mask = [], []
+    for m in messages:
+        head = tok("<|im_start|>" + m["role"] + "\n", add_special_tokens=False)["input_ids"]
+        body = tok(m["content"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        want_ids += head + body
+        want_mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body)
+    assert ids == want_ids and mask == want_mask and sum(mask) > 9
+
+
+def test_torchrun_on_a_cpu_is_data_parallel(folders, data_dir, tmp_path):
+    """torchrun with 2 processes on a CPU, without --use_cpu: each rank has world size 2 and half
+    the batches of an epoch (120 rows, 2 a rank: 30 a rank), ends with the weights of one
+    process with batch 4, and prints the test table once."""
     args = ["--model", folders["gpt2"], "--data", data_dir, "--learning_rate", 1e-3,
-            "--max_steps", 4, "--seed", 3, *FAST]
+            "--max_steps", 4, "--seed", 3, *QUIET]
     ddp = run_cli(*map(str, args), "--per_device_train_batch_size", "2", "--output_dir",
                   str(tmp_path / "ddp"), torchrun=True)
     assert ddp.returncode == 0, ddp.stderr
-    assert "2 processes" in ddp.stdout and ddp.stdout.count("test split") == 1
+    assert ("2 processes: rank 0 of 2, 30 batches an epoch, rank 1 of 2, 30 batches an epoch"
+            in ddp.stdout), ddp.stdout
+    assert ddp.stdout.count("test split") == 1
     assert isinstance(main(*args, "--per_device_train_batch_size", 4, "--output_dir",
                            tmp_path / "one"), dict)
     weights = [transformers.AutoModelForCausalLM.from_pretrained(tmp_path / d).state_dict()
