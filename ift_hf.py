@@ -709,7 +709,7 @@ def evaluate(model, tok, split, max_new_tokens, batch_size, context):
             answers[j] = tok.decode(ids[:end], skip_special_tokens=True)
         seqs = [split.chosen[j] for j in idx] + ([split.rejected[j] for j in idx]
                                                  if split.has_pairs else [])
-        x, y, mask = ift.make_batch(seqs, device)[:3]                       # (B, T) each
+        x, y, mask = ift.make_batch(seqs, device)                           # (B, T) each
         lengths = torch.tensor([len(ids) - 1 for ids, _ in seqs], device=device)
         attention = torch.arange(x.shape[1], device=device) < lengths[:, None]  # (B, T)
         _, logps = ift.sequence_logps(model(input_ids=x, attention_mask=attention.long()).logits,

@@ -167,7 +167,7 @@ def data_dir(tmp_path_factory):
 def padded(seqs):
     """ift.make_batch's x, y, mask of (ids, prompt length) pairs, and real (B, T): True on the
     tokens of x that are not padding (from the lengths, not from make_batch)."""
-    x, y, mask = ift.make_batch(seqs, "cpu")[:3]                            # (B, T) each
+    x, y, mask = ift.make_batch(seqs, "cpu")                                # (B, T) each
     real = torch.arange(x.shape[1]) < torch.tensor([len(ids) - 1 for ids, _ in seqs])[:, None]
     return x, y, mask, real
 
