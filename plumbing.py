@@ -1,7 +1,8 @@
 """
-Plumbing that ift.py and the programs beside it share: the one error type every program prints
-the same way, config dataclasses as command-line flags, a JSON-lines reader that names the bad
-byte or line, and small formatting helpers. Nothing here is part of the IFT lesson.
+Plumbing that ift.py and the programs beside it share, and that the IFT lesson need not show:
+the one error type every program prints the same way, config dataclasses as command-line flags,
+the checks of a user's files (JSON-lines rows, tokenizer ranks, checkpoints) that name the bad
+byte or line, and small formatting helpers.
 """
 
 import argparse
@@ -24,8 +25,6 @@ class UserError(Exception):
 def arg(default, help, choices=None):
     """A config field: its default, and the help text (and allowed values) of its --flag."""
     return field(default=default, metadata={"help": help, "choices": choices})
-
-
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -88,40 +87,6 @@ def json_lines(path, hint):
 
 
 
-def fmt_time(seconds):
-    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s" if seconds >= 60 else f"{int(seconds)}s"
-
-
-def pyplot():
-    """matplotlib.pyplot drawing into files only (the Agg backend, no window), imported when a
-    figure is drawn, so that importing a program leaves matplotlib alone."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def mean_std(values):
-    """Mean and sample standard deviation (ddof 1; 0 for a single value) along axis 0: Python
-    floats for 1-D input (JSON-ready), numpy arrays for (n, ...) input (e.g. seeds x steps)."""
-    values = np.asarray(values, dtype=float)                         # (n,) or (n, ...)
-    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
-    mean = values.mean(axis=0)
-    return (float(mean), float(std)) if values.ndim == 1 else (mean, std)
-
-
-def device_name(device):
-    """A human name of the device: the GPU's, or the CPU's model name on Linux."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return "Apple MPS"
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "unknown CPU"
-
-
 def load_rows(path, need_rejected=False, limit=0):
     """Read one split of ift.py's schema (task, prompt, chosen and maybe rejected: text fields),
     checking every row; errors name the file and the line."""
@@ -178,3 +143,37 @@ def load_checkpoint(path, model, model_args):
     if diff:
         raise UserError(f"--init-from {path}: incompatible model ({', '.join(diff)}); "
                         f"pass the same model flags and tokenizer it was trained with")
+
+
+def fmt_time(seconds):
+    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s" if seconds >= 60 else f"{int(seconds)}s"
+
+
+def pyplot():
+    """matplotlib.pyplot drawing into files only (the Agg backend, no window), imported when a
+    figure is drawn, so that importing a program leaves matplotlib alone."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) along axis 0: Python
+    floats for 1-D input (JSON-ready), numpy arrays for (n, ...) input (e.g. seeds x steps)."""
+    values = np.asarray(values, dtype=float)                         # (n,) or (n, ...)
+    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
+    mean = values.mean(axis=0)
+    return (float(mean), float(std)) if values.ndim == 1 else (mean, std)
+
+
+def device_name(device):
+    """A human name of the device: the GPU's, or the CPU's model name on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
