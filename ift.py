@@ -580,12 +580,6 @@ def lr_at(cfg, step):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def pair_batch(split, idx, device):
-    """make_batch of rows idx: their chosen answers, then (with pairs) their rejected ones."""
-    rejected = [split.rejected[i] for i in idx] if split.has_pairs else []
-    return make_batch([split.chosen[i] for i in idx] + rejected, device)
-
-
 @torch.no_grad()
 def answer_logps(model, split, device, autocast):
     """Summed log-probs (N, 2) of every row's chosen and rejected answer ((N, 1) without pairs),
@@ -593,7 +587,8 @@ def answer_logps(model, split, device, autocast):
     out = torch.zeros(len(split), 1 + split.has_pairs, device=device)
     order = by_length(split, range(len(split)))  # alike lengths together: the speed section
     for idx in (order[i:i + 128] for i in range(0, len(order), 128)):
-        x, y, mask = pair_batch(split, idx, device)                         # (2b, T) each
+        rejected = [split.rejected[i] for i in idx] if split.has_pairs else []
+        x, y, mask = make_batch([split.chosen[i] for i in idx] + rejected, device)  # (2b, T)
         with autocast:
             logits = OnRealTokens(Unpadded(model), mask)(x)  # = model(x), padding skipped
             _, logps = sequence_logps(logits, y, mask)                      # (2b,) or (b,)
