@@ -8,6 +8,8 @@ rule fixed before the run.
     python compare.py --ablations      # then: IFT's ablations on the same bases (sec. 2)
     python compare.py --mechanism      # then: do the models recover from their own mistakes?
     python compare.py --help           # every setting (the model flags are ift.py's)
+    python compare.py --seed 1343 --seeds 13 --lrs-from assets/compare_summary.json \\
+        --out-dir out/replication      # the replication (protocol 5 below)
 
 It imports the lesson, ift.py, and trains each recipe with ift.train() exactly as
 `python ift.py --loss ... --init-from <base>` would. Its model and step defaults are smaller
@@ -34,14 +36,28 @@ The protocol (fixed before the test split is read; each rule is applied where th
  4. Controls. (b) IFT >= SFT then DPO is shown beside SFT - SFT then DPO; (c) is judged on the
     mean preference margin, with preference accuracy beside it; each side of a claim is paired
     with the model it started from, to say whether it moved at all.
+ 5. The replication (written down before it runs; RESULTS.md, section 1, says the same). Judged
+    seeds 1343 ... 1355 (`--seed 1343 --seeds 13`), which share nothing with the first run
+    (judged 1337-1342, tuning 2337-2338), each with its own base; the same recipes, verdict rule,
+    DELTA and test split; no tuning: every recipe's two lrs, their edge flags and claim (c)'s two
+    recipes come from the first run's committed summary (--lrs-from, "Learning rates from an
+    earlier run"), chosen before these seeds existed. Its own verdicts are the headline; the
+    report sets them beside the first run's, claim by claim, and shows both runs' seeds pooled,
+    labelled as pooled after the fact. Why 13 seeds: the first run (Intel Xeon, 2 workers, busy
+    99% of its 78m43s wall) took per judged seed 217 s of base, 470 s for the ten recipes at
+    their lrs and 157 s for claim (c)'s two runs at their margin lrs (DPO 82, ORPO 75), so
+    844 s of runs, 844 / 1.99 = 425 s = 7.1 min of wall on 2 cores; the AMD EPYC of RESULTS.md's
+    sections 3-5 is 1.17x slower (8.3 min). Keeping 10% of 2 hours for start-up, the phases'
+    tails and a slower hour, 108 minutes hold 15 seeds on the Xeon and 13 on the EPYC: 13 seeds,
+    an estimated 108 min there (14: 116; 16: 133).
 
 It writes to --out-dir (default out/compare): compare.md (the tables, the claims, the tuning,
 machine, runtime and this command), compare.json (every run), claims.png (each claim's interval,
-its verdict and the +-DELTA band), families.png (test exact match per recipe and task family),
-summary.json (the numbers behind the tables, small enough to commit), the base models under
-base/, and each run's config.json, train.log, log.csv and ckpt.pt under runs/. --ablations adds
-ablations.md and ablations.json; --mechanism mechanism.md, .json and .png. RESULTS.md shows and
-discusses the numbers.
+its verdict and the +-DELTA band; with --lrs-from, the earlier run's beside it), families.png
+(test exact match per recipe and task family), summary.json (the numbers behind the tables, small
+enough to commit), the base models under base/, and each run's config.json, train.log, log.csv
+and ckpt.pt under runs/. --ablations adds ablations.md and ablations.json; --mechanism
+mechanism.md, .json and .png. RESULTS.md shows and discusses the numbers.
 """
 
 import concurrent.futures
@@ -77,27 +93,30 @@ class CompareConfig(ift.Config):
     log_interval: int = plumbing.arg(250, "steps between log lines (in each run's train.log)")
     eval_interval: int = plumbing.arg(1000, "steps between validation evaluations")
     compile: str = plumbing.arg("off", "torch.compile (off: it would compile anew for every short run)",
-                           ("auto", "on", "off"))
+                                ("auto", "on", "off"))
     out_dir: str = plumbing.arg("out/compare", "output folder")
     # the comparison's own
     base_steps: int = plumbing.arg(6000, "steps of stage 0: each seed's base model, trained by plain "
-                              "language modelling on <data>/pretrain.jsonl (kept in "
-                              "<out-dir>/base and reused while its settings and the data files "
-                              "are unchanged)")
+                                   "language modelling on <data>/pretrain.jsonl (kept in "
+                                   "<out-dir>/base and reused while its settings and the data files "
+                                   "are unchanged)")
     seeds: int = plumbing.arg(6, "judged seeds --seed, --seed + 1, ...: each trains its own base and "
-                         "every recipe from it; the claims are paired over them")
+                              "every recipe from it; the claims are paired over them")
     tuning_seeds: int = plumbing.arg(2, "tuning seeds --seed + 1000, ...: each its own base; they "
-                                "choose the lrs and are never judged")
+                                     "choose the lrs and are never judged")
     lr_grid: tuple = plumbing.arg((0.1, 0.33, 1.0), "multipliers of each recipe's DEFAULT_LR tried on "
-                             "the tuning seeds (the same number of points for every recipe)")
+                                  "the tuning seeds (the same number of points for every recipe)")
     max_extensions: int = plumbing.arg(2, "times a recipe's grid may add a multiplier step past the "
-                                  "edge where its best lr lies")
+                                       "edge where its best lr lies")
+    lrs_from: str = plumbing.arg("", "a summary.json of an earlier comparison with these settings: "
+                                 "take its lrs and claim (c)'s recipes, tune nothing, and set its "
+                                 "claims beside this run's (the replication)")
     workers: int = plumbing.arg(0, "runs trained at once, each in a process of its own (0: one per "
-                           "CPU core, at most 8, on a CPU; 1 on a GPU)")
+                                "CPU core, at most 8, on a CPU; 1 on a GPU)")
     ablations: bool = plumbing.arg(False, "instead of the comparison, train IFT's ablations on the "
-                              "judged seeds' bases of the comparison in --out-dir")
+                                   "judged seeds' bases of the comparison in --out-dir")
     mechanism: bool = plumbing.arg(False, "instead of training, measure how the checkpoints of the "
-                              "comparison in --out-dir recover from their own mistakes")
+                                   "comparison in --out-dir recover from their own mistakes")
 
 
 def compare_problem(cfg):
@@ -118,11 +137,131 @@ def compare_problem(cfg):
         return "--max-steps must be >= 2 (two sequential stages)"
     if cfg.ablations and cfg.mechanism:
         return "--ablations and --mechanism are two commands: pass one, then the other"
+    if cfg.lrs_from and (cfg.ablations or cfg.mechanism):
+        return "--lrs-from is for the comparison; --ablations and --mechanism read its --out-dir"
+    if cfg.lrs_from and Path(cfg.lrs_from).resolve() == Path(cfg.out_dir, "summary.json").resolve():
+        return f"--lrs-from {cfg.lrs_from} would be overwritten by this run: pass another --out-dir"
     grid = cfg.lr_grid
     if len(grid) < 2 or not all(m > 0 for m in grid) or len(set(grid)) < len(grid):
         return (f"--lr-grid must be at least two distinct positive numbers, got "
                 f"{' '.join(map(str, grid))}")
     return ift.config_problem(cfg)
+
+
+# -----------------------------------------------------------------------------
+# The verdicts: all of the statistics
+#
+# A claim is judged on paired differences d_s = metric(recipe, seed s) - metric(other, seed s)
+# over the judged seeds, each seed with its own base. With their mean m, sample std s and n seeds,
+# the 95% t-interval is m +- t95(n - 1) * s / sqrt(n) (SE = s / sqrt(n)). With that interval
+# [lo, hi] and the claim's margin of indifference DELTA (fixed before the run):
+#   reproduced    lo > 0                       the recipe is better
+#   reversed      hi < 0                       the other is better
+#   equivalent    -DELTA <= lo and hi <= DELTA  no difference that matters (a difference of at
+#                                               most DELTA either way)
+#   inconclusive  otherwise                    the seeds cannot tell
+# The first two come first: an interval above 0 that also lies inside +-DELTA is reproduced (a
+# small but clear difference). DELTA is 0.02 exact match (2 points of 100, 40 of the 2000 test
+# rows), and 1 nat of the mean preference margin for claim (c): the chosen answer e = 2.7 times
+# likelier against the rejected one, on average over the rows, a small change next to margins
+# summed over whole answers (RESULTS.md, section 1, shows them). |m| / SE well above t95 marks a
+# verdict another run should repeat. A claim also counts the seeds each way, and each of its
+# sides is paired with the model it started from (the base, or stage 1): one whose interval
+# contains 0 "did not move", one whose interval lies below 0 ended "worse than its start"; a
+# claim won against such a side says little. Five claims are tested at 95% each, so with no true
+# difference anywhere the chance that at least one of them comes out reproduced or reversed by
+# luck is up to 1 - 0.95^5 = 23%.
+
+DELTA = {"exact_match": 0.02, "margin": 1.0}
+N_CLAIMS = 5
+CONTROL = "b control"  # (b)'s control: SFT - SFT then DPO
+
+# two-sided 95% quantiles of Student's t by degrees of freedom; past 9, 1.96 + 2.4 / df is
+# within 0.03 of them
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def half_width(std, n):
+    """The 95% t-interval half-width of the mean of n paired differences with this std."""
+    df = n - 1
+    return T95.get(df, 1.96 + 2.4 / df) * std / math.sqrt(n)
+
+
+def verdict(lo, hi, delta):
+    """The four words (see above) from a 95% interval [lo, hi] and the claim's DELTA."""
+    if lo > 0:
+        return "reproduced"
+    if hi < 0:
+        return "reversed"
+    if -delta <= lo and hi <= delta:
+        return "equivalent"
+    return "inconclusive"
+
+
+def paired(diffs, delta):
+    """Mean, sample std and 95% t-interval half-width of paired differences, the verdict, the
+    seeds each way, |mean| / SE, and how many seeds the same std would need for a half-width of
+    delta."""
+    mean, std = plumbing.mean_std(diffs)
+    ways = {"up": sum(d > 0 for d in diffs), "down": sum(d < 0 for d in diffs)}
+    if len(diffs) < 2:
+        return {"diffs": diffs, "mean": mean, "std": None, "ci95": None, "seeds_needed": None,
+                "t": None, "t95": None, **ways,
+                "verdict": "one seed: no spread (use --seeds 2 or more)"}
+    half = half_width(std, len(diffs))
+    needed = next((n for n in range(2, 10001) if half_width(std, n) <= delta), None)
+    se = std / math.sqrt(len(diffs))
+    return {"diffs": diffs, "mean": mean, "std": std, "ci95": half, "seeds_needed": needed,
+            "t": abs(mean) / se if se else None, "t95": half / se if se else None,
+            **ways, "verdict": verdict(mean - half, mean + half, delta)}
+
+
+def claim_list(claim_c):
+    """(key, text, recipe, other, metric) of the five claims, then (b)'s control."""
+    return [("a", "IFT > SFT on exact match", "ift", "sft", "exact_match"),
+            ("a'", "IFT at SFT's FLOPs > SFT on exact match", "ift at sft's flops", "sft",
+             "exact_match"),
+            ("b", "IFT >= SFT then DPO on exact match", "ift", "sft then dpo", "exact_match"),
+            ("c", "the better DPO recipe > the best other recipe on preference margin",
+             *claim_c, "margin"),
+            ("d", "SFT then IFT > SFT then SFT on exact match", "sft then ift", "sft then sft",
+             "exact_match"),
+            (CONTROL, "(b)'s control: SFT >= SFT then DPO on exact match", "sft", "sft then dpo",
+             "exact_match")]
+
+
+def judge_claims(recipes, runs, margin_runs, claim_c, seeds):
+    """The claims and (b)'s control, each on paired test differences over the judged seeds;
+    each side also paired with the model it started from, to say whether it moved at all.
+    Claim (c) reads its runs at the margin lrs, and shows preference accuracy beside."""
+    starts = {r.name: r.start for r in recipes}
+    out = []
+    for key, text, recipe, other, metric in claim_list(claim_c):
+        table = margin_runs if key == "c" else runs
+
+        def values(name, metric=metric):
+            return [table[(name, s)]["test"][metric] for s in seeds]
+
+        def moved(name):  # the side minus the model it started from, seed by seed
+            return paired([a - runs[(starts[name], s)]["test"][metric]
+                           for a, s in zip(values(name), seeds)], DELTA[metric])
+        claim = {"claim": key, "text": text, "recipe": recipe, "other": other, "metric": metric,
+                 "delta": DELTA[metric], "seeds": seeds,
+                 **paired([a - b for a, b in zip(values(recipe), values(other))], DELTA[metric]),
+                 "moved": {name: moved(name) for name in (recipe, other)}}
+        if key == "c":
+            pa = "preference_accuracy"
+            claim[pa] = paired([a - b for a, b in zip(values(recipe, pa), values(other, pa))],
+                               0.02)
+        out.append(claim)
+    return out
+
+
+def pooled(first, second, key):
+    """paired() over the seeds of two summaries' claim `key` together: pooled after the fact."""
+    diffs = [per_seed["claims"][key] for s in (first, second)
+             for per_seed in s["per_seed"].values()]
+    return paired(diffs, next(c["delta"] for c in first["claims"] if c["claim"] == key))
 
 
 # -----------------------------------------------------------------------------
@@ -233,6 +372,15 @@ def train_and_test(rcfg, model, enc, train_split, data, device, run_dir, judged)
     return {**record, "seconds": time.time() - t}
 
 
+DATA_FILES = ("train", "val", "test", "pretrain")
+
+
+def data_hashes(data_dir):
+    """sha256 of each data file a comparison reads."""
+    return {name: hashlib.sha256((Path(data_dir) / f"{name}.jsonl").read_bytes()).hexdigest()
+            for name in DATA_FILES}
+
+
 def base_folder(bcfg, out_dir):
     """The base model's settings, and its folder: <out-dir>/base/<hash of the settings>. One
     folder per settings (the seed among them), so no base is ever overwritten by another."""
@@ -246,13 +394,12 @@ def base_folder(bcfg, out_dir):
     return settings, out_dir / "base" / key
 
 
-def read_json(path, what):
+def read_json(path, what, hint="delete it, or pass another --out-dir"):
     """A JSON file this program wrote, or one line saying that it is not one."""
     try:
-        return json.loads(path.read_bytes())
+        return json.loads(Path(path).read_bytes())
     except (ValueError, OSError) as e:  # not UTF-8 or not JSON is a ValueError too
-        raise plumbing.UserError(f"{path}: not {what} ({type(e).__name__}); delete it, or pass "
-                            f"another --out-dir") from None
+        raise plumbing.UserError(f"{path}: not {what} ({type(e).__name__}); {hint}") from None
 
 
 def base_model(cfg, seed, judged, enc, data, device, out_dir):
@@ -302,7 +449,7 @@ def load_data(cfg, enc):
     pool_path = Path(cfg.data) / "pretrain.jsonl"
     if not pool_path.is_file():
         raise plumbing.UserError(f"{pool_path}: no pretraining pool for the base model; run python "
-                            f"data/prepare.py, or put rows of your own there")
+                                 f"data/prepare.py, or put rows of your own there")
     data = ift.load_splits(cfg, enc, need_rejected=("train", "val", "test"))
     n = len(data["train"])
     data["train_a"] = ift.Split(data["train"].rows[:n // 2], enc, cfg.block_size, "train half A")
@@ -314,6 +461,15 @@ def load_data(cfg, enc):
     return data
 
 
+def set_up(cfg):
+    """What every command and every worker process reads: the config, the device, the output
+    folder, the tokenizer and the splits."""
+    device, out_dir = ift.start(cfg)
+    enc = ift.load_tokenizer(cfg.data)
+    return {"cfg": cfg, "device": device, "out_dir": out_dir, "enc": enc,
+            "data": load_data(cfg, enc)}
+
+
 # -----------------------------------------------------------------------------
 # Running jobs
 #
@@ -322,7 +478,9 @@ def load_data(cfg, enc):
 # idles long at the end of a list. A 2 x 64 GPT is too small to keep two CPU threads busy, so on
 # a CPU --workers processes train one run each with one thread (RESULTS.md measures the gain). A
 # run reads and writes only its own folder and the checkpoint it starts from, which is finished
-# before it starts.
+# before it starts. Each finished run prints one line: its scores, the share of the planned work
+# done (in SFT steps; grid extensions and claim (c)'s runs join the plan when they are known) and
+# the time the whole comparison has left at the rate so far.
 
 @dataclass
 class Job:
@@ -333,16 +491,14 @@ class Job:
     judged: bool = True    # False: a tuning seed's run, which never reads the test split
 
 
-WORKER = {}  # in each worker process (and in the main one, for --workers 1): what a run reads
+WORKER = {}  # in each worker process (and in the main one, for --workers 1): set_up()'s dict
 
 
 def worker_start(cfg, threads):
     """Set up a process that trains runs: its threads, the tokenizer, the splits."""
     torch.set_num_threads(threads)
     with contextlib.redirect_stdout(io.StringIO()):  # the main process printed any warnings
-        device, out_dir = ift.start(cfg)
-        enc = ift.load_tokenizer(cfg.data)
-        WORKER.update(cfg=cfg, device=device, out_dir=out_dir, enc=enc, data=load_data(cfg, enc))
+        WORKER.update(set_up(cfg))
 
 
 def worker_run(job):
@@ -355,12 +511,6 @@ def worker_run(job):
                        w["enc"], w["data"], w["device"], w["out_dir"])
 
 
-def at_a_time(workers, threads):
-    """'2 runs at a time, 1 thread each'"""
-    return (f"{workers} run{'s' * (workers > 1)} at a time, {threads} "
-            f"thread{'s' * (threads > 1)} each")
-
-
 def workers_for(cfg, device):
     """(processes, threads each): --workers, or one per core up to 8 on a CPU, 1 on a GPU."""
     cores = torch.get_num_threads()
@@ -368,49 +518,43 @@ def workers_for(cfg, device):
     return workers, max(1, cores // workers)
 
 
+def at_a_time(workers, threads):
+    """'2 runs at a time, 1 thread each'"""
+    return (f"{workers} run{'s' * (workers > 1)} at a time, {threads} "
+            f"thread{'s' * (threads > 1)} each")
+
+
 @contextlib.contextmanager
-def worker_pool(cfg, workers, threads, device, out_dir, enc, data):
+def worker_pool(setup, workers, threads):
     """A map over jobs: a pool of `workers` processes, or, for one worker, this process."""
     if workers == 1:
-        WORKER.update(cfg=cfg, device=device, out_dir=out_dir, enc=enc, data=data)
+        WORKER.update(setup)
         yield map
         return
     with concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                                worker_start, (cfg, threads)) as pool:
+                                                worker_start, (setup["cfg"], threads)) as pool:
         yield pool.map
 
 
-class Progress:
-    """One line per finished run: its scores, the share of the whole comparison's planned work
-    done (in SFT steps; grid extensions and claim (c)'s runs are added when they are known) and
-    the time the whole comparison has left at the rate so far."""
-
-    def __init__(self, total, t_start):
-        self.total, self.done, self.t_start = total, 0.0, t_start
-
-    def report(self, job, res):
-        self.done += run_cost(job.recipe)
-        elapsed = time.time() - self.t_start
+def run_jobs(run, jobs, plan):
+    """Train jobs, the longest first, with run (a map over jobs); (job, result) pairs, and one
+    progress line per run (plan: the planned cost, the cost done, the start time). A judged run
+    or a base that diverges stops everything: only a tuning run may diverge and lose."""
+    jobs = sorted(jobs, key=lambda job: -run_cost(job.recipe))  # stable: ties keep their order
+    done = []
+    for job, res in zip(jobs, run(worker_run, jobs)):  # results come in order, as they finish
+        plan["done"] += run_cost(job.recipe)
+        elapsed = time.time() - plan["start"]
         scores = "diverged"
         if res["outcome"] == "finished":
             test = f" | test exact {res['test']['exact_match']:.3f}" if res["test"] else ""
             scores = (f"val exact {res['val_exact_match']:.3f} | val margin "
                       f"{res['val_margin']:.2f}{test}")
-        left = plumbing.fmt_time(elapsed / self.done * max(self.total - self.done, 0))
+        left = elapsed / plan["done"] * max(plan["total"] - plan["done"], 0)
         kind = "judged" if job.judged else "tuning"
-        print(f"[{min(self.done / self.total, 1):4.0%}] {kind} seed {job.seed} | "
-              f"{job.recipe.name:<18} | lr {job.lr:.1e} | {scores} | {res.get('seconds', 0):.0f}s"
-              f" | elapsed {plumbing.fmt_time(elapsed)}, eta {left} for the whole comparison",
-              flush=True)
-
-
-def run_jobs(run, jobs, progress):
-    """Train jobs, the longest first, with run (a map over jobs); (job, result) pairs. A judged
-    run or a base that diverges stops everything: only a tuning run may diverge and lose."""
-    jobs = sorted(jobs, key=lambda job: -run_cost(job.recipe))  # stable: ties keep their order
-    done = []
-    for job, res in zip(jobs, run(worker_run, jobs)):  # results come in order, as they finish
-        progress.report(job, res)
+        print(f"[{min(plan['done'] / plan['total'], 1):4.0%}] {kind} seed {job.seed} | "
+              f"{job.recipe.name:<18} | lr {job.lr:.1e} | {scores} | {res.get('seconds', 0):.0f}s | elapsed {plumbing.fmt_time(elapsed)}, eta "
+              f"{plumbing.fmt_time(left)} for the whole comparison", flush=True)
         if res["outcome"] != "finished" and (job.judged or job.recipe.name == BASE):
             raise plumbing.UserError(f"{job.recipe.name}, seed {job.seed}: {res['error']}")
         done.append((job, res))
@@ -461,7 +605,7 @@ def grid_scores(recipe, done, seeds):
         ok = [by_seed[s] for s in seeds if s in by_seed and by_seed[s]["outcome"] == "finished"]
         scores[lr] = None if len(ok) < len(seeds) else tuple(
             plumbing.mean_std([r[k] for r in ok])[0] for k in ("val_exact_match", "val_margin",
-                                                          "val_nll"))
+                                                               "val_nll"))
     return scores
 
 
@@ -484,7 +628,7 @@ def extension(grid, best):
     return None
 
 
-def tune(cfg, run, progress, recipes, seeds, starts, also=()):
+def tune(cfg, run, plan, recipes, seeds, starts, also=()):
     """Tune recipes on the tuning seeds (see above) from their starts; `also` are other jobs that
     share the first round's workers. Returns the finished (job, result) pairs, and per recipe
     its grid, its two chosen lrs, the metrics whose optimum stays at an edge, and the scores."""
@@ -494,14 +638,14 @@ def tune(cfg, run, progress, recipes, seeds, starts, also=()):
         jobs = [Job(r, s, lr, starts[(r.start, s)], judged=False) for r in recipes
                 for lr in new[r.name] for s in seeds]
         if round_:  # the first round is in the plan already
-            progress.total += sum(run_cost(job.recipe) for job in jobs)
-        done += run_jobs(run, jobs + (list(also) if round_ == 0 else []), progress)
+            plan["total"] += sum(run_cost(job.recipe) for job in jobs)
+        done += run_jobs(run, jobs + (list(also) if round_ == 0 else []), plan)
         scores = {r.name: grid_scores(r, done, seeds) for r in recipes}
         choice = {name: best_lrs(s) for name, s in scores.items()}
         lost = next((name for name, c in choice.items() if c is None), None)
         if lost:
             raise plumbing.UserError(f"{lost}: every lr of its grid diverged on a tuning seed; try "
-                                f"smaller --lr-grid multipliers")
+                                     f"smaller --lr-grid multipliers")
         new = {r.name: sorted({lr for lr in (extension(grids[r.name], b) for b in
                                              choice[r.name].values()) if lr is not None})
                for r in recipes}
@@ -527,6 +671,98 @@ def pick_claim_c(table, names):
 
 
 # -----------------------------------------------------------------------------
+# Learning rates from an earlier run (--lrs-from summary.json: the replication)
+#
+# The replication tunes nothing: it takes every tuned recipe's two lrs, their edge flags and
+# claim (c)'s two recipes from the summary.json of an earlier comparison, so nothing is chosen on
+# its own seeds. The lrs mean something only for the runs they were tuned for, so the summary
+# must come from the same recipes (names and steps, the base's among them) and the same
+# settings: every CompareConfig field but FREE below must be equal (model size, steps, base
+# steps, batch, schedule, lam, gamma, betas, --limit-rows, the lr grid and its extensions, the
+# tuning seeds, --max-new-tokens, compile), and each tuned recipe's grid must hold --lr-grid
+# times today's DEFAULT_LR. The data files (not the --data path) must have the same sha256
+# where it records them; a summary written before --lrs-from existed (the first run's) records
+# neither settings nor hashes, so its settings are read from its `regenerate` command with
+# today's defaults, and its data files are taken on trust. Its judged and tuning seeds may not
+# be judged again: a replication's seeds are fresh.
+
+FREE = ("seed", "seeds", "out_dir", "workers", "device", "lrs_from", "log_interval", "ablations",
+        "mechanism", "data")  # may differ from the summary's run
+
+
+def settings_of(cfg):
+    """The comparison's settings that a summary records (JSON-ready: lists for tuples)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
+            if k not in RECIPE_FIELDS}
+
+
+def lrs_from(cfg, path):
+    """The summary at path, checked against cfg (see above): (tuning table, claim (c)'s two
+    recipes, the summary). A bad file or one from other recipes or settings: one line."""
+    summary = read_json(path, "a summary.json of compare.py", "pass the summary.json a "
+                        "comparison wrote (e.g. assets/compare_summary.json)")
+    keys = ("regenerate", "seeds", "tuning_seeds", "per_seed", "recipes", "claims")
+    missing = [k for k in keys if k not in summary] if isinstance(summary, dict) else keys
+    if missing:
+        raise plumbing.UserError(f"{path}: not a summary.json of compare.py (missing "
+                                 f"{', '.join(missing)})")
+    recipes = [base_recipe(cfg)] + compare_recipes(cfg.max_steps)
+    theirs = summary["recipes"]
+    if not isinstance(theirs, dict) or list(theirs) != [r.name for r in recipes]:
+        raise plumbing.UserError(f"{path}: from other recipes ({', '.join(map(str, theirs))}), "
+                                 f"not this comparison's")
+    try:
+        table = {r.name: {"grid": [float(lr) for lr in theirs[r.name]["grid"]],
+                          "lr": float(theirs[r.name]["lr"]),
+                          "lr_margin": float(theirs[r.name]["lr_margin"]),
+                          "at_edge": [str(m) for m in theirs[r.name]["at_edge"]], "scores": {}}
+                 for r in recipes if r.tuned}
+        steps = {name: int(t["steps"]) for name, t in theirs.items()}
+        c = next(c for c in summary["claims"] if c["claim"] == "c")
+        claim_c = (str(c["recipe"]), str(c["other"]))
+        their_cfg = summary.get("config") or config_of_command(summary["regenerate"])
+        seeds = {int(s) for s in summary["seeds"] + summary["tuning_seeds"]}
+    except (KeyError, TypeError, ValueError, StopIteration) as e:
+        raise plumbing.UserError(f"{path}: a field is missing or malformed "
+                                 f"({type(e).__name__}: {e})") from None
+    ours = settings_of(cfg)
+    other = [f"--{k.replace('_', '-')} {their_cfg.get(k)} (here {v})" for k, v in ours.items()
+             if k not in FREE and their_cfg.get(k) != v]
+    other += [f"{r.name} {steps[r.name]} steps (here {r.steps})" for r in recipes
+              if steps[r.name] != r.steps]
+    other += [f"{r.name}'s grid {table[r.name]['grid']} (here {today})" for r in recipes
+              if r.tuned for today in [[ift.DEFAULT_LR[r.loss] * m for m in cfg.lr_grid]]
+              if not all(any(math.isclose(lr, g) for g in table[r.name]["grid"]) for lr in today)]
+    hashes = summary.get("data_sha256")
+    if hashes:
+        other += [f"{cfg.data}/{k}.jsonl" for k, h in data_hashes(cfg.data).items()
+                  if hashes.get(k) != h]
+    if other:
+        raise plumbing.UserError(f"{path}: made with other settings: {'; '.join(other)}")
+    if claim_c[0] not in table or claim_c[1] not in table:
+        raise plumbing.UserError(f"{path}: claim (c)'s recipes {claim_c} are not tuned recipes")
+    again = sorted(seeds & {cfg.seed + i for i in range(cfg.seeds)})
+    if again:
+        raise plumbing.UserError(f"{path}: its run used seeds {', '.join(map(str, again))} "
+                                 f"already; judge fresh ones (e.g. --seed "
+                                 f"{max(summary['seeds']) + 1})")
+    return table, claim_c, summary
+
+
+def config_of_command(command):
+    """The settings of `python compare.py ...` (a summary's regenerate line), with today's
+    defaults for the flags it does not give."""
+    words = shlex.split(command)
+    if words[:2] != ["python", "compare.py"]:
+        raise ValueError(f"regenerate is not a compare.py command: {command}")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return settings_of(parse_config(words[2:]))
+    except SystemExit:
+        raise ValueError(f"regenerate has flags this compare.py refuses: {command}") from None
+
+
+# -----------------------------------------------------------------------------
 # The phases
 #
 # A run can start once its start's checkpoint exists and its lr is known, so the comparison
@@ -539,41 +775,49 @@ def pick_claim_c(table, names):
 #   4. the tuning of the stage-2 recipes, from the tuning seeds' stage 1;          -> their lrs,
 #                                                                                    claim (c)
 #   5. the judged seeds' stage-2 runs, and claim (c)'s runs at their margin lrs.
-# Between phases, tune() and pick_claim_c() are pure functions of finished runs.
+# Between phases, tune() and pick_claim_c() are pure functions of finished runs. With lrs from
+# an earlier run (`fixed`) there is nothing to tune: 2 trains the judged bases alone, 3 the
+# judged seeds' runs from them, and 1 and 4 are skipped.
 
-def train_all(cfg, run, progress, recipes, tuning, judged):
-    """The five phases (see above). Returns every finished (job, result), the tuning table (per
-    recipe: grid, lrs, edge flags, scores) and claim (c)'s two recipes."""
+def train_all(cfg, run, plan, recipes, tuning, judged, fixed=None):
+    """The five phases (see above); fixed: (tuning table, claim (c)) of --lrs-from. Returns
+    every finished (job, result), the tuning table (per recipe: grid, lrs, edge flags, scores)
+    and claim (c)'s two recipes."""
     own = [r for r in recipes if r.tuned]                         # tuned: the paper's Table 2
     from_base = [r for r in own if r.start == BASE]
     stage2 = [r for r in own if r.start != BASE]
     stage1 = [r for r in recipes if r.name == "sft (stage 1)"]
     rest = [r for r in recipes if not r.tuned and r not in stage1]   # equal compute
     base = base_recipe(cfg)
-    # 1. the tuning seeds' bases
-    done = run_jobs(run, [Job(base, s, ift.DEFAULT_LR["sft"], "", judged=False) for s in tuning],
-                    progress)
-    # 2. the tuning of the recipes from a base, beside the judged seeds' bases
     judged_bases = [Job(base, s, ift.DEFAULT_LR["sft"], "") for s in judged]
-    tuned, table = tune(cfg, run, progress, from_base, tuning, starts_of(done), judged_bases)
-    done += tuned
+    if fixed:
+        (table, claim_c), tuning = fixed, []
+        done = run_jobs(run, judged_bases, plan)
+    else:
+        # 1. the tuning seeds' bases
+        done = run_jobs(run, [Job(base, s, ift.DEFAULT_LR["sft"], "", judged=False)
+                              for s in tuning], plan)
+        # 2. the tuning of the recipes from a base, beside the judged seeds' bases
+        tuned, table = tune(cfg, run, plan, from_base, tuning, starts_of(done), judged_bases)
+        done += tuned
     lrs = {name: t["lr"] for name, t in table.items()}
     # 3. the tuning seeds' stage 1; the judged seeds' runs from their bases
     starts = starts_of(done)
     done += run_jobs(run, jobs_at(stage1, tuning, lrs, starts, judged=False)
-                     + jobs_at(from_base + stage1 + rest, judged, lrs, starts), progress)
-    # 4. the tuning of the stage-2 recipes; claim (c)'s recipes
-    tuned, table2 = tune(cfg, run, progress, stage2, tuning, starts_of(done))
-    done, table = done + tuned, {**table, **table2}
-    lrs = {name: t["lr"] for name, t in table.items()}
-    claim_c = pick_claim_c(table, [r.name for r in own])
+                     + jobs_at(from_base + stage1 + rest, judged, lrs, starts), plan)
+    if not fixed:
+        # 4. the tuning of the stage-2 recipes; claim (c)'s recipes
+        tuned, table2 = tune(cfg, run, plan, stage2, tuning, starts_of(done))
+        done, table = done + tuned, {**table, **table2}
+        lrs = {name: t["lr"] for name, t in table.items()}
+        claim_c = pick_claim_c(table, [r.name for r in own])
     extra = [r for r in own if r.name in claim_c and table[r.name]["lr_margin"] != lrs[r.name]]
-    progress.total += sum(run_cost(r) for r in extra) * len(judged)
+    plan["total"] += sum(run_cost(r) for r in extra) * len(judged)
     # 5. the judged seeds' stage 2, and claim (c)'s runs at their margin lrs
     lrs_margin = {name: t["lr_margin"] for name, t in table.items()}
     starts = starts_of(done)
     done += run_jobs(run, jobs_at(stage2, judged, lrs, starts)
-                     + jobs_at(extra, judged, lrs_margin, starts), progress)
+                     + jobs_at(extra, judged, lrs_margin, starts), plan)
     return done, table, claim_c
 
 
@@ -587,124 +831,85 @@ def planned_cost(cfg, recipes, tuning, judged):
 
 
 # -----------------------------------------------------------------------------
-# The verdicts
-#
-# A claim is judged on paired differences d_s = metric(recipe, seed s) - metric(other, seed s)
-# over the judged seeds, each seed with its own base. With the 95% t-interval of their mean
-# [lo, hi] and the claim's margin of indifference DELTA (fixed before the run):
-#   reproduced    lo > 0                       the recipe is better
-#   reversed      hi < 0                       the other is better
-#   equivalent    -DELTA <= lo and hi <= DELTA  no difference that matters (a difference of at
-#                                               most DELTA either way)
-#   inconclusive  otherwise                    the seeds cannot tell
-# The first two come first: an interval above 0 that also lies inside +-DELTA is reproduced (a
-# small but clear difference). DELTA is 0.02 exact match (2 points of 100, 40 of the 2000 test
-# rows), and 1 nat of the mean preference margin for claim (c): the chosen answer e = 2.7 times
-# likelier against the rejected one, on average over the rows, a small change next to margins
-# summed over whole answers (RESULTS.md, section 1, shows them). A claim
-# also counts the seeds each way, and each of its sides is paired with the model it started
-# from (the base, or stage 1): one whose interval contains 0 "did not move", one whose interval
-# lies below 0 ended "worse than its start"; a claim won against such a side says little.
-# Five claims are tested at 95% each, so with no true difference anywhere the chance that at
-# least one of them comes out reproduced or reversed by luck is up to 1 - 0.95^5 = 23%.
+# The comparison
 
-DELTA = {"exact_match": 0.02, "margin": 1.0}
-N_CLAIMS = 5
-CONTROL = "b control"  # (b)'s control: SFT - SFT then DPO
-
-# two-sided 95% quantiles of Student's t by degrees of freedom; past 9, 1.96 + 2.4 / df is
-# within 0.03 of them
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
-
-
-def half_width(std, n):
-    """The 95% t-interval half-width of the mean of n paired differences with this std."""
-    df = n - 1
-    return T95.get(df, 1.96 + 2.4 / df) * std / math.sqrt(n)
-
-
-def verdict(lo, hi, delta):
-    """The four words (see above) from a 95% interval [lo, hi] and the claim's DELTA."""
-    if lo > 0:
-        return "reproduced"
-    if hi < 0:
-        return "reversed"
-    if -delta <= lo and hi <= delta:
-        return "equivalent"
-    return "inconclusive"
+def compare(cfg, command):
+    """Train and test every recipe over the seeds, in phases; write the reports and figures."""
+    t_start = time.time()
+    fixed = lrs_from(cfg, cfg.lrs_from) if cfg.lrs_from else None
+    setup = set_up(cfg)
+    device, out_dir, data = setup["device"], setup["out_dir"], setup["data"]
+    recipes = compare_recipes(cfg.max_steps)
+    judged = [cfg.seed + i for i in range(cfg.seeds)]
+    tuning = [] if fixed else [cfg.seed + TUNING_OFFSET + i for i in range(cfg.tuning_seeds)]
+    workers, threads = workers_for(cfg, device)
+    lrs_note = (f"lrs from {cfg.lrs_from}" if fixed else
+                f"tuned on seeds {', '.join(map(str, tuning))}")
+    print(f"compare | {len(tuning) + len(judged)} base models, then {len(recipes)} recipes x "
+          f"{len(judged)} judged seeds {judged[0]}..{judged[-1]}, {lrs_note} | device {device}, "
+          f"{at_a_time(workers, threads)} | {len(data['train'])} train rows | outputs in "
+          f"{out_dir}", flush=True)
+    plan = {"total": planned_cost(cfg, recipes, tuning, judged), "done": 0.0, "start": t_start}
+    with worker_pool(setup, workers, threads) as run:
+        done, table, claim_c = train_all(cfg, run, plan, recipes, tuning, judged,
+                                         fixed and fixed[:2])
+    info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "device": str(device), "device_name": plumbing.device_name(device),
+            "torch": torch.__version__, "threads": threads, "workers": workers,
+            "runtime_seconds": time.time() - t_start,
+            "busy_seconds": sum(res.get("seconds", 0) for job, res in done
+                                if not res.get("reused")),
+            "params": sum(p.numel() for p in ift.GPT(**ift.model_args(cfg, setup["enc"]))
+                          .parameters()),
+            "seeds": judged, "tuning_seeds": tuning, "claim_c": claim_c,
+            "tasks": sorted({row["task"] for row in data["test"].rows}),
+            "config": settings_of(cfg), "lrs_from": cfg.lrs_from or None,
+            "data_sha256": data_hashes(cfg.data)}
+    return write_outputs(cfg, info, recipes, done, table, out_dir, fixed and fixed[2])
 
 
-def paired(diffs, delta):
-    """Mean, sample std and 95% t-interval half-width of paired differences, the verdict, the
-    seeds each way, and how many seeds the same std would need for a half-width of delta."""
-    mean, std = plumbing.mean_std(diffs)
-    ways = {"up": sum(d > 0 for d in diffs), "down": sum(d < 0 for d in diffs)}
-    if len(diffs) < 2:
-        return {"diffs": diffs, "mean": mean, "std": None, "ci95": None, "seeds_needed": None,
-                "t": None, "t95": None, **ways,
-                "verdict": "one seed: no spread (use --seeds 2 or more)"}
-    half = half_width(std, len(diffs))
-    needed = next((n for n in range(2, 10001) if half_width(std, n) <= delta), None)
-    se = std / math.sqrt(len(diffs))
-    return {"diffs": diffs, "mean": mean, "std": std, "ci95": half, "seeds_needed": needed,
-            "t": abs(mean) / se if se else None, "t95": half / se if se else None,
-            **ways, "verdict": verdict(mean - half, mean + half, delta)}
+def judged_runs(done):
+    """(recipe name, seed) -> {lr: record} of every finished judged run (and base) in done."""
+    runs = {}
+    for job, res in done:
+        if job.judged and res["outcome"] == "finished":
+            runs.setdefault((job.recipe.name, job.seed), {})[job.lr] = res
+    return runs
 
 
-def claim_list(claim_c):
-    """(key, text, recipe, other, metric) of the five claims, then (b)'s control."""
-    return [("a", "IFT > SFT on exact match", "ift", "sft", "exact_match"),
-            ("a'", "IFT at SFT's FLOPs > SFT on exact match", "ift at sft's flops", "sft",
-             "exact_match"),
-            ("b", "IFT >= SFT then DPO on exact match", "ift", "sft then dpo", "exact_match"),
-            ("c", "the better DPO recipe > the best other recipe on preference margin",
-             *claim_c, "margin"),
-            ("d", "SFT then IFT > SFT then SFT on exact match", "sft then ift", "sft then sft",
-             "exact_match"),
-            (CONTROL, "(b)'s control: SFT >= SFT then DPO on exact match", "sft", "sft then dpo",
-             "exact_match")]
-
-
-def judge_claims(recipes, runs, margin_runs, claim_c, seeds):
-    """The claims and (b)'s control, each on paired test differences over the judged seeds;
-    each side also paired with the model it started from, to say whether it moved at all.
-    Claim (c) reads its runs at the margin lrs, and shows preference accuracy beside."""
-    starts = {r.name: r.start for r in recipes}
-    out = []
-    for key, text, recipe, other, metric in claim_list(claim_c):
-        table = margin_runs if key == "c" else runs
-
-        def values(name, metric=metric):
-            return [table[(name, s)]["test"][metric] for s in seeds]
-
-        def moved(name):  # the side minus the model it started from, seed by seed
-            return paired([a - runs[(starts[name], s)]["test"][metric]
-                           for a, s in zip(values(name), seeds)], DELTA[metric])
-        claim = {"claim": key, "text": text, "recipe": recipe, "other": other, "metric": metric,
-                 "delta": DELTA[metric], "seeds": seeds,
-                 **paired([a - b for a, b in zip(values(recipe), values(other))], DELTA[metric]),
-                 "moved": {name: moved(name) for name in (recipe, other)}}
-        if key == "c":
-            pa = "preference_accuracy"
-            claim[pa] = paired([a - b for a, b in zip(values(recipe, pa), values(other, pa))],
-                               0.02)
-        out.append(claim)
-    return out
-
-
-def control_words(claims):
-    """(b)'s control in words: IFT's advantage over SFT then DPO minus SFT's own is IFT - SFT,
-    claim (a); its verdict says whether the advantage exceeds what SFT's steps alone give."""
-    a = next(c for c in claims if c["claim"] == "a")
-    return {"reproduced": "IFT's advantage over SFT then DPO exceeds what SFT's extra steps "
-                          "alone give (claim (a) is reproduced)",
-            "reversed": "SFT alone beats SFT then DPO by more than IFT does (claim (a) is "
-                        "reversed)",
-            "equivalent": "SFT alone gives the same advantage within +-DELTA (claim (a) is "
-                          "equivalent): (b) says nothing about IFT beyond (a)",
-            "inconclusive": "the seeds cannot tell whether IFT's advantage exceeds what SFT's "
-                            "extra steps alone give (claim (a) is inconclusive)"}.get(
-        a["verdict"], "one seed cannot tell")
+def write_outputs(cfg, info, recipes, done, table, out_dir, earlier=None):
+    """The tables and claims from the finished runs: compare.json, compare.md, claims.png,
+    families.png and summary.json in out_dir; the report is printed too. earlier: the summary
+    of --lrs-from, whose claims are set beside this run's."""
+    seeds, tasks, claim_c = info["seeds"], info["tasks"], info["claim_c"]
+    lrs = {BASE: ift.DEFAULT_LR["sft"], **{name: t["lr"] for name, t in table.items()}}
+    by_lr = judged_runs(done)
+    runs = {(r.name, s): by_lr[(r.name, s)][lrs[r.lr_of or r.name]]
+            for r in [base_recipe(cfg)] + recipes for s in seeds}
+    margin_runs = {(name, s): by_lr[(name, s)][table[name]["lr_margin"]] for name in claim_c
+                   for s in seeds}
+    summary = summarize([base_recipe(cfg)] + recipes, runs, seeds, lrs, tasks)
+    claims = judge_claims(recipes, runs, margin_runs, claim_c, seeds)
+    small = summary_file(info, summary, claims, table, runs)
+    paths = [out_dir / name for name in ("compare.json", "compare.md", "claims.png",
+                                         "families.png", "summary.json")]
+    paths[0].write_text(json.dumps({
+        **info, "summary": summary, "claims": claims, "tuning": table_json(table),
+        "runs": [runs[(r.name, s)] for s in seeds for r in recipes],
+        "bases": {s: runs[(BASE, s)] for s in seeds},
+        "claim_c_runs": [margin_runs[key] for key in sorted(margin_runs)],
+        "tuning_runs": [{"recipe": job.recipe.name, **res} for job, res in done
+                        if not job.judged]}, indent=2))
+    report = compare_report(info, summary, claims, table, runs, cfg)
+    if earlier:
+        report += "\n" + "\n".join(side_by_side_section(earlier, small)) + "\n"
+    paths[1].write_text(report)
+    plot_claims(claims, info, paths[2], earlier and earlier["claims"])
+    plot_families(summary, info, paths[3])
+    paths[4].write_text(json.dumps(small, indent=1))
+    print("\n" + report)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return summary, claims
 
 
 def summarize(recipes, runs, seeds, lrs, tasks):
@@ -724,79 +929,6 @@ def summarize(recipes, runs, seeds, lrs, tasks):
     return rows
 
 
-# -----------------------------------------------------------------------------
-# The comparison
-
-def compare(cfg, command):
-    """Train and test every recipe over the seeds, in phases; write the reports and figures."""
-    t_start = time.time()
-    device, out_dir = ift.start(cfg)
-    enc = ift.load_tokenizer(cfg.data)
-    data = load_data(cfg, enc)
-    recipes = compare_recipes(cfg.max_steps)
-    judged = [cfg.seed + i for i in range(cfg.seeds)]
-    tuning = [cfg.seed + TUNING_OFFSET + i for i in range(cfg.tuning_seeds)]
-    workers, threads = workers_for(cfg, device)
-    print(f"compare | {len(tuning) + len(judged)} base models, then {len(recipes)} recipes x "
-          f"{len(judged)} judged seeds {judged[0]}..{judged[-1]}, tuned on seeds "
-          f"{', '.join(map(str, tuning))} | device {device}, {at_a_time(workers, threads)} | "
-          f"{len(data['train'])} train rows | outputs in {out_dir}", flush=True)
-    progress = Progress(planned_cost(cfg, recipes, tuning, judged), t_start)
-    with worker_pool(cfg, workers, threads, device, out_dir, enc, data) as run:
-        done, table, claim_c = train_all(cfg, run, progress, recipes, tuning, judged)
-    info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "device": str(device), "device_name": plumbing.device_name(device),
-            "torch": torch.__version__, "threads": threads, "workers": workers,
-            "runtime_seconds": time.time() - t_start,
-            "busy_seconds": sum(res.get("seconds", 0) for job, res in done
-                                if not res.get("reused")),
-            "params": sum(p.numel() for p in ift.GPT(**ift.model_args(cfg, enc)).parameters()),
-            "seeds": judged, "tuning_seeds": tuning, "claim_c": claim_c,
-            "tasks": sorted({row["task"] for row in data["test"].rows}),
-            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RECIPE_FIELDS}}
-    return write_outputs(cfg, info, recipes, done, table, out_dir)
-
-
-def judged_runs(done):
-    """(recipe name, seed) -> {lr: record} of every finished judged run (and base) in done."""
-    runs = {}
-    for job, res in done:
-        if job.judged and res["outcome"] == "finished":
-            runs.setdefault((job.recipe.name, job.seed), {})[job.lr] = res
-    return runs
-
-
-def write_outputs(cfg, info, recipes, done, table, out_dir):
-    """The tables and claims from the finished runs: compare.json, compare.md, claims.png,
-    families.png and summary.json in out_dir; the report is printed too."""
-    seeds, tasks, claim_c = info["seeds"], info["tasks"], info["claim_c"]
-    lrs = {BASE: ift.DEFAULT_LR["sft"], **{name: t["lr"] for name, t in table.items()}}
-    by_lr = judged_runs(done)
-    runs = {(r.name, s): by_lr[(r.name, s)][lrs[r.lr_of or r.name]]
-            for r in [base_recipe(cfg)] + recipes for s in seeds}
-    margin_runs = {(name, s): by_lr[(name, s)][table[name]["lr_margin"]] for name in claim_c
-                   for s in seeds}
-    summary = summarize([base_recipe(cfg)] + recipes, runs, seeds, lrs, tasks)
-    claims = judge_claims(recipes, runs, margin_runs, claim_c, seeds)
-    tuning = [{"recipe": job.recipe.name, **res} for job, res in done if not job.judged]
-    paths = [out_dir / name for name in ("compare.json", "compare.md", "claims.png",
-                                         "families.png", "summary.json")]
-    paths[0].write_text(json.dumps({
-        **info, "summary": summary, "claims": claims, "tuning": table_json(table),
-        "runs": [runs[(r.name, s)] for s in seeds for r in recipes],
-        "bases": {s: runs[(BASE, s)] for s in seeds},
-        "claim_c_runs": [margin_runs[key] for key in sorted(margin_runs)],
-        "tuning_runs": tuning}, indent=2))
-    report = compare_report(info, summary, claims, table, runs, cfg)
-    paths[1].write_text(report)
-    plot_claims(claims, info, paths[2])
-    plot_families(summary, info, paths[3])
-    paths[4].write_text(json.dumps(summary_file(info, summary, claims, table, runs), indent=1))
-    print("\n" + report)
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return summary, claims
-
-
 def table_json(table):
     """The tuning table with its lr keys as JSON can hold them: a list per recipe."""
     return {name: {**{k: t[k] for k in ("grid", "lr", "lr_margin", "at_edge")},
@@ -806,18 +938,16 @@ def table_json(table):
             for name, t in table.items()}
 
 
-# -----------------------------------------------------------------------------
-# Reports
-
 CLAIM_KEYS = ("claim", "text", "recipe", "other", "metric", "delta", "mean", "ci95", "verdict",
               "up", "down", "t", "seeds_needed")
 
 
 def summary_file(info, summary, claims, table, runs):
     """summary.json: the numbers behind compare.md's tables, small enough to commit (RESULTS.md
-    keeps a copy in assets/): per judged seed its base's test scores and every claim's
+    keeps copies in assets/): per judged seed its base's test scores and every claim's
     difference; per recipe its grid, chosen lrs and each metric's mean and std over the seeds;
-    per claim the mean, the 95% half-width, the verdict and the seeds each way."""
+    per claim the mean, the 95% half-width, the verdict and the seeds each way; the settings
+    and data files' sha256 that --lrs-from checks."""
     metrics = info["tasks"] + ["exact_match", "preference_accuracy", "margin", "nll"]
     base_keys = ("exact_match", "exact_match_by_task", "preference_accuracy", "margin", "nll")
     return {
@@ -836,7 +966,17 @@ def summary_file(info, summary, claims, table, runs):
                                        for k in metrics}} for row in summary},
         "claims": [{**{k: c[k] for k in CLAIM_KEYS},
                     "moved_from_start": {name: {k: p[k] for k in ("mean", "ci95", "verdict")}
-                                         for name, p in c["moved"].items()}} for c in claims]}
+                                         for name, p in c["moved"].items()}} for c in claims],
+        **{k: info[k] for k in ("lrs_from", "config", "data_sha256")}}
+
+
+# -----------------------------------------------------------------------------
+# Reports
+
+def md_table(header, rows):
+    """A markdown table: the header, its delimiter, one line per row of cells."""
+    return (["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+            + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
 def machine(info):
@@ -845,15 +985,33 @@ def machine(info):
             f"{at_a_time(info['workers'], info['threads'])}), torch {info['torch']}")
 
 
+def pm(pair, digits=3):
+    """'0.123 ± 0.045' from a (mean, std) pair."""
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def interval(p, digits=3):
+    """'-0.010, [-0.024, +0.005]': a mean and its 95% interval ('-' without spread)."""
+    if p["ci95"] is None:
+        return f"{p['mean']:+.{digits}f}, -"
+    lo, hi = p["mean"] - p["ci95"], p["mean"] + p["ci95"]
+    return f"{p['mean']:+.{digits}f}, [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+PAIRED_HEADER = ("per-seed differences", "mean ± std", "95% interval (± half-width)", "verdict",
+                 "up / down")
+
+
 def paired_cells(p, digits=3):
-    """The table cells of a paired() result: differences | mean ± std | 95% interval (± half-
-    width) | verdict | seeds up / down."""
+    """The cells of a paired() result under PAIRED_HEADER, joined by ' | '."""
     f = f"+.{digits}f"
     diffs = ", ".join(f"{d:{f}}" for d in p["diffs"])
     spread = f"{p['mean']:{f}}" + (f" ± {p['std']:.{digits}f}" if p["std"] is not None else "")
-    interval = (f"[{p['mean'] - p['ci95']:{f}}, {p['mean'] + p['ci95']:{f}}] "
-                f"(±{p['ci95']:.{digits}f})" if p["ci95"] is not None else "-")
-    return f"{diffs} | {spread} | {interval} | **{p['verdict']}** | {p['up']} / {p['down']}"
+    half = "-"
+    if p["ci95"] is not None:
+        lo, hi = p["mean"] - p["ci95"], p["mean"] + p["ci95"]
+        half = f"[{lo:{f}}, {hi:{f}}] (±{p['ci95']:.{digits}f})"
+    return f"{diffs} | {spread} | {half} | **{p['verdict']}** | {p['up']} / {p['down']}"
 
 
 def moved_cell(name, p, digits=3):
@@ -870,14 +1028,9 @@ def moved_cell(name, p, digits=3):
     return change
 
 
-def pm(pair, digits=3):
-    """'0.123 ± 0.045' from a (mean, std) pair."""
-    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
-
-
 def compare_report(info, summary, claims, table, runs, cfg):
-    """compare.md: how it was made, the table, the bases, the claims, the tuning."""
-    n = len(info["seeds"])
+    """compare.md: how it was made, the test table, the bases, the claims, the lrs."""
+    n, tasks = len(info["seeds"]), info["tasks"]
     lines = [
         "# IFT, SFT, ORPO and DPO at toy scale (`python compare.py`)", "",
         f"Regenerate: `{info['command']}`", "",
@@ -889,104 +1042,121 @@ def compare_report(info, summary, claims, table, runs, cfg):
         f"modelling on the pretraining pool; from it {cfg.max_steps} steps per single-stage run "
         f"(each sequential stage half), warm-up {cfg.warmup_steps} then cosine to "
         f"{cfg.min_lr_ratio} x lr, lam {cfg.lam}, gamma {cfg.gamma}, DPO beta {cfg.dpo_beta}, "
-        f"ORPO beta {cfg.orpo_beta}; judged seeds {', '.join(map(str, info['seeds']))}, tuning "
-        f"seeds {', '.join(map(str, info['tuning_seeds']))} (never judged); lrs from the "
-        f"tuning below.", ""]
-    lines += results_table(info, summary, n) + [""] + bases_table(info, runs) + [""]
-    lines += claims_section(claims, n) + [""] + tuning_section(table, info)
-    return "\n".join(lines) + "\n"
-
-
-def results_table(info, summary, n):
-    """The test table: per recipe, mean ± std over the judged seeds of every metric."""
-    tasks = info["tasks"]
-    lines = [f"## Test split: exact match per family, preference margin and accuracy, answer NLL "
-             f"(mean ± std over {n} judged seed{'s' * (n > 1)}, each its own base)", "",
-             "| recipe | " + " | ".join(tasks) + " | mean exact | pref margin | pref acc | "
-             "chosen NLL | steps | lr | s/run | ms/step |",
-             "|---" * (len(tasks) + 9) + "|"]
-    for row in summary:
-        cells = [pm(row[t]) for t in tasks] + [
-            f"**{pm(row['exact_match'])}**", pm(row["margin"], 2), pm(row["preference_accuracy"]),
-            pm(row["nll"]), str(row["steps"]), f"{row['lr']:.1e}",
-            f"{row['seconds'][0]:.0f}", f"{row['ms_per_step'][0]:.1f}"]
-        lines.append(f"| {row['recipe']} | " + " | ".join(cells) + " |")
-    return lines + [
+        f"ORPO beta {cfg.orpo_beta}; judged seeds {', '.join(map(str, info['seeds']))}, "
+        + (f"lrs from {info['lrs_from']} (not tuned here)." if info["lrs_from"] else
+           f"tuning seeds {', '.join(map(str, info['tuning_seeds']))} (never judged); lrs from "
+           f"the tuning below."), "",
+        f"## Test split: exact match per family, preference margin and accuracy, answer NLL "
+        f"(mean ± std over {n} judged seed{'s' * (n > 1)}, each its own base)", ""]
+    lines += md_table(["recipe", *tasks, "mean exact", "pref margin", "pref acc", "chosen NLL",
+                       "steps", "lr", "s/run", "ms/step"], [
+        [row["recipe"], *(pm(row[t]) for t in tasks), f"**{pm(row['exact_match'])}**",
+         pm(row["margin"], 2), pm(row["preference_accuracy"]), pm(row["nll"]), row["steps"],
+         f"{row['lr']:.1e}", f"{row['seconds'][0]:.0f}", f"{row['ms_per_step'][0]:.1f}"]
+        for row in summary])
+    lines += [
         "", "Pref margin: mean over rows of log p(chosen) - log p(rejected), summed over answer "
         "tokens (nats). Pref acc: how often the chosen answer is the likelier. Chosen NLL: mean "
         "per-token NLL of the chosen answer. s/run includes testing (a reused base: when it was "
-        "trained)."]
-
-
-def bases_table(info, runs):
-    """One row per judged seed: its base model's test scores."""
-    lines = ["## The base models, one per judged seed (test split)", "",
-             "| seed | " + " | ".join(info["tasks"]) + " | mean exact | pref margin | pref acc |",
-             "|---" * (len(info["tasks"]) + 4) + "|"]
-    for s in info["seeds"]:
-        t = runs[(BASE, s)]["test"]
-        lines.append(f"| {s} | " + " | ".join(f"{t['exact_match_by_task'][k]:.3f}"
-                                              for k in info["tasks"])
-                     + f" | **{t['exact_match']:.3f}** | {t['margin']:.2f} | "
-                       f"{t['preference_accuracy']:.3f} |")
-    return lines
+        "trained).", "", "## The base models, one per judged seed (test split)", ""]
+    lines += md_table(["seed", *tasks, "mean exact", "pref margin", "pref acc"], [
+        [s, *(f"{t['exact_match_by_task'][k]:.3f}" for k in tasks), f"**{t['exact_match']:.3f}**",
+         f"{t['margin']:.2f}", f"{t['preference_accuracy']:.3f}"]
+        for s in info["seeds"] for t in [runs[(BASE, s)]["test"]]])
+    return "\n".join(lines + [""] + claims_section(claims, n) + [""] + lrs_section(table, info)
+                     ) + "\n"
 
 
 def claims_section(claims, n):
     """The claims table, (b)'s control in words, (c)'s preference accuracy, and the reading."""
     lines = [
         "## The paper's claims, paired seed by seed", "",
-        f"Paired difference per judged seed (recipe minus the other; each seed its own base and "
-        f"batches). From the 95% t-interval of the mean over {n} seeds: **reproduced** above 0, "
-        f"**reversed** below 0, **equivalent** inside ±delta (delta {DELTA['exact_match']} exact "
-        f"match, {DELTA['margin']} nats of margin), **inconclusive** otherwise. Up / down: the "
-        f"seeds each way. Seeds for ±delta: how many seeds the measured std would need for a "
-        f"half-width of delta. abs(mean) / SE: a verdict a reader should expect to reproduce "
-        f"has it well above the t quantile beside it. Each side's change from the model it "
-        f"started from (the base, or stage 1) is paired the same way.", "",
-        "| claim | recipe - other (metric) | per-seed differences | mean ± std | 95% interval "
-        "(± half-width) | verdict | up / down | abs(mean) / SE (t quantile) | seeds for ±delta "
-        "| each side's change from its start (± 95%) |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
+        f"Recipe minus the other, per judged seed; from the 95% t-interval of the mean over {n} "
+        f"seeds: **reproduced** above 0, **reversed** below 0, **equivalent** inside ±delta "
+        f"(delta {DELTA['exact_match']} exact match, {DELTA['margin']} nats of margin), "
+        f"**inconclusive** otherwise (compare.py, \"The verdicts\").", ""]
+    rows = []
     for c in claims:
         digits = 2 if c["metric"] == "margin" else 3
-        t = f"{c['t']:.1f} ({c['t95']:.2f})" if c["t95"] else "-"
-        lines.append(f"| ({c['claim']}) {c['text']} | {c['recipe']} - {c['other']} "
-                     f"({c['metric']}) | {paired_cells(c, digits)} | {t} | "
-                     f"{c['seeds_needed'] or '-'} | "
-                     + "; ".join(moved_cell(name, p, digits) for name, p in c["moved"].items())
-                     + " |")
-    c = next(c for c in claims if c["claim"] == "c")
-    lines += [
+        rows.append([f"({c['claim']}) {c['text']}",
+                     f"{c['recipe']} - {c['other']} ({c['metric']})", paired_cells(c, digits),
+                     f"{c['t']:.1f} ({c['t95']:.2f})" if c["t95"] else "-",
+                     c["seeds_needed"] or "-",
+                     "; ".join(moved_cell(name, p, digits) for name, p in c["moved"].items())])
+    lines += md_table(["claim", "recipe - other (metric)", *PAIRED_HEADER,
+                       "abs(mean) / SE (t quantile)", "seeds for ±delta",
+                       "each side's change from its start (± 95%)"], rows)
+    a, c = (next(c for c in claims if c["claim"] == k) for k in ("a", "c"))
+    return lines + [
         "", f"(b)'s control, SFT - SFT then DPO, is the last row: IFT's advantage over SFT then "
-        f"DPO minus SFT's own is IFT - SFT, so {control_words(claims)}.", "",
-        f"(c) on preference accuracy, the same runs: {paired_cells(c['preference_accuracy'])} "
+        f"DPO minus SFT's own is IFT - SFT, claim (a), whose verdict ({a['verdict']}) says "
+        f"whether that advantage exceeds what SFT's extra steps alone give.",
+        "", f"(c) on preference accuracy, the same runs: {paired_cells(c['preference_accuracy'])} "
         f"(up / down).", "",
         f"{N_CLAIMS} claims are tested at 95% each: with no true difference anywhere, the chance "
         f"that at least one comes out reproduced or reversed by luck is up to "
         f"{1 - 0.95 ** N_CLAIMS:.0%} (independent claims)."]
-    return lines
 
 
-def tuning_section(table, info):
-    """The tuning table: per recipe and lr, the tuning seeds' mean validation scores."""
-    lines = [f"## Tuning (seeds {', '.join(map(str, info['tuning_seeds']))}, validation split, "
-             f"mean over the tuning seeds, last step)", "",
-             "| recipe | lr | val exact | val margin | val NLL | chosen for |",
-             "|---|---|---|---|---|---|"]
+def lrs_section(table, info):
+    """The tuning table (per recipe and lr, the tuning seeds' mean validation scores), or the
+    lrs read from --lrs-from."""
+    def edge(t, metric):
+        return " (**still at the grid's edge**)" if metric in t["at_edge"] else ""
+    if info["lrs_from"]:
+        return [f"## Learning rates from {info['lrs_from']} (not tuned here)", ""] + md_table(
+            ["recipe", "lr for exact match", "lr for the margin"],
+            [[name, f"{t['lr']:.1e}{edge(t, 'exact_match')}", f"{t['lr_margin']:.1e}"
+              f"{edge(t, 'margin')}"] for name, t in table.items()])
+    rows = []
     for name, t in table.items():
         for lr, s in sorted(t["scores"].items()):
-            scores = "diverged | - | -" if s is None else f"{s[0]:.3f} | {s[1]:.2f} | {s[2]:.4f}"
-            chosen = [m.replace("_", " ") + (" (**still at the grid's edge**)"
-                                             if m in t["at_edge"] else "")
-                      for m, key in (("exact_match", "lr"), ("margin", "lr_margin"))
+            chosen = [m.replace("_", " ") + edge(t, m) for m, key in (("exact_match", "lr"),
+                                                                   ("margin", "lr_margin"))
                       if t[key] == lr]
-            lines.append(f"| {name} | {lr:.1e} | {scores} | {', '.join(chosen)} |")
+            rows.append([name, f"{lr:.1e}", "diverged | - | -" if s is None else
+                         f"{s[0]:.3f} | {s[1]:.2f} | {s[2]:.4f}", ", ".join(chosen)])
     flagged = [f"{name} ({', '.join(m.replace('_', ' ') for m in t['at_edge'])})"
                for name, t in table.items() if t["at_edge"]]
-    lines += ["", "Optimum still at a grid edge after the extensions: " + (
-        ", ".join(flagged) if flagged else "none") + "."]
-    return lines
+    return ([f"## Tuning (seeds {', '.join(map(str, info['tuning_seeds']))}, validation split, "
+             f"mean over the tuning seeds, last step)", ""]
+            + md_table(["recipe", "lr", "val exact", "val margin", "val NLL", "chosen for"], rows)
+            + ["", "Optimum still at a grid edge after the extensions: "
+               + (", ".join(flagged) if flagged else "none") + "."])
+
+
+def side_by_side(first, second):
+    """Two summary.json files' claims side by side, claim by claim: each run's mean and 95%
+    interval, verdict and abs(mean) / SE, whether the verdict repeated, and both runs' seeds
+    pooled (after the fact). Markdown lines."""
+    def label(s):
+        return f"{len(s['seeds'])} seeds, {s['seeds'][0]}-{s['seeds'][-1]}"
+
+    def cells(c):
+        digits = 2 if c["metric"] == "margin" else 3
+        return [interval(c, digits), f"**{c['verdict']}**",
+                "-" if c["t"] is None else f"{c['t']:.1f}"]
+    later = {c["claim"]: c for c in second["claims"]}
+    rows = []
+    for c in first["claims"]:
+        d, both = later[c["claim"]], pooled(first, second, c["claim"])
+        rows.append([f"({c['claim']}) {c['recipe']} - {c['other']}", *cells(c), *cells(d),
+                     "yes" if c["verdict"] == d["verdict"] else "**no**",
+                     interval(both, 2 if c["metric"] == "margin" else 3), both["verdict"]])
+    n = len(first["seeds"]) + len(second["seeds"])
+    return md_table(["claim", f"first run ({label(first)}): mean, 95% interval", "verdict",
+                     "abs(mean) / SE", f"replication ({label(second)}): mean, 95% interval",
+                     "verdict", "abs(mean) / SE", "same verdict",
+                     f"pooled after the fact ({n} seeds): mean, 95% interval", "verdict"], rows)
+
+
+def side_by_side_section(earlier, summary):
+    """compare.md's section setting the run its lrs came from beside this one."""
+    return ["## Beside the run the lrs came from", "",
+            f"`{earlier['regenerate']}` ({earlier.get('machine', '?')}, {earlier.get('date', '?')})"
+            f" and this run, claim by claim; this run's verdicts are the replication's. Pooled: "
+            f"both runs' seeds in one interval, after the fact.", ""] + side_by_side(earlier,
+                                                                                     summary)
 
 
 # -----------------------------------------------------------------------------
@@ -996,35 +1166,43 @@ COLORS = {"reproduced": "tab:green", "reversed": "tab:red", "equivalent": "tab:b
           "inconclusive": "tab:gray"}
 
 
-def plot_claims(claims, info, path):
+def plot_claims(claims, info, path, earlier=None):
     """Each claim's paired difference: its mean over the seeds and 95% t-interval, the +-delta
     band shaded, the verdict written beside it; exact-match claims above, the margin claim below
-    (its own unit)."""
+    (its own unit). earlier: another run's claims (summary.json), a hollow marker above each."""
     plt = plumbing.pyplot()
     groups = [[c for c in claims if c["metric"] == m] for m in ("exact_match", "margin")]
-    fig, axes = plt.subplots(2, 1, figsize=(9, 0.6 * len(claims) + 2.2),
+    before = {c["claim"]: c for c in earlier or []}
+    fig, axes = plt.subplots(2, 1, figsize=(9, (0.9 if before else 0.6) * len(claims) + 2.2),
                              gridspec_kw={"height_ratios": [len(g) + 0.5 for g in groups]})
     for ax, group in zip(axes, groups):
         delta = group[0]["delta"]
         ax.axvspan(-delta, delta, color="tab:blue", alpha=0.12, lw=0)
         ax.axvline(0, color="black", lw=0.8)
+        shown = group + [before[c["claim"]] for c in group if c["claim"] in before]
         for y, c in enumerate(reversed(group)):
-            half = c["ci95"] or 0.0
-            ax.errorbar(c["mean"], y, xerr=half, fmt="o", capsize=4,
-                        color=COLORS.get(c["verdict"], "black"))
-            ax.annotate(f"{c['verdict']} ({c['up']} up, {c['down']} down)",
-                        (c["mean"] + half, y), xytext=(8, 0), textcoords="offset points",
-                        va="center", fontsize=8)
+            marks = [(c, y - 0.15 * bool(before), "o", "")]
+            if c["claim"] in before:
+                marks.append((before[c["claim"]], y + 0.2, "s", "earlier run: "))
+            for p, at, marker, word in marks:
+                half = p["ci95"] or 0.0
+                color = COLORS.get(p["verdict"], "black")
+                ax.errorbar(p["mean"], at, xerr=half, fmt=marker, capsize=4, color=color,
+                            mfc="white" if word else color)
+                ax.annotate(f"{word}{p['verdict']} ({p['up']} up, {p['down']} down)",
+                            (p["mean"] + half, at), xytext=(8, 0), textcoords="offset points",
+                            va="center", fontsize=7 if word else 8)
         ax.set_yticks(range(len(group)), [f"({c['claim']}) {c['recipe']} - {c['other']}"
                                           for c in reversed(group)], fontsize=8)
-        lo = min([c["mean"] - (c["ci95"] or 0) for c in group] + [-delta])
-        hi = max([c["mean"] + (c["ci95"] or 0) for c in group] + [delta])
+        lo = min([c["mean"] - (c["ci95"] or 0) for c in shown] + [-delta])
+        hi = max([c["mean"] + (c["ci95"] or 0) for c in shown] + [delta])
         ax.set_xlim(lo - 0.05 * (hi - lo), hi + 0.45 * (hi - lo))
         ax.set_ylim(-0.6, len(group) - 0.4)
         unit = "exact match" if group[0]["metric"] == "exact_match" else "preference margin (nats)"
         ax.set_xlabel(f"paired test difference in {unit}: mean, 95% t-interval; shaded ±{delta}")
     axes[0].set_title(f"The paper's claims over {len(info['seeds'])} judged seeds, each its own "
-                      f"base model", fontsize=10)
+                      f"base model" + ("; hollow: the run its lrs came from" if before else ""),
+                      fontsize=10)
     fig.text(0.01, 0.01, info["command"], fontsize=7, color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=100)
@@ -1068,18 +1246,18 @@ def saved_comparison(cfg):
     (with this command line's --workers and --device)."""
     path = Path(cfg.out_dir) / "compare.json"
     if not path.is_file():
-        raise plumbing.UserError(f"{path}: no comparison there; run python compare.py first (with the "
-                            f"same --out-dir)")
+        raise plumbing.UserError(f"{path}: no comparison there; run python compare.py first "
+                                 f"(with the same --out-dir)")
     saved = read_json(path, "a comparison of compare.py")
     if not isinstance(saved, dict) or not {"command", "config", "runs", "seeds", "bases",
                                            "tuning"} <= saved.keys():
-        raise plumbing.UserError(f"{path}: not a comparison of compare.py (keys missing); run python "
-                            f"compare.py again with this --out-dir")
+        raise plumbing.UserError(f"{path}: not a comparison of compare.py (keys missing); run "
+                                 f"python compare.py again with this --out-dir")
     fields = {f.name for f in dataclasses.fields(CompareConfig)}
     run_cfg = dataclasses.replace(cfg, **{k: v for k, v in saved["config"].items()
                                           if k in fields and k not in (
                                               "workers", "device", "out_dir", "ablations",
-                                              "mechanism")})
+                                              "mechanism", "lrs_from")})
     run_cfg.lr_grid = tuple(run_cfg.lr_grid)
     return saved, run_cfg
 
@@ -1089,9 +1267,8 @@ def ablations(cfg, command):
     IFT; write ablations.md and ablations.json there."""
     t_start = time.time()
     saved, run_cfg = saved_comparison(cfg)
-    device, out_dir = ift.start(run_cfg)
-    enc = ift.load_tokenizer(run_cfg.data)
-    data = load_data(run_cfg, enc)
+    setup = set_up(run_cfg)
+    device, out_dir = setup["device"], setup["out_dir"]
     recipes, seeds = ablation_recipes(run_cfg.max_steps), saved["seeds"]
     lr = saved["tuning"]["ift"]["lr"]
     workers, threads = workers_for(run_cfg, device)
@@ -1100,9 +1277,9 @@ def ablations(cfg, command):
     print(f"ablations | {len(recipes)} recipes x {len(seeds)} judged seeds of "
           f"{out_dir / 'compare.json'} at IFT's lr {lr:.1e} | {at_a_time(workers, threads)}",
           flush=True)
-    progress = Progress(sum(run_cost(job.recipe) for job in jobs), t_start)
-    with worker_pool(run_cfg, workers, threads, device, out_dir, enc, data) as run:
-        done = run_jobs(run, jobs, progress)
+    plan = {"total": sum(run_cost(job.recipe) for job in jobs), "done": 0.0, "start": t_start}
+    with worker_pool(setup, workers, threads) as run:
+        done = run_jobs(run, jobs, plan)
     ift_runs = {r["seed"]: r for r in saved["runs"] if r["recipe"] == "ift"}
     runs = [res for job, res in done]
     verdicts = [{"recipe": r.name, **paired(
@@ -1118,10 +1295,8 @@ def ablations(cfg, command):
              f"its seed's base at IFT's lr {lr:.1e}; {info['device_name']}, {info['date']}, "
              f"{plumbing.fmt_time(info['runtime_seconds'])}.", "",
              "Paired by seed on test exact match: the ablation minus IFT "
-             f"(delta {DELTA['exact_match']}).", "",
-             "| ablation - ift | per-seed differences | mean ± std | 95% interval (± half-width)"
-             " | verdict | up / down |", "|---|---|---|---|---|---|"]
-    lines += [f"| {v['recipe']} | {paired_cells(v)} |" for v in verdicts]
+             f"(delta {DELTA['exact_match']}).", ""] + md_table(
+        ["ablation - ift", *PAIRED_HEADER], [[v["recipe"], paired_cells(v)] for v in verdicts])
     (out_dir / "ablations.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out_dir / 'ablations.json'}, {out_dir / 'ablations.md'}")
@@ -1181,14 +1356,13 @@ def mechanism(cfg):
     """Recovery from own mistakes of the SFT and IFT checkpoints of the comparison in --out-dir
     (and the ablations', when trained); writes mechanism.md, mechanism.json and mechanism.png."""
     saved, run_cfg = saved_comparison(cfg)
-    device, out_dir = ift.start(run_cfg)
-    enc = ift.load_tokenizer(run_cfg.data)
-    test_path = Path(run_cfg.data) / "test.jsonl"
-    test = ift.Split(ift.load_rows(test_path, limit=run_cfg.limit_rows), enc,
-                     run_cfg.block_size, str(test_path))
+    setup = set_up(run_cfg)
+    device, out_dir, enc, test = (setup[k] for k in ("device", "out_dir", "enc", "data"))
+    test = test["test"]
     seqs = [s for s, r in zip(test.chosen, test.rows) if r["task"] in MECHANISM_TASKS]
     if not seqs:
-        raise plumbing.UserError(f"{test_path}: no rows of {', '.join(MECHANISM_TASKS)}")
+        raise plumbing.UserError(f"{run_cfg.data}/test.jsonl: no rows of "
+                                 f"{', '.join(MECHANISM_TASKS)}")
     saved_runs = saved["runs"]
     if (out_dir / "ablations.json").is_file():
         saved_runs = saved_runs + read_json(out_dir / "ablations.json",
@@ -1239,18 +1413,13 @@ def mechanism_report(info, table, verdicts):
         f"{info['tokens_scored']} scored tokens per model); {info['device_name']}, "
         f"{info['date']}.", "",
         "Gap = clean accuracy - accuracy after the model's likeliest mistake d tokens earlier "
-        "(mean ± std over seeds; smaller = better recovery):", "",
-        "| recipe | clean, all d | " + " | ".join(f"gap, {d}" for d in dists) + " |",
-        "|---" * (len(dists) + 2) + "|"]
-    for name, t in table.items():
-        lines.append(f"| {name} | {cell(t, -1, 0)} | " + " | ".join(
-            cell(t, d, 2) for d in range(len(dists))) + " |")
+        "(mean ± std over seeds; smaller = better recovery):", ""]
+    lines += md_table(["recipe", "clean, all d", *(f"gap, {d}" for d in dists)], [
+        [name, cell(t, -1, 0), *(cell(t, d, 2) for d in range(len(dists)))]
+        for name, t in table.items()])
     lines += ["", "Paired by seed: SFT's gap - the recipe's gap (all d); above 0 = recovers "
-              "better than SFT.", "",
-              "| recipe | per-seed differences | mean ± std | 95% interval (± half-width) | "
-              "verdict | up / down |", "|---|---|---|---|---|---|"]
-    for v in verdicts:
-        lines.append(f"| {v['recipe']} | {paired_cells(v)} |")
+              "better than SFT.", ""] + md_table(
+        ["recipe", *PAIRED_HEADER], [[v["recipe"], paired_cells(v)] for v in verdicts])
     return "\n".join(lines) + "\n"
 
 
