@@ -36,28 +36,21 @@ The protocol (fixed before the test split is read; each rule is applied where th
  4. Controls. (b) IFT >= SFT then DPO is shown beside SFT - SFT then DPO; (c) is judged on the
     mean preference margin, with preference accuracy beside it; each side of a claim is paired
     with the model it started from, to say whether it moved at all.
- 5. The replication (written down before it runs; RESULTS.md, section 1, says the same). Judged
-    seeds 1343 ... 1355 (`--seed 1343 --seeds 13`), which share nothing with the first run
+ 5. The replication, written down before it runs (RESULTS.md, section 1, shows the arithmetic):
+    fresh judged seeds 1343-1355 (`--seed 1343 --seeds 13`), sharing nothing with the first run
     (judged 1337-1342, tuning 2337-2338), each with its own base; the same recipes, verdict rule,
-    DELTA and test split; no tuning: every recipe's two lrs, their edge flags and claim (c)'s two
-    recipes come from the first run's committed summary (--lrs-from, "Learning rates from an
-    earlier run"), chosen before these seeds existed. Its own verdicts are the headline; the
-    report sets them beside the first run's, claim by claim, and shows both runs' seeds pooled,
-    labelled as pooled after the fact. Why 13 seeds: the first run (Intel Xeon, 2 workers, busy
-    99% of its 78m43s wall) took per judged seed 217 s of base, 470 s for the ten recipes at
-    their lrs and 157 s for claim (c)'s two runs at their margin lrs (DPO 82, ORPO 75), so
-    844 s of runs, 844 / 1.99 = 425 s = 7.1 min of wall on 2 cores; the AMD EPYC of RESULTS.md's
-    sections 3-5 is 1.17x slower (8.3 min). Keeping 10% of 2 hours for start-up, the phases'
-    tails and a slower hour, 108 minutes hold 15 seeds on the Xeon and 13 on the EPYC: 13 seeds,
-    an estimated 108 min there (14: 116; 16: 133).
+    DELTA and test split; no tuning: every recipe's two lrs, their edge flags and claim (c)'s
+    recipes come from the first run's summary (--lrs-from). Its own verdicts are the headline,
+    set beside the first run's claim by claim, with both runs' seeds pooled after the fact. 13:
+    the first run's 844 s of runs per judged seed, on 2 workers, is 7.1 min of wall on its Xeon
+    and 8.3 on the AMD EPYC; 108 minutes (2 hours less 10%) hold 13 seeds there.
 
-It writes to --out-dir (default out/compare): compare.md (the tables, the claims, the tuning,
-machine, runtime and this command), compare.json (every run), claims.png (each claim's interval,
-its verdict and the +-DELTA band; with --lrs-from, the earlier run's beside it), families.png
-(test exact match per recipe and task family), summary.json (the numbers behind the tables, small
-enough to commit), the base models under base/, and each run's config.json, train.log, log.csv
-and ckpt.pt under runs/. --ablations adds ablations.md and ablations.json; --mechanism
-mechanism.md, .json and .png. RESULTS.md shows and discusses the numbers.
+It writes to --out-dir (default out/compare): compare.md (tables, claims, lrs, machine, runtime,
+this command), compare.json (every run), claims.png (each claim's interval and verdict; with
+--lrs-from, the earlier run's beside it), families.png (test exact match per recipe and family),
+summary.json (the numbers behind the tables, small enough to commit), the bases under base/ and
+each run's config.json, train.log, log.csv and ckpt.pt under runs/. --ablations adds
+ablations.md and .json; --mechanism mechanism.md, .json and .png.
 """
 
 import concurrent.futures
@@ -78,6 +71,7 @@ import torch
 
 import ift
 import plumbing
+from plumbing import arg
 
 RECIPE_FIELDS = ("loss", "lr", "init_from")  # each recipe sets its own: no flags for them
 TUNING_OFFSET = 1000  # tuning seeds are --seed + 1000, ...: never a judged seed (--seeds <= 1000)
@@ -86,37 +80,33 @@ TUNING_OFFSET = 1000  # tuning seeds are --seed + 1000, ...: never a judged seed
 @dataclass
 class CompareConfig(ift.Config):
     # ift.py's fields, with smaller defaults (RESULTS.md, section 1, says why these sizes)
-    n_layer: int = plumbing.arg(2, "transformer blocks")
-    n_embd: int = plumbing.arg(64, "width C of the residual stream")
-    max_steps: int = plumbing.arg(1000, "steps of each single-stage run (each sequential stage: half)")
-    warmup_steps: int = plumbing.arg(30, "linear warm-up steps, then cosine decay")
-    log_interval: int = plumbing.arg(250, "steps between log lines (in each run's train.log)")
-    eval_interval: int = plumbing.arg(1000, "steps between validation evaluations")
-    compile: str = plumbing.arg("off", "torch.compile (off: it would compile anew for every short run)",
-                                ("auto", "on", "off"))
-    out_dir: str = plumbing.arg("out/compare", "output folder")
+    n_layer: int = arg(2, "transformer blocks")
+    n_embd: int = arg(64, "width C of the residual stream")
+    max_steps: int = arg(1000, "steps of each single-stage run (each sequential stage: half)")
+    warmup_steps: int = arg(30, "linear warm-up steps, then cosine decay")
+    log_interval: int = arg(250, "steps between log lines (in each run's train.log)")
+    eval_interval: int = arg(1000, "steps between validation evaluations")
+    compile: str = arg("off", "torch.compile (off: it would compile anew for every short run)",
+                       ("auto", "on", "off"))
+    out_dir: str = arg("out/compare", "output folder")
     # the comparison's own
-    base_steps: int = plumbing.arg(6000, "steps of stage 0: each seed's base model, trained by plain "
-                                   "language modelling on <data>/pretrain.jsonl (kept in "
-                                   "<out-dir>/base and reused while its settings and the data files "
-                                   "are unchanged)")
-    seeds: int = plumbing.arg(6, "judged seeds --seed, --seed + 1, ...: each trains its own base and "
-                              "every recipe from it; the claims are paired over them")
-    tuning_seeds: int = plumbing.arg(2, "tuning seeds --seed + 1000, ...: each its own base; they "
-                                     "choose the lrs and are never judged")
-    lr_grid: tuple = plumbing.arg((0.1, 0.33, 1.0), "multipliers of each recipe's DEFAULT_LR tried on "
-                                  "the tuning seeds (the same number of points for every recipe)")
-    max_extensions: int = plumbing.arg(2, "times a recipe's grid may add a multiplier step past the "
-                                       "edge where its best lr lies")
-    lrs_from: str = plumbing.arg("", "a summary.json of an earlier comparison with these settings: "
-                                 "take its lrs and claim (c)'s recipes, tune nothing, and set its "
-                                 "claims beside this run's (the replication)")
-    workers: int = plumbing.arg(0, "runs trained at once, each in a process of its own (0: one per "
-                                "CPU core, at most 8, on a CPU; 1 on a GPU)")
-    ablations: bool = plumbing.arg(False, "instead of the comparison, train IFT's ablations on the "
-                                   "judged seeds' bases of the comparison in --out-dir")
-    mechanism: bool = plumbing.arg(False, "instead of training, measure how the checkpoints of the "
-                                   "comparison in --out-dir recover from their own mistakes")
+    base_steps: int = arg(6000, "steps of each seed's base model on <data>/pretrain.jsonl (kept "
+                          "in <out-dir>/base while its settings and data files are unchanged)")
+    seeds: int = arg(6, "judged seeds --seed, --seed + 1, ...: each its own base; the claims are "
+                     "paired over them")
+    tuning_seeds: int = arg(2, "tuning seeds --seed + 1000, ...: each its own base; they choose "
+                            "the lrs and are never judged")
+    lr_grid: tuple = arg((0.1, 0.33, 1.0), "multipliers of each recipe's DEFAULT_LR tried on the "
+                         "tuning seeds")
+    max_extensions: int = arg(2, "times a grid may add a step past the edge where its best lr is")
+    lrs_from: str = arg("", "an earlier comparison's summary.json, same settings: take its lrs, "
+                        "tune nothing, set its claims beside (the replication)")
+    workers: int = arg(0, "runs trained at once, a process each (0: one per core up to 8 on a "
+                       "CPU; 1 on a GPU)")
+    ablations: bool = arg(False, "instead, train IFT's ablations on the judged seeds' bases of "
+                          "the comparison in --out-dir")
+    mechanism: bool = arg(False, "instead, measure how the checkpoints of the comparison in "
+                          "--out-dir recover from their own mistakes")
 
 
 def compare_problem(cfg):
@@ -152,25 +142,20 @@ def compare_problem(cfg):
 # The verdicts: all of the statistics
 #
 # A claim is judged on paired differences d_s = metric(recipe, seed s) - metric(other, seed s)
-# over the judged seeds, each seed with its own base. With their mean m, sample std s and n seeds,
-# the 95% t-interval is m +- t95(n - 1) * s / sqrt(n) (SE = s / sqrt(n)). With that interval
-# [lo, hi] and the claim's margin of indifference DELTA (fixed before the run):
-#   reproduced    lo > 0                       the recipe is better
-#   reversed      hi < 0                       the other is better
-#   equivalent    -DELTA <= lo and hi <= DELTA  no difference that matters (a difference of at
-#                                               most DELTA either way)
-#   inconclusive  otherwise                    the seeds cannot tell
-# The first two come first: an interval above 0 that also lies inside +-DELTA is reproduced (a
-# small but clear difference). DELTA is 0.02 exact match (2 points of 100, 40 of the 2000 test
-# rows), and 1 nat of the mean preference margin for claim (c): the chosen answer e = 2.7 times
-# likelier against the rejected one, on average over the rows, a small change next to margins
-# summed over whole answers (RESULTS.md, section 1, shows them). |m| / SE well above t95 marks a
-# verdict another run should repeat. A claim also counts the seeds each way, and each of its
-# sides is paired with the model it started from (the base, or stage 1): one whose interval
-# contains 0 "did not move", one whose interval lies below 0 ended "worse than its start"; a
-# claim won against such a side says little. Five claims are tested at 95% each, so with no true
-# difference anywhere the chance that at least one of them comes out reproduced or reversed by
-# luck is up to 1 - 0.95^5 = 23%.
+# over the judged seeds, each with its own base. With their mean m, sample std s and n seeds, the
+# 95% t-interval [lo, hi] is m +- t95(n - 1) * s / sqrt(n), SE = s / sqrt(n); with the claim's
+# margin of indifference DELTA, fixed before the run:
+#   reproduced    lo > 0                        the recipe is better (first, even inside +-DELTA)
+#   reversed      hi < 0                        the other is better
+#   equivalent    -DELTA <= lo and hi <= DELTA  no difference of more than DELTA either way
+#   inconclusive  otherwise                     the seeds cannot tell
+# DELTA is 0.02 exact match (40 of the 2000 test rows), and 1 nat of the mean preference margin
+# for claim (c) (the chosen answer e = 2.7 times likelier, small next to margins summed over whole
+# answers). |m| / SE well above t95 marks a verdict another run should repeat. Each side of a
+# claim is also paired with the model it started from: an interval containing 0 "did not move",
+# one below 0 is "worse than its start"; a claim won against such a side says little. Five
+# claims at 95% each: with no true difference anywhere, the chance that one or more comes out
+# reproduced or reversed by luck is up to 1 - 0.95^5 = 23%.
 
 DELTA = {"exact_match": 0.02, "margin": 1.0}
 N_CLAIMS = 5
@@ -268,28 +253,24 @@ def pooled(first, second, key):
 # The base models, the recipes and the runs
 #
 # Stage 0, the base model. The paper fine-tunes a pretrained model (Mistral-7B), and DPO's premise
-# is a model that already writes answers. So every recipe here starts from a base model: the
-# random GPT trained for --base-steps by plain language modelling (every token of prompt and
-# answer is a target) on data/pretrain.jsonl, a pool of rows whose prompts are in none of the
-# three splits. Where those steps land among the tasks' phase changes moves with the order of
-# float operations, that is with the machine, so a base is a random draw like the batch order:
-# EVERY seed trains its own (weights and batch order from that seed), and a paired difference
-# over seeds then measures the recipes over the luck of pretraining and of float order, which is
-# what a reader on another machine draws. Each base is saved in <out-dir>/base/<hash of its
-# settings and data files> and reused while they are unchanged; the table shows the bases as a
-# row, and summary.json each seed's.
+# is a model that already writes answers, so every recipe starts from a base: the random GPT
+# trained for --base-steps by plain language modelling (every token a target) on
+# data/pretrain.jsonl, rows whose prompts are in none of the three splits. Where those steps land
+# among the tasks' phase changes moves with the order of float operations, that is with the
+# machine, so a base is a random draw like the batch order: EVERY seed trains its own, and the
+# paired differences measure the recipes over the luck of pretraining and float order, which is
+# what a reader on another machine draws. A base is kept in <out-dir>/base/<hash of its settings
+# and data files> and reused while they are unchanged.
 #
 # One seed then trains these models (S = --max-steps):
 #   single stage   SFT, IFT, ORPO and DPO from its base on the whole train split for S steps (the
 #                  paper's "+ SFT", "+ DPO", ... rows of its Table 2); DPO's reference is the base.
-#   sequential     stage 1: SFT from the base on half A of the train split for S/2 steps; stage 2,
-#                  from that model, on half B for S/2 steps: SFT (the paper's control: restarting
-#                  a schedule alone can move results), IFT, ORPO, and DPO with the stage-1 model
-#                  as reference.
+#   sequential     stage 1: SFT from the base on half A for S/2 steps; stage 2, from it, on half B
+#                  for S/2 steps: SFT (the paper's control: restarting a schedule alone can move
+#                  results), IFT, ORPO, and DPO with the stage-1 model as reference.
 #   equal compute  IFT for S / IFT_COST steps: the FLOPs of SFT's S steps.
-# IFT's ablations (lam = 0, gamma = 0, detached relation weights, noisy lam) are not part of the
-# default run, so that its seeds buy power for the claims: `--ablations` trains them afterwards
-# on the judged seeds' bases at IFT's lr.
+# IFT's ablations are not in the default run, so that its seeds buy power for the claims:
+# `--ablations` trains them afterwards on the judged seeds' bases at IFT's lr.
 
 BASE = "base (stage 0)"
 
@@ -708,8 +689,9 @@ def lrs_from(cfg, path):
                                  f"{', '.join(missing)})")
     recipes = [base_recipe(cfg)] + compare_recipes(cfg.max_steps)
     theirs = summary["recipes"]
-    if not isinstance(theirs, dict) or list(theirs) != [r.name for r in recipes]:
-        raise plumbing.UserError(f"{path}: from other recipes ({', '.join(map(str, theirs))}), "
+    names = list(theirs) if isinstance(theirs, dict) else []
+    if names != [r.name for r in recipes]:
+        raise plumbing.UserError(f"{path}: from other recipes ({', '.join(map(str, names))}), "
                                  f"not this comparison's")
     try:
         table = {r.name: {"grid": [float(lr) for lr in theirs[r.name]["grid"]],
