@@ -11,10 +11,9 @@ rule fixed before the run.
     python compare.py --seed 1343 --seeds 13 --lrs-from assets/compare_summary.json \\
         --out-dir out/replication      # the replication (protocol 5 below)
 
-It imports the lesson, ift.py, and trains each recipe with ift.train() exactly as
-`python ift.py --loss ... --init-from <base>` would. Its model and step defaults are smaller
-than one recipe's (a 2 x 64 GPT, 1000 fine-tuning steps, compile off); flags given on the command
-line win. Runs train several at a time on a CPU (--workers), in phases (see "The phases").
+Each recipe trains with ift.train() exactly as `python ift.py --loss ... --init-from <base>`
+would, with smaller defaults (a 2 x 64 GPT, 1000 fine-tuning steps, compile off; flags win),
+several runs at a time on a CPU (--workers), in phases (see "The phases").
 
 The protocol (fixed before the test split is read; each rule is applied where the comment says):
  1. Seeds. Judged seeds --seed, --seed + 1, ... (--seeds of them); tuning seeds --seed + 1000,
@@ -45,12 +44,12 @@ The protocol (fixed before the test split is read; each rule is applied where th
     the first run's 844 s of runs per judged seed, on 2 workers, is 7.1 min of wall on its Xeon
     and 8.3 on the AMD EPYC; 108 minutes (2 hours less 10%) hold 13 seeds there.
 
-It writes to --out-dir (default out/compare): compare.md (tables, claims, lrs, machine, runtime,
-this command), compare.json (every run), claims.png (each claim's interval and verdict; with
---lrs-from, the earlier run's beside it), families.png (test exact match per recipe and family),
-summary.json (the numbers behind the tables, small enough to commit), the bases under base/ and
-each run's config.json, train.log, log.csv and ckpt.pt under runs/. --ablations adds
-ablations.md and .json; --mechanism mechanism.md, .json and .png.
+It writes to --out-dir (default out/compare): compare.md (the report, this command among it),
+compare.json (every run), summary.json (the numbers behind the tables, small enough to commit),
+claims.png (each claim's interval and verdict; with --lrs-from, the earlier run's beside it),
+families.png (test exact match per recipe and family), and each base and run's config.json,
+train.log, log.csv and ckpt.pt under base/ and runs/. --ablations adds ablations.md and .json;
+--mechanism mechanism.md, .json and .png.
 """
 
 import concurrent.futures
@@ -108,34 +107,29 @@ class CompareConfig(ift.Config):
     mechanism: bool = arg(False, "instead, measure how the checkpoints of the comparison in "
                           "--out-dir recover from their own mistakes")
 
+RANGES = (("seeds", 1, TUNING_OFFSET, ""), ("tuning_seeds", 1, 100, ""),
+          ("workers", 0, 64, " (0: automatic)"), ("max_extensions", 0, 5, ""))
+
 
 def compare_problem(cfg):
     """ift.py's checks, plus the comparison's own: the first problem as one line, or None."""
-    if ift.WORLD > 1:
-        return "compare.py runs in one process: run it without torchrun"
-    if not 1 <= cfg.seeds <= TUNING_OFFSET:
-        return f"--seeds must lie in [1, {TUNING_OFFSET}], got {cfg.seeds}"
-    if not 1 <= cfg.tuning_seeds <= 100:
-        return f"--tuning-seeds must lie in [1, 100], got {cfg.tuning_seeds}"
-    if cfg.base_steps < 1:
-        return f"--base-steps must be >= 1, got {cfg.base_steps}"
-    if not 0 <= cfg.workers <= 64:
-        return f"--workers must lie in [0, 64] (0: automatic), got {cfg.workers}"
-    if not 0 <= cfg.max_extensions <= 5:
-        return f"--max-extensions must lie in [0, 5], got {cfg.max_extensions}"
-    if cfg.max_steps < 2:
-        return "--max-steps must be >= 2 (two sequential stages)"
-    if cfg.ablations and cfg.mechanism:
-        return "--ablations and --mechanism are two commands: pass one, then the other"
-    if cfg.lrs_from and (cfg.ablations or cfg.mechanism):
-        return "--lrs-from is for the comparison; --ablations and --mechanism read its --out-dir"
-    if cfg.lrs_from and Path(cfg.lrs_from).resolve() == Path(cfg.out_dir, "summary.json").resolve():
-        return f"--lrs-from {cfg.lrs_from} would be overwritten by this run: pass another --out-dir"
-    grid = cfg.lr_grid
-    if len(grid) < 2 or not all(m > 0 for m in grid) or len(set(grid)) < len(grid):
-        return (f"--lr-grid must be at least two distinct positive numbers, got "
-                f"{' '.join(map(str, grid))}")
-    return ift.config_problem(cfg)
+    grid, summary = cfg.lr_grid, Path(cfg.out_dir, "summary.json").resolve()
+    problems = [(ift.WORLD > 1, "compare.py runs in one process: run it without torchrun")]
+    problems += [(not lo <= getattr(cfg, k) <= hi, f"--{k.replace('_', '-')} must lie in "
+                  f"[{lo}, {hi}]{note}, got {getattr(cfg, k)}") for k, lo, hi, note in RANGES]
+    problems += [
+        (cfg.base_steps < 1, f"--base-steps must be >= 1, got {cfg.base_steps}"),
+        (cfg.max_steps < 2, "--max-steps must be >= 2 (two sequential stages)"),
+        (cfg.ablations and cfg.mechanism,
+         "--ablations and --mechanism are two commands: pass one, then the other"),
+        (cfg.lrs_from and (cfg.ablations or cfg.mechanism),
+         "--lrs-from is for the comparison; --ablations and --mechanism read its --out-dir"),
+        (cfg.lrs_from and Path(cfg.lrs_from).resolve() == summary,
+         f"--lrs-from {cfg.lrs_from} would be overwritten by this run: pass another --out-dir"),
+        (len(grid) < 2 or min(grid) <= 0 or len(set(grid)) < len(grid),
+         f"--lr-grid must be at least two distinct positive numbers, got "
+         f"{' '.join(map(str, grid))}")]
+    return next((text for bad, text in problems if bad), None) or ift.config_problem(cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -249,6 +243,7 @@ def pooled(first, second, key):
     return paired(diffs, next(c["delta"] for c in first["claims"] if c["claim"] == key))
 
 
+
 # -----------------------------------------------------------------------------
 # The base models, the recipes and the runs
 #
@@ -269,8 +264,7 @@ def pooled(first, second, key):
 #                  for S/2 steps: SFT (the paper's control: restarting a schedule alone can move
 #                  results), IFT, ORPO, and DPO with the stage-1 model as reference.
 #   equal compute  IFT for S / IFT_COST steps: the FLOPs of SFT's S steps.
-# IFT's ablations are not in the default run, so that its seeds buy power for the claims:
-# `--ablations` trains them afterwards on the judged seeds' bases at IFT's lr.
+# IFT's ablations are not in the default run, so that its seeds buy power for the claims.
 
 BASE = "base (stage 0)"
 
@@ -294,8 +288,8 @@ class Recipe:
 def compare_recipes(steps):
     """The recipes of one judged seed, in training order (a recipe's start comes before it)."""
     half = steps // 2
-    recipes = [Recipe(loss, "single stage", loss, steps=steps) for loss in ("sft", "ift", "orpo",
-                                                                             "dpo")]
+    recipes = [Recipe(loss, "single stage", loss, steps=steps)
+               for loss in ("sft", "ift", "orpo", "dpo")]
     recipes.append(Recipe("sft (stage 1)", "sequential", "sft", "train_a", half, lr_of="sft"))
     recipes += [Recipe(f"sft then {loss}", "sequential", loss, "train_b", steps - half,
                        "sft (stage 1)") for loss in ("sft", "ift", "orpo", "dpo")]
@@ -327,50 +321,20 @@ def config_for(cfg, **fields):
     return ift.Config(**{**plain, **fields})
 
 
-def train_and_test(rcfg, model, enc, train_split, data, device, run_dir, judged):
-    """ift.train() on train_split (what a plain run prints goes to run_dir/train.log), the
-    validation metrics the tuning reads, and (judged runs only) the test metrics. A run whose
-    loss stops being finite ends with outcome "diverged". Returns the run's record."""
-    t = time.time()
-    record = {"seed": rcfg.seed, "lr": rcfg.lr, "steps": rcfg.max_steps,
-              "ckpt": str(run_dir / "ckpt.pt")}
-    try:
-        with (run_dir / "train.log").open("w") as f, contextlib.redirect_stdout(f):
-            log, train_seconds = ift.train(rcfg, model, enc, {"train": train_split,
-                                                              "val": data["val"]}, device, run_dir)
-    except plumbing.UserError as e:
-        return {**record, "outcome": "diverged", "error": str(e)}
-    last = [r for r in log if "val_exact_match" in r][-1]  # ift.train validates at its last step
-    record.update(outcome="finished", ms_per_step=1000 * train_seconds / rcfg.max_steps,
-                  test=None, **{k: last[k] for k in ("val_exact_match", "val_nll", "val_margin",
-                                                     "val_preference_accuracy")})
-    if judged:
-        res = ift.evaluate(model, enc, data["test"], device, ift.autocast_for(device),
-                           rcfg.max_new_tokens)
-        record["test"] = {**{k: res[k] for k in ("exact_match", "exact_match_by_task", "nll",
-                                                 "preference_accuracy")},
-                          "margin": res["preference_margin"]}
-    return {**record, "seconds": time.time() - t}
-
-
-DATA_FILES = ("train", "val", "test", "pretrain")
-
-
-def data_hashes(data_dir):
+def data_hashes(data_dir, names=("train", "val", "test", "pretrain")):
     """sha256 of each data file a comparison reads."""
     return {name: hashlib.sha256((Path(data_dir) / f"{name}.jsonl").read_bytes()).hexdigest()
-            for name in DATA_FILES}
+            for name in names}
 
 
 def base_folder(bcfg, out_dir):
     """The base model's settings, and its folder: <out-dir>/base/<hash of the settings>. One
-    folder per settings (the seed among them), so no base is ever overwritten by another."""
+    folder per settings (the seed among them), so no base is ever overwritten by another. The
+    pool makes the model; its record also holds val and test scores."""
     settings = {k: v for k, v in dataclasses.asdict(bcfg).items() if k not in (
         "out_dir", "device", "log_interval", "eval_interval", "max_new_tokens")}
-    # the pool makes the model; its record also holds val and test scores
-    for name in ("pretrain", "val", "test"):
-        path = Path(bcfg.data) / f"{name}.jsonl"
-        settings[f"{name}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    settings.update({f"{k}_sha256": h for k, h in
+                     data_hashes(bcfg.data, ("pretrain", "val", "test")).items()})
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return settings, out_dir / "base" / key
 
@@ -383,54 +347,14 @@ def read_json(path, what, hint="delete it, or pass another --out-dir"):
         raise plumbing.UserError(f"{path}: not {what} ({type(e).__name__}); {hint}") from None
 
 
-def base_model(cfg, seed, judged, enc, data, device, out_dir):
-    """Stage 0 of one seed (see above): the base model's record, trained now, or read from
-    <out-dir>/base when that one was made with the same settings from the same data files."""
-    bcfg = config_for(cfg, loss="sft", lr=ift.DEFAULT_LR["sft"], init_from="", seed=seed,
-                      max_steps=cfg.base_steps)
-    settings, base_dir = base_folder(bcfg, out_dir)
-    bcfg.out_dir = str(base_dir)
-    record_path = base_dir / "base.json"
-    if record_path.is_file():
-        record = read_json(record_path, "a base-model record of compare.py")
-        if record.get("test") or not judged:  # a tuning seed's base has no test scores
-            return {**record, "ckpt": str(base_dir / "ckpt.pt"), "reused": True}
-    base_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = ift.build_model(bcfg, enc, device)
-    (base_dir / "config.json").write_text(json.dumps(dataclasses.asdict(bcfg), indent=2))
-    record = {"recipe": BASE, **train_and_test(bcfg, model, enc, data["pretrain"], data, device,
-                                               base_dir, judged), "settings": settings}
-    if record["outcome"] == "finished":  # base.json comes last: it means ckpt.pt is done
-        tmp = record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(record_path)
-    return record
-
-
-def compare_run(cfg, recipe, seed, lr, init_from, judged, enc, data, device, out_dir):
-    """Train one recipe for one seed from init_from and test it (judged seeds). Its folder gets
-    config.json, train.log (what a plain run prints), log.csv and ckpt.pt."""
-    slug = "".join(c if c.isalnum() else "_" for c in recipe.name)  # "ift, lam 0" -> ift__lam_0
-    run_dir = out_dir / "runs" / f"seed{seed}" / f"{slug}_lr{lr:.2g}"
-    rcfg = config_for(cfg, loss=recipe.loss, seed=seed, lr=lr, init_from=init_from,
-                      max_steps=recipe.steps, out_dir=str(run_dir), **recipe.overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(rcfg), indent=2))
-    torch.manual_seed(seed)
-    model = ift.build_model(rcfg, enc, device)
-    return {"recipe": recipe.name, **train_and_test(rcfg, model, enc, data[recipe.data], data,
-                                                    device, run_dir, judged)}
-
-
 def load_data(cfg, enc):
     """The splits every run reads: train, val, test, the train split's halves A and B, and the
     pretraining pool of the base models (plain language modelling: with "prompt length" 1 every
     token after <|user|> is a target)."""
     pool_path = Path(cfg.data) / "pretrain.jsonl"
     if not pool_path.is_file():
-        raise plumbing.UserError(f"{pool_path}: no pretraining pool for the base model; run python "
-                                 f"data/prepare.py, or put rows of your own there")
+        raise plumbing.UserError(f"{pool_path}: no pretraining pool for the base model; run "
+                                 f"python data/prepare.py, or put rows of your own there")
     data = ift.load_splits(cfg, enc, need_rejected=("train", "val", "test"))
     n = len(data["train"])
     data["train_a"] = ift.Split(data["train"].rows[:n // 2], enc, cfg.block_size, "train half A")
@@ -459,9 +383,9 @@ def set_up(cfg):
 # idles long at the end of a list. A 2 x 64 GPT is too small to keep two CPU threads busy, so on
 # a CPU --workers processes train one run each with one thread (RESULTS.md measures the gain). A
 # run reads and writes only its own folder and the checkpoint it starts from, which is finished
-# before it starts. Each finished run prints one line: its scores, the share of the planned work
-# done (in SFT steps; grid extensions and claim (c)'s runs join the plan when they are known) and
-# the time the whole comparison has left at the rate so far.
+# before it starts. Each finished run prints one progress line: its scores, the share of the
+# planned work done (in SFT steps; grid extensions and claim (c)'s runs join the plan when they
+# are known) and the time the whole comparison has left at the rate so far.
 
 @dataclass
 class Job:
@@ -473,6 +397,7 @@ class Job:
 
 
 WORKER = {}  # in each worker process (and in the main one, for --workers 1): set_up()'s dict
+VAL_KEYS = ("val_exact_match", "val_nll", "val_margin", "val_preference_accuracy")
 
 
 def worker_start(cfg, threads):
@@ -483,13 +408,55 @@ def worker_start(cfg, threads):
 
 
 def worker_run(job):
-    """The base or the recipe run of a job, with what worker_start() set up in this process."""
-    w = WORKER
-    if job.recipe.name == BASE:
-        return base_model(w["cfg"], job.seed, job.judged, w["enc"], w["data"], w["device"],
-                          w["out_dir"])
-    return compare_run(w["cfg"], job.recipe, job.seed, job.lr, job.init_from, job.judged,
-                       w["enc"], w["data"], w["device"], w["out_dir"])
+    """Train and test one job with what worker_start() set up in this process: a recipe from
+    job.init_from into runs/, or its seed's base (Stage 0), read back from <out-dir>/base when
+    one was made with the same settings from the same data files. Its folder gets config.json,
+    train.log (what a plain run prints), log.csv and ckpt.pt. Only judged runs read the test
+    split; a run whose loss stops being finite ends "diverged". Returns the run's record."""
+    cfg, enc, data, device, out_dir = (WORKER[k] for k in ("cfg", "enc", "data", "device",
+                                                          "out_dir"))
+    r, seed = job.recipe, job.seed
+    rcfg = config_for(cfg, loss=r.loss, seed=seed, lr=job.lr, init_from=job.init_from,
+                      max_steps=r.steps, **r.overrides)
+    if r.name == BASE:
+        settings, run_dir = base_folder(rcfg, out_dir)
+        if (run_dir / "base.json").is_file():
+            record = read_json(run_dir / "base.json", "a base-model record of compare.py")
+            if record.get("test") or not job.judged:  # a tuning seed's base has no test scores
+                return {**record, "ckpt": str(run_dir / "ckpt.pt"), "reused": True}
+    else:
+        slug = "".join(c if c.isalnum() else "_" for c in r.name)  # "ift, lam 0" -> ift__lam_0
+        run_dir = out_dir / "runs" / f"seed{seed}" / f"{slug}_lr{job.lr:.2g}"
+    rcfg.out_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(rcfg), indent=2))
+    torch.manual_seed(seed)
+    model = ift.build_model(rcfg, enc, device)
+    t = time.time()
+    record = {"recipe": r.name, "seed": seed, "lr": job.lr, "steps": r.steps,
+              "ckpt": str(run_dir / "ckpt.pt")}
+    try:
+        with (run_dir / "train.log").open("w") as f, contextlib.redirect_stdout(f):
+            log, seconds = ift.train(rcfg, model, enc, {"train": data[r.data], "val": data["val"]},
+                                     device, run_dir)
+    except plumbing.UserError as e:
+        return {**record, "outcome": "diverged", "error": str(e)}
+    last = [x for x in log if "val_exact_match" in x][-1]  # ift.train validates at its last step
+    record.update(outcome="finished", ms_per_step=1000 * seconds / r.steps, test=None,
+                  **{k: last[k] for k in VAL_KEYS})
+    if job.judged:
+        res = ift.evaluate(model, enc, data["test"], device, ift.autocast_for(device),
+                           rcfg.max_new_tokens)
+        record["test"] = {**{k: res[k] for k in ("exact_match", "exact_match_by_task", "nll",
+                                                 "preference_accuracy")},
+                          "margin": res["preference_margin"]}
+    record["seconds"] = time.time() - t
+    if r.name == BASE:  # base.json comes last: it means ckpt.pt is done
+        record["settings"] = settings
+        tmp = run_dir / "base.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(run_dir / "base.json")
+    return record
 
 
 def workers_for(cfg, device):
@@ -526,16 +493,17 @@ def run_jobs(run, jobs, plan):
     for job, res in zip(jobs, run(worker_run, jobs)):  # results come in order, as they finish
         plan["done"] += run_cost(job.recipe)
         elapsed = time.time() - plan["start"]
+        left = elapsed / plan["done"] * max(plan["total"] - plan["done"], 0)
         scores = "diverged"
         if res["outcome"] == "finished":
             test = f" | test exact {res['test']['exact_match']:.3f}" if res["test"] else ""
             scores = (f"val exact {res['val_exact_match']:.3f} | val margin "
                       f"{res['val_margin']:.2f}{test}")
-        left = elapsed / plan["done"] * max(plan["total"] - plan["done"], 0)
-        kind = "judged" if job.judged else "tuning"
-        print(f"[{min(plan['done'] / plan['total'], 1):4.0%}] {kind} seed {job.seed} | "
-              f"{job.recipe.name:<18} | lr {job.lr:.1e} | {scores} | {res.get('seconds', 0):.0f}s | elapsed {plumbing.fmt_time(elapsed)}, eta "
-              f"{plumbing.fmt_time(left)} for the whole comparison", flush=True)
+        print(f"[{min(plan['done'] / plan['total'], 1):4.0%}] "
+              f"{'judged' if job.judged else 'tuning'} seed {job.seed} | {job.recipe.name:<18} "
+              f"| lr {job.lr:.1e} | {scores} | {res.get('seconds', 0):.0f}s | elapsed "
+              f"{plumbing.fmt_time(elapsed)}, eta {plumbing.fmt_time(left)} for the whole "
+              f"comparison", flush=True)
         if res["outcome"] != "finished" and (job.judged or job.recipe.name == BASE):
             raise plumbing.UserError(f"{job.recipe.name}, seed {job.seed}: {res['error']}")
         done.append((job, res))
@@ -557,19 +525,14 @@ def jobs_at(recipes, seeds, lrs, starts, judged=True):
 
 
 # -----------------------------------------------------------------------------
-# Tuning
+# Tuning (protocol 2)
 #
-# What is tuned on what. Each recipe with an lr of its own (the paper's Table 2) is tuned on the
-# tuning seeds only, never on a judged seed, and on validation metrics only: tuning runs do not
-# even evaluate the test split. Two lrs per recipe: one for exact match (the table and claims
-# (a), (a'), (b), (d)), one for the preference margin (claim (c)); each is the best grid point
-# by that validation metric AVERAGED over the tuning seeds (a run that diverged on any tuning
-# seed loses), ties to the lower validation NLL, then the lower lr. Every recipe starts with the
-# same --lr-grid points. A best lr at the grid's edge may be a cut-off optimum, so the grid adds
-# one more multiplier step past that edge (edge^2 / its neighbour), for either metric, and
-# tunes again; at most --max-extensions rounds. Stage 1 takes SFT's lr for exact match, the
-# equal-compute run and the ablations IFT's. Claim (c)'s two recipes are picked the same way, on
-# the tuning seeds' mean validation margin at each recipe's margin lr.
+# Each tuned recipe (the paper's Table 2) is tuned on the tuning seeds only and on validation
+# metrics only: tuning runs do not even evaluate the test split. Its lr for exact match serves
+# the table and claims (a), (a'), (b), (d); its lr for the margin, claim (c). A run that diverged
+# on any tuning seed loses. A best lr at the grid's edge may be a cut-off optimum, so the grid
+# adds edge^2 / its neighbour, for either metric, and tunes again. Stage 1 takes SFT's lr for
+# exact match, the equal-compute run and the ablations IFT's.
 
 METRICS = ("exact_match", "margin")  # what a recipe's lrs are tuned for
 
@@ -593,26 +556,24 @@ def grid_scores(recipe, done, seeds):
 def best_lrs(scores):
     """{metric: the best lr} by the mean validation metric, ties to the lower NLL then lr."""
     ok = {lr: s for lr, s in scores.items() if s is not None}
-    if not ok:
-        return None
-    return {metric: min(ok, key=lambda lr: (-ok[lr][i], ok[lr][2], lr))
-            for i, metric in enumerate(METRICS)}
+    return ok and {metric: min(ok, key=lambda lr: (-ok[lr][i], ok[lr][2], lr))
+                   for i, metric in enumerate(METRICS)}
 
 
 def extension(grid, best):
     """The lr one multiplier step past the edge where best lies, or None inside the grid."""
     g = sorted(grid)
-    if best == g[-1]:
-        return g[-1] * g[-1] / g[-2]
-    if best == g[0]:
-        return g[0] * g[0] / g[1]
+    if best in (g[0], g[-1]):
+        edge, neighbour = (g[0], g[1]) if best == g[0] else (g[-1], g[-2])
+        return edge * edge / neighbour
     return None
 
 
 def tune(cfg, run, plan, recipes, seeds, starts, also=()):
-    """Tune recipes on the tuning seeds (see above) from their starts; `also` are other jobs that
-    share the first round's workers. Returns the finished (job, result) pairs, and per recipe
-    its grid, its two chosen lrs, the metrics whose optimum stays at an edge, and the scores."""
+    """Tune recipes on the tuning seeds from their starts, at most --max-extensions rounds past
+    the first; `also` are other jobs that share the first round's workers. Returns the finished
+    (job, result) pairs, and per recipe its grid, its two chosen lrs, the metrics whose optimum
+    stays at an edge, and the scores."""
     grids = {r.name: [ift.DEFAULT_LR[r.loss] * m for m in cfg.lr_grid] for r in recipes}
     new, done = grids, []
     for round_ in range(cfg.max_extensions + 1):
@@ -623,26 +584,25 @@ def tune(cfg, run, plan, recipes, seeds, starts, also=()):
         done += run_jobs(run, jobs + (list(also) if round_ == 0 else []), plan)
         scores = {r.name: grid_scores(r, done, seeds) for r in recipes}
         choice = {name: best_lrs(s) for name, s in scores.items()}
-        lost = next((name for name, c in choice.items() if c is None), None)
+        lost = next((name for name, c in choice.items() if not c), None)
         if lost:
-            raise plumbing.UserError(f"{lost}: every lr of its grid diverged on a tuning seed; try "
-                                     f"smaller --lr-grid multipliers")
+            raise plumbing.UserError(f"{lost}: every lr of its grid diverged on a tuning seed; "
+                                     f"try smaller --lr-grid multipliers")
         new = {r.name: sorted({lr for lr in (extension(grids[r.name], b) for b in
                                              choice[r.name].values()) if lr is not None})
                for r in recipes}
         if round_ == cfg.max_extensions or not any(new.values()):
             break
         grids = {name: sorted(grid + new[name]) for name, grid in grids.items()}
-    table = {r.name: {"grid": grids[r.name], "lr": choice[r.name]["exact_match"],
-                      "lr_margin": choice[r.name]["margin"],
-                      "at_edge": [m for m, lr in choice[r.name].items()
-                                  if extension(grids[r.name], lr) is not None],
-                      "scores": scores[r.name]} for r in recipes}
-    return done, table
+    return done, {r.name: {"grid": grids[r.name], "lr": choice[r.name]["exact_match"],
+                           "lr_margin": choice[r.name]["margin"],
+                           "at_edge": [m for m, lr in choice[r.name].items()
+                                       if extension(grids[r.name], lr) is not None],
+                           "scores": scores[r.name]} for r in recipes}
 
 
 def pick_claim_c(table, names):
-    """Claim (c)'s two recipes among names (the paper's Table 2), on the tuning seeds' mean
+    """Claim (c)'s two recipes among names, picked like the lrs, on the tuning seeds' mean
     VALIDATION margin at each recipe's margin lr: the better DPO recipe and the best other."""
     def score(name):
         exact, margin, nll = table[name]["scores"][table[name]["lr_margin"]]
@@ -652,20 +612,15 @@ def pick_claim_c(table, names):
 
 
 # -----------------------------------------------------------------------------
-# Learning rates from an earlier run (--lrs-from summary.json: the replication)
+# Learning rates from an earlier run (--lrs-from summary.json: the replication, protocol 5)
 #
-# The replication tunes nothing: it takes every tuned recipe's two lrs, their edge flags and
-# claim (c)'s two recipes from the summary.json of an earlier comparison, so nothing is chosen on
-# its own seeds. The lrs mean something only for the runs they were tuned for, so the summary
-# must come from the same recipes (names and steps, the base's among them) and the same
-# settings: every CompareConfig field but FREE below must be equal (model size, steps, base
-# steps, batch, schedule, lam, gamma, betas, --limit-rows, the lr grid and its extensions, the
-# tuning seeds, --max-new-tokens, compile), and each tuned recipe's grid must hold --lr-grid
-# times today's DEFAULT_LR. The data files (not the --data path) must have the same sha256
-# where it records them; a summary written before --lrs-from existed (the first run's) records
-# neither settings nor hashes, so its settings are read from its `regenerate` command with
-# today's defaults, and its data files are taken on trust. Its judged and tuning seeds may not
-# be judged again: a replication's seeds are fresh.
+# The lrs mean something only for the runs they were tuned for, so the summary must come from
+# the same recipes (names and steps, the base's among them) and settings: every CompareConfig
+# field but FREE equal, each tuned recipe's grid holding --lr-grid times today's DEFAULT_LR, and
+# the data files (not the --data path) of the same sha256 where it records them. The first
+# run's summary, written before --lrs-from existed, records neither: its settings are read from
+# its `regenerate` command with today's defaults, its data taken on trust. Its judged and tuning
+# seeds may not be judged again: a replication's seeds are fresh.
 
 FREE = ("seed", "seeds", "out_dir", "workers", "device", "lrs_from", "log_interval", "ablations",
         "mechanism", "data")  # may differ from the summary's run
@@ -675,60 +630,6 @@ def settings_of(cfg):
     """The comparison's settings that a summary records (JSON-ready: lists for tuples)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
             if k not in RECIPE_FIELDS}
-
-
-def lrs_from(cfg, path):
-    """The summary at path, checked against cfg (see above): (tuning table, claim (c)'s two
-    recipes, the summary). A bad file or one from other recipes or settings: one line."""
-    summary = read_json(path, "a summary.json of compare.py", "pass the summary.json a "
-                        "comparison wrote (e.g. assets/compare_summary.json)")
-    keys = ("regenerate", "seeds", "tuning_seeds", "per_seed", "recipes", "claims")
-    missing = [k for k in keys if k not in summary] if isinstance(summary, dict) else keys
-    if missing:
-        raise plumbing.UserError(f"{path}: not a summary.json of compare.py (missing "
-                                 f"{', '.join(missing)})")
-    recipes = [base_recipe(cfg)] + compare_recipes(cfg.max_steps)
-    theirs = summary["recipes"]
-    names = list(theirs) if isinstance(theirs, dict) else []
-    if names != [r.name for r in recipes]:
-        raise plumbing.UserError(f"{path}: from other recipes ({', '.join(map(str, names))}), "
-                                 f"not this comparison's")
-    try:
-        table = {r.name: {"grid": [float(lr) for lr in theirs[r.name]["grid"]],
-                          "lr": float(theirs[r.name]["lr"]),
-                          "lr_margin": float(theirs[r.name]["lr_margin"]),
-                          "at_edge": [str(m) for m in theirs[r.name]["at_edge"]], "scores": {}}
-                 for r in recipes if r.tuned}
-        steps = {name: int(t["steps"]) for name, t in theirs.items()}
-        c = next(c for c in summary["claims"] if c["claim"] == "c")
-        claim_c = (str(c["recipe"]), str(c["other"]))
-        their_cfg = summary.get("config") or config_of_command(summary["regenerate"])
-        seeds = {int(s) for s in summary["seeds"] + summary["tuning_seeds"]}
-    except (KeyError, TypeError, ValueError, StopIteration) as e:
-        raise plumbing.UserError(f"{path}: a field is missing or malformed "
-                                 f"({type(e).__name__}: {e})") from None
-    ours = settings_of(cfg)
-    other = [f"--{k.replace('_', '-')} {their_cfg.get(k)} (here {v})" for k, v in ours.items()
-             if k not in FREE and their_cfg.get(k) != v]
-    other += [f"{r.name} {steps[r.name]} steps (here {r.steps})" for r in recipes
-              if steps[r.name] != r.steps]
-    other += [f"{r.name}'s grid {table[r.name]['grid']} (here {today})" for r in recipes
-              if r.tuned for today in [[ift.DEFAULT_LR[r.loss] * m for m in cfg.lr_grid]]
-              if not all(any(math.isclose(lr, g) for g in table[r.name]["grid"]) for lr in today)]
-    hashes = summary.get("data_sha256")
-    if hashes:
-        other += [f"{cfg.data}/{k}.jsonl" for k, h in data_hashes(cfg.data).items()
-                  if hashes.get(k) != h]
-    if other:
-        raise plumbing.UserError(f"{path}: made with other settings: {'; '.join(other)}")
-    if claim_c[0] not in table or claim_c[1] not in table:
-        raise plumbing.UserError(f"{path}: claim (c)'s recipes {claim_c} are not tuned recipes")
-    again = sorted(seeds & {cfg.seed + i for i in range(cfg.seeds)})
-    if again:
-        raise plumbing.UserError(f"{path}: its run used seeds {', '.join(map(str, again))} "
-                                 f"already; judge fresh ones (e.g. --seed "
-                                 f"{max(summary['seeds']) + 1})")
-    return table, claim_c, summary
 
 
 def config_of_command(command):
@@ -744,27 +645,65 @@ def config_of_command(command):
         raise ValueError(f"regenerate has flags this compare.py refuses: {command}") from None
 
 
+def lrs_from(cfg, path):
+    """The summary at path, checked against cfg (see above): (tuning table, claim (c)'s two
+    recipes, the summary). A bad file or one from other recipes or settings: one line."""
+    def refuse(problem):
+        raise plumbing.UserError(f"{path}: {problem}")
+    summary = read_json(path, "a summary.json of compare.py", "pass the summary.json a "
+                        "comparison wrote (e.g. assets/compare_summary.json)")
+    keys = ("regenerate", "seeds", "tuning_seeds", "per_seed", "recipes", "claims")
+    missing = [k for k in keys if k not in summary] if isinstance(summary, dict) else keys
+    if missing:
+        refuse(f"not a summary.json of compare.py (missing {', '.join(missing)})")
+    recipes = [base_recipe(cfg)] + compare_recipes(cfg.max_steps)
+    theirs = summary["recipes"] if isinstance(summary["recipes"], dict) else {}
+    if list(theirs) != [r.name for r in recipes]:
+        refuse(f"from other recipes ({', '.join(map(str, theirs))}), not this comparison's")
+    try:
+        table = {r.name: {"grid": [float(lr) for lr in theirs[r.name]["grid"]],
+                          **{k: float(theirs[r.name][k]) for k in ("lr", "lr_margin")},
+                          "at_edge": [str(m) for m in theirs[r.name]["at_edge"]], "scores": {}}
+                 for r in recipes if r.tuned}
+        steps = {name: int(t["steps"]) for name, t in theirs.items()}
+        c = next(c for c in summary["claims"] if c["claim"] == "c")
+        claim_c = (str(c["recipe"]), str(c["other"]))
+        their_cfg = summary.get("config") or config_of_command(summary["regenerate"])
+        used = {int(s) for s in summary["seeds"] + summary["tuning_seeds"]}
+    except (KeyError, TypeError, ValueError, StopIteration) as e:
+        refuse(f"a field is missing or malformed ({type(e).__name__}: {e})")
+    grids = {r.name: [ift.DEFAULT_LR[r.loss] * m for m in cfg.lr_grid] for r in recipes}
+    other = [f"--{k.replace('_', '-')} {their_cfg.get(k)} (here {v})"
+             for k, v in settings_of(cfg).items() if k not in FREE and their_cfg.get(k) != v]
+    other += [f"{r.name} {steps[r.name]} steps (here {r.steps})" for r in recipes
+              if steps[r.name] != r.steps]
+    other += [f"{name}'s grid {t['grid']} (here {grids[name]})" for name, t in table.items()
+              if not all(any(math.isclose(lr, g) for g in t["grid"]) for lr in grids[name])]
+    other += [f"{cfg.data}/{k}.jsonl" for k, h in data_hashes(cfg.data).items()
+              if summary.get("data_sha256") and summary["data_sha256"].get(k) != h]
+    if other:
+        refuse(f"made with other settings: {'; '.join(other)}")
+    if not set(claim_c) <= table.keys():
+        refuse(f"claim (c)'s recipes {claim_c} are not tuned recipes")
+    again = sorted(used & {cfg.seed + i for i in range(cfg.seeds)})
+    if again:
+        refuse(f"its run used seeds {', '.join(map(str, again))} already; judge fresh ones "
+               f"(e.g. --seed {max(summary['seeds']) + 1})")
+    return table, claim_c, summary
+
+
 # -----------------------------------------------------------------------------
 # The phases
 #
 # A run can start once its start's checkpoint exists and its lr is known, so the comparison
-# trains in five phases, each one or more lists of jobs for the worker pool:
-#   1. the tuning seeds' bases;
-#   2. the tuning of the recipes that start from a base (with its grid extensions), sharing its
-#      first round with the judged seeds' bases;                                  -> their lrs
-#   3. the tuning seeds' stage 1, and on the judged seeds every recipe that starts from a base,
-#      stage 1 among them;
-#   4. the tuning of the stage-2 recipes, from the tuning seeds' stage 1;          -> their lrs,
-#                                                                                    claim (c)
-#   5. the judged seeds' stage-2 runs, and claim (c)'s runs at their margin lrs.
+# trains in five phases, each one or more lists of jobs for the worker pool (numbered below).
 # Between phases, tune() and pick_claim_c() are pure functions of finished runs. With lrs from
-# an earlier run (`fixed`) there is nothing to tune: 2 trains the judged bases alone, 3 the
-# judged seeds' runs from them, and 1 and 4 are skipped.
+# an earlier run (`fixed`) there is nothing to tune: phases 1 and 4 are skipped.
 
 def train_all(cfg, run, plan, recipes, tuning, judged, fixed=None):
-    """The five phases (see above); fixed: (tuning table, claim (c)) of --lrs-from. Returns
-    every finished (job, result), the tuning table (per recipe: grid, lrs, edge flags, scores)
-    and claim (c)'s two recipes."""
+    """The five phases; fixed: (tuning table, claim (c)) of --lrs-from. Returns every finished
+    (job, result), the tuning table (per recipe: grid, lrs, edge flags, scores) and claim (c)'s
+    two recipes."""
     own = [r for r in recipes if r.tuned]                         # tuned: the paper's Table 2
     from_base = [r for r in own if r.start == BASE]
     stage2 = [r for r in own if r.start != BASE]
@@ -779,16 +718,18 @@ def train_all(cfg, run, plan, recipes, tuning, judged, fixed=None):
         # 1. the tuning seeds' bases
         done = run_jobs(run, [Job(base, s, ift.DEFAULT_LR["sft"], "", judged=False)
                               for s in tuning], plan)
-        # 2. the tuning of the recipes from a base, beside the judged seeds' bases
+        # 2. the tuning of the recipes from a base, sharing its first round with the judged
+        #    seeds' bases -> their lrs
         tuned, table = tune(cfg, run, plan, from_base, tuning, starts_of(done), judged_bases)
         done += tuned
     lrs = {name: t["lr"] for name, t in table.items()}
-    # 3. the tuning seeds' stage 1; the judged seeds' runs from their bases
+    # 3. the tuning seeds' stage 1; on the judged seeds every recipe from a base, stage 1 too
     starts = starts_of(done)
     done += run_jobs(run, jobs_at(stage1, tuning, lrs, starts, judged=False)
                      + jobs_at(from_base + stage1 + rest, judged, lrs, starts), plan)
     if not fixed:
-        # 4. the tuning of the stage-2 recipes; claim (c)'s recipes
+        # 4. the tuning of the stage-2 recipes from the tuning seeds' stage 1 -> their lrs;
+        #    claim (c)'s recipes
         tuned, table2 = tune(cfg, run, plan, stage2, tuning, starts_of(done))
         done, table = done + tuned, {**table, **table2}
         lrs = {name: t["lr"] for name, t in table.items()}
@@ -803,17 +744,8 @@ def train_all(cfg, run, plan, recipes, tuning, judged, fixed=None):
     return done, table, claim_c
 
 
-def planned_cost(cfg, recipes, tuning, judged):
-    """The comparison's work in SFT steps before any grid extension or claim (c)'s runs."""
-    own = [r for r in recipes if r.tuned]
-    stage1 = sum(run_cost(r) for r in recipes if r.name == "sft (stage 1)")
-    return (run_cost(base_recipe(cfg)) * (len(tuning) + len(judged))
-            + sum(run_cost(r) for r in own) * len(cfg.lr_grid) * len(tuning)
-            + stage1 * len(tuning) + sum(run_cost(r) for r in recipes) * len(judged))
-
-
 # -----------------------------------------------------------------------------
-# The comparison
+# The comparison and its records
 
 def compare(cfg, command):
     """Train and test every recipe over the seeds, in phases; write the reports and figures."""
@@ -831,7 +763,12 @@ def compare(cfg, command):
           f"{len(judged)} judged seeds {judged[0]}..{judged[-1]}, {lrs_note} | device {device}, "
           f"{at_a_time(workers, threads)} | {len(data['train'])} train rows | outputs in "
           f"{out_dir}", flush=True)
-    plan = {"total": planned_cost(cfg, recipes, tuning, judged), "done": 0.0, "start": t_start}
+    # the planned work in SFT steps, before any grid extension or claim (c)'s runs
+    total = (run_cost(base_recipe(cfg)) * (len(tuning) + len(judged))
+             + sum(run_cost(r) for r in recipes if r.tuned) * len(cfg.lr_grid) * len(tuning)
+             + sum(run_cost(r) for r in recipes if r.name == "sft (stage 1)") * len(tuning)
+             + sum(run_cost(r) for r in recipes) * len(judged))
+    plan = {"total": total, "done": 0.0, "start": t_start}
     with worker_pool(setup, workers, threads) as run:
         done, table, claim_c = train_all(cfg, run, plan, recipes, tuning, judged,
                                          fixed and fixed[:2])
@@ -850,27 +787,22 @@ def compare(cfg, command):
     return write_outputs(cfg, info, recipes, done, table, out_dir, fixed and fixed[2])
 
 
-def judged_runs(done):
-    """(recipe name, seed) -> {lr: record} of every finished judged run (and base) in done."""
-    runs = {}
-    for job, res in done:
-        if job.judged and res["outcome"] == "finished":
-            runs.setdefault((job.recipe.name, job.seed), {})[job.lr] = res
-    return runs
-
-
 def write_outputs(cfg, info, recipes, done, table, out_dir, earlier=None):
     """The tables and claims from the finished runs: compare.json, compare.md, claims.png,
     families.png and summary.json in out_dir; the report is printed too. earlier: the summary
     of --lrs-from, whose claims are set beside this run's."""
-    seeds, tasks, claim_c = info["seeds"], info["tasks"], info["claim_c"]
+    seeds, claim_c, every = info["seeds"], info["claim_c"], [base_recipe(cfg)] + recipes
     lrs = {BASE: ift.DEFAULT_LR["sft"], **{name: t["lr"] for name, t in table.items()}}
-    by_lr = judged_runs(done)
-    runs = {(r.name, s): by_lr[(r.name, s)][lrs[r.lr_of or r.name]]
-            for r in [base_recipe(cfg)] + recipes for s in seeds}
+    by_lr = {}  # (recipe name, seed) -> {lr: record}, of every finished judged run and base
+    for job, res in done:
+        if job.judged and res["outcome"] == "finished":
+            by_lr.setdefault((job.recipe.name, job.seed), {})[job.lr] = res
+    runs = {(r.name, s): by_lr[(r.name, s)][lrs[r.lr_of or r.name]] for r in every for s in seeds}
     margin_runs = {(name, s): by_lr[(name, s)][table[name]["lr_margin"]] for name in claim_c
                    for s in seeds}
-    summary = summarize([base_recipe(cfg)] + recipes, runs, seeds, lrs, tasks)
+    summary = [{"recipe": r.name, "group": r.group, "lr": lrs.get(r.lr_of or r.name),
+                "steps": r.steps, **means([runs[(r.name, s)] for s in seeds], info["tasks"])}
+               for r in every]
     claims = judge_claims(recipes, runs, margin_runs, claim_c, seeds)
     small = summary_file(info, summary, claims, table, runs)
     paths = [out_dir / name for name in ("compare.json", "compare.md", "claims.png",
@@ -884,7 +816,12 @@ def write_outputs(cfg, info, recipes, done, table, out_dir, earlier=None):
                         if not job.judged]}, indent=2))
     report = compare_report(info, summary, claims, table, runs, cfg)
     if earlier:
-        report += "\n" + "\n".join(side_by_side_section(earlier, small)) + "\n"
+        report += "\n".join([
+            "", "## Beside the run the lrs came from", "",
+            f"`{earlier['regenerate']}` ({earlier.get('machine', '?')}, "
+            f"{earlier.get('date', '?')}) and this run, claim by claim; this run's verdicts are "
+            f"the replication's. Pooled: both runs' seeds in one interval, after the fact.", "",
+            *side_by_side(earlier, small)]) + "\n"
     paths[1].write_text(report)
     plot_claims(claims, info, paths[2], earlier and earlier["claims"])
     plot_families(summary, info, paths[3])
@@ -894,21 +831,13 @@ def write_outputs(cfg, info, recipes, done, table, out_dir, earlier=None):
     return summary, claims
 
 
-def summarize(recipes, runs, seeds, lrs, tasks):
-    """One row per recipe: mean and std over the seeds of every test metric, and its costs."""
-    rows = []
-    for r in recipes:
-        per_seed = [runs[(r.name, s)] for s in seeds]
-        row = {"recipe": r.name, "group": r.group, "lr": lrs.get(r.lr_of or r.name),
-               "steps": r.steps}
-        for t in tasks:
-            row[t] = plumbing.mean_std([p["test"]["exact_match_by_task"][t] for p in per_seed])
-        for k in ("exact_match", "preference_accuracy", "margin", "nll"):
-            row[k] = plumbing.mean_std([p["test"][k] for p in per_seed])
-        row["seconds"] = plumbing.mean_std([p["seconds"] for p in per_seed])
-        row["ms_per_step"] = plumbing.mean_std([p["ms_per_step"] for p in per_seed])
-        rows.append(row)
-    return rows
+def means(per_seed, tasks):
+    """Mean and std over the seeds of every test metric of a recipe's runs, and its costs."""
+    return {**{t: plumbing.mean_std([p["test"]["exact_match_by_task"][t] for p in per_seed])
+               for t in tasks},
+            **{k: plumbing.mean_std([p["test"][k] for p in per_seed])
+               for k in ("exact_match", "preference_accuracy", "margin", "nll")},
+            **{k: plumbing.mean_std([p[k] for p in per_seed]) for k in ("seconds", "ms_per_step")}}
 
 
 def table_json(table):
@@ -926,10 +855,7 @@ CLAIM_KEYS = ("claim", "text", "recipe", "other", "metric", "delta", "mean", "ci
 
 def summary_file(info, summary, claims, table, runs):
     """summary.json: the numbers behind compare.md's tables, small enough to commit (RESULTS.md
-    keeps copies in assets/): per judged seed its base's test scores and every claim's
-    difference; per recipe its grid, chosen lrs and each metric's mean and std over the seeds;
-    per claim the mean, the 95% half-width, the verdict and the seeds each way; the settings
-    and data files' sha256 that --lrs-from checks."""
+    keeps copies in assets/), and the settings and data files' sha256 that --lrs-from checks."""
     metrics = info["tasks"] + ["exact_match", "preference_accuracy", "margin", "nll"]
     base_keys = ("exact_match", "exact_match_by_task", "preference_accuracy", "margin", "nll")
     return {
@@ -941,9 +867,9 @@ def summary_file(info, summary, claims, table, runs):
                          "claims": {c["claim"]: c["diffs"][i] for c in claims}}
                      for i, s in enumerate(info["seeds"])},
         "recipes": {row["recipe"]: {"lr": row["lr"], "steps": row["steps"],
-                                    **({k: table[row["recipe"]][k] for k in (
-                                        "grid", "lr_margin", "at_edge")}
-                                       if row["recipe"] in table else {}),
+                                    **{k: table[row["recipe"]][k] for k in (
+                                        "grid", "lr_margin", "at_edge")
+                                       if row["recipe"] in table},
                                     **{k: {"mean": row[k][0], "std": row[k][1]}
                                        for k in metrics}} for row in summary},
         "claims": [{**{k: c[k] for k in CLAIM_KEYS},
@@ -972,12 +898,16 @@ def pm(pair, digits=3):
     return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
 
-def interval(p, digits=3):
-    """'-0.010, [-0.024, +0.005]': a mean and its 95% interval ('-' without spread)."""
+def places(claim):
+    """The decimals of a claim's numbers: 2 for nats of margin, 3 for exact match."""
+    return 2 if claim["metric"] == "margin" else 3
+
+
+def bounds(p, digits=3):
+    """'[-0.024, +0.005]': the 95% interval of a paired() result ('-' without spread)."""
     if p["ci95"] is None:
-        return f"{p['mean']:+.{digits}f}, -"
-    lo, hi = p["mean"] - p["ci95"], p["mean"] + p["ci95"]
-    return f"{p['mean']:+.{digits}f}, [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+        return "-"
+    return f"[{p['mean'] - p['ci95']:+.{digits}f}, {p['mean'] + p['ci95']:+.{digits}f}]"
 
 
 PAIRED_HEADER = ("per-seed differences", "mean ± std", "95% interval (± half-width)", "verdict",
@@ -986,14 +916,16 @@ PAIRED_HEADER = ("per-seed differences", "mean ± std", "95% interval (± half-w
 
 def paired_cells(p, digits=3):
     """The cells of a paired() result under PAIRED_HEADER, joined by ' | '."""
-    f = f"+.{digits}f"
-    diffs = ", ".join(f"{d:{f}}" for d in p["diffs"])
-    spread = f"{p['mean']:{f}}" + (f" ± {p['std']:.{digits}f}" if p["std"] is not None else "")
-    half = "-"
-    if p["ci95"] is not None:
-        lo, hi = p["mean"] - p["ci95"], p["mean"] + p["ci95"]
-        half = f"[{lo:{f}}, {hi:{f}}] (±{p['ci95']:.{digits}f})"
-    return f"{diffs} | {spread} | {half} | **{p['verdict']}** | {p['up']} / {p['down']}"
+    diffs = ", ".join(f"{d:+.{digits}f}" for d in p["diffs"])
+    std = "" if p["std"] is None else f" ± {p['std']:.{digits}f}"
+    half = "" if p["ci95"] is None else f" (±{p['ci95']:.{digits}f})"
+    return (f"{diffs} | {p['mean']:+.{digits}f}{std} | {bounds(p, digits)}{half} | "
+            f"**{p['verdict']}** | {p['up']} / {p['down']}")
+
+
+def verdicts_table(first, verdicts):
+    """A markdown table of paired() results, one per recipe."""
+    return md_table([first, *PAIRED_HEADER], [[v["recipe"], paired_cells(v)] for v in verdicts])
 
 
 def moved_cell(name, p, digits=3):
@@ -1003,16 +935,15 @@ def moved_cell(name, p, digits=3):
     if p["ci95"] is None:
         return change + " (one seed)"
     change += f" ± {p['ci95']:.{digits}f}"
-    if p["verdict"] == "reversed":
-        return f"**{change}: worse than its start**"
-    if p["verdict"] != "reproduced":  # the interval contains 0
-        return f"**{change}: did not move**"
-    return change
+    if p["verdict"] == "reproduced":
+        return change
+    return f"**{change}: " + ("worse than its start**" if p["verdict"] == "reversed"
+                              else "did not move**")
 
 
 def compare_report(info, summary, claims, table, runs, cfg):
     """compare.md: how it was made, the test table, the bases, the claims, the lrs."""
-    n, tasks = len(info["seeds"]), info["tasks"]
+    n, tasks, seeds = len(info["seeds"]), info["tasks"], ", ".join(map(str, info["seeds"]))
     lines = [
         "# IFT, SFT, ORPO and DPO at toy scale (`python compare.py`)", "",
         f"Regenerate: `{info['command']}`", "",
@@ -1024,7 +955,7 @@ def compare_report(info, summary, claims, table, runs, cfg):
         f"modelling on the pretraining pool; from it {cfg.max_steps} steps per single-stage run "
         f"(each sequential stage half), warm-up {cfg.warmup_steps} then cosine to "
         f"{cfg.min_lr_ratio} x lr, lam {cfg.lam}, gamma {cfg.gamma}, DPO beta {cfg.dpo_beta}, "
-        f"ORPO beta {cfg.orpo_beta}; judged seeds {', '.join(map(str, info['seeds']))}, "
+        f"ORPO beta {cfg.orpo_beta}; judged seeds {seeds}, "
         + (f"lrs from {info['lrs_from']} (not tuned here)." if info["lrs_from"] else
            f"tuning seeds {', '.join(map(str, info['tuning_seeds']))} (never judged); lrs from "
            f"the tuning below."), "",
@@ -1045,31 +976,22 @@ def compare_report(info, summary, claims, table, runs, cfg):
         [s, *(f"{t['exact_match_by_task'][k]:.3f}" for k in tasks), f"**{t['exact_match']:.3f}**",
          f"{t['margin']:.2f}", f"{t['preference_accuracy']:.3f}"]
         for s in info["seeds"] for t in [runs[(BASE, s)]["test"]]])
-    return "\n".join(lines + [""] + claims_section(claims, n) + [""] + lrs_section(table, info)
-                     ) + "\n"
-
-
-def claims_section(claims, n):
-    """The claims table, (b)'s control in words, (c)'s preference accuracy, and the reading."""
-    lines = [
-        "## The paper's claims, paired seed by seed", "",
+    lines += [
+        "", "## The paper's claims, paired seed by seed", "",
         f"Recipe minus the other, per judged seed; from the 95% t-interval of the mean over {n} "
         f"seeds: **reproduced** above 0, **reversed** below 0, **equivalent** inside ±delta "
         f"(delta {DELTA['exact_match']} exact match, {DELTA['margin']} nats of margin), "
         f"**inconclusive** otherwise (compare.py, \"The verdicts\").", ""]
-    rows = []
-    for c in claims:
-        digits = 2 if c["metric"] == "margin" else 3
-        rows.append([f"({c['claim']}) {c['text']}",
-                     f"{c['recipe']} - {c['other']} ({c['metric']})", paired_cells(c, digits),
-                     f"{c['t']:.1f} ({c['t95']:.2f})" if c["t95"] else "-",
-                     c["seeds_needed"] or "-",
-                     "; ".join(moved_cell(name, p, digits) for name, p in c["moved"].items())])
     lines += md_table(["claim", "recipe - other (metric)", *PAIRED_HEADER,
                        "abs(mean) / SE (t quantile)", "seeds for ±delta",
-                       "each side's change from its start (± 95%)"], rows)
+                       "each side's change from its start (± 95%)"], [
+        [f"({c['claim']}) {c['text']}", f"{c['recipe']} - {c['other']} ({c['metric']})",
+         paired_cells(c, places(c)), f"{c['t']:.1f} ({c['t95']:.2f})" if c["t95"] else "-",
+         c["seeds_needed"] or "-",
+         "; ".join(moved_cell(name, p, places(c)) for name, p in c["moved"].items())]
+        for c in claims])
     a, c = (next(c for c in claims if c["claim"] == k) for k in ("a", "c"))
-    return lines + [
+    lines += [
         "", f"(b)'s control, SFT - SFT then DPO, is the last row: IFT's advantage over SFT then "
         f"DPO minus SFT's own is IFT - SFT, claim (a), whose verdict ({a['verdict']}) says "
         f"whether that advantage exceeds what SFT's extra steps alone give.",
@@ -1077,27 +999,26 @@ def claims_section(claims, n):
         f"(up / down).", "",
         f"{N_CLAIMS} claims are tested at 95% each: with no true difference anywhere, the chance "
         f"that at least one comes out reproduced or reversed by luck is up to "
-        f"{1 - 0.95 ** N_CLAIMS:.0%} (independent claims)."]
+        f"{1 - 0.95 ** N_CLAIMS:.0%} (independent claims).", ""]
+    return "\n".join(lines + lrs_section(table, info)) + "\n"
 
 
 def lrs_section(table, info):
     """The tuning table (per recipe and lr, the tuning seeds' mean validation scores), or the
-    lrs read from --lrs-from."""
-    def edge(t, metric):
-        return " (**still at the grid's edge**)" if metric in t["at_edge"] else ""
+    lrs read from --lrs-from; an optimum still at the grid's edge is flagged."""
+    def chosen(t, metric, lr):
+        edge = " (**still at the grid's edge**)" if metric in t["at_edge"] else ""
+        return f"{lr:.1e}{edge}" if info["lrs_from"] else metric.replace("_", " ") + edge
     if info["lrs_from"]:
         return [f"## Learning rates from {info['lrs_from']} (not tuned here)", ""] + md_table(
             ["recipe", "lr for exact match", "lr for the margin"],
-            [[name, f"{t['lr']:.1e}{edge(t, 'exact_match')}", f"{t['lr_margin']:.1e}"
-              f"{edge(t, 'margin')}"] for name, t in table.items()])
-    rows = []
-    for name, t in table.items():
-        for lr, s in sorted(t["scores"].items()):
-            chosen = [m.replace("_", " ") + edge(t, m) for m, key in (("exact_match", "lr"),
-                                                                   ("margin", "lr_margin"))
-                      if t[key] == lr]
-            rows.append([name, f"{lr:.1e}", "diverged | - | -" if s is None else
-                         f"{s[0]:.3f} | {s[1]:.2f} | {s[2]:.4f}", ", ".join(chosen)])
+            [[name, chosen(t, "exact_match", t["lr"]), chosen(t, "margin", t["lr_margin"])]
+             for name, t in table.items()])
+    rows = [[name, f"{lr:.1e}", "diverged | - | -" if s is None else
+             f"{s[0]:.3f} | {s[1]:.2f} | {s[2]:.4f}",
+             ", ".join(chosen(t, m, lr) for m, key in (("exact_match", "lr"),
+                                                     ("margin", "lr_margin")) if t[key] == lr)]
+            for name, t in table.items() for lr, s in sorted(t["scores"].items())]
     flagged = [f"{name} ({', '.join(m.replace('_', ' ') for m in t['at_edge'])})"
                for name, t in table.items() if t["at_edge"]]
     return ([f"## Tuning (seeds {', '.join(map(str, info['tuning_seeds']))}, validation split, "
@@ -1114,32 +1035,21 @@ def side_by_side(first, second):
     def label(s):
         return f"{len(s['seeds'])} seeds, {s['seeds'][0]}-{s['seeds'][-1]}"
 
-    def cells(c):
-        digits = 2 if c["metric"] == "margin" else 3
-        return [interval(c, digits), f"**{c['verdict']}**",
-                "-" if c["t"] is None else f"{c['t']:.1f}"]
+    def cells(p, digits, verdict=True):
+        mean = f"{p['mean']:+.{digits}f}, {bounds(p, digits)}"
+        t = "-" if p.get("t") is None else f"{p['t']:.1f}"
+        return [mean, f"**{p['verdict']}**", t] if verdict else [mean, p["verdict"]]
     later = {c["claim"]: c for c in second["claims"]}
-    rows = []
-    for c in first["claims"]:
-        d, both = later[c["claim"]], pooled(first, second, c["claim"])
-        rows.append([f"({c['claim']}) {c['recipe']} - {c['other']}", *cells(c), *cells(d),
-                     "yes" if c["verdict"] == d["verdict"] else "**no**",
-                     interval(both, 2 if c["metric"] == "margin" else 3), both["verdict"]])
+    rows = [[f"({c['claim']}) {c['recipe']} - {c['other']}", *cells(c, places(c)),
+             *cells(later[c["claim"]], places(c)),
+             "yes" if c["verdict"] == later[c["claim"]]["verdict"] else "**no**",
+             *cells(pooled(first, second, c["claim"]), places(c), verdict=False)]
+            for c in first["claims"]]
     n = len(first["seeds"]) + len(second["seeds"])
     return md_table(["claim", f"first run ({label(first)}): mean, 95% interval", "verdict",
                      "abs(mean) / SE", f"replication ({label(second)}): mean, 95% interval",
                      "verdict", "abs(mean) / SE", "same verdict",
                      f"pooled after the fact ({n} seeds): mean, 95% interval", "verdict"], rows)
-
-
-def side_by_side_section(earlier, summary):
-    """compare.md's section setting the run its lrs came from beside this one."""
-    return ["## Beside the run the lrs came from", "",
-            f"`{earlier['regenerate']}` ({earlier.get('machine', '?')}, {earlier.get('date', '?')})"
-            f" and this run, claim by claim; this run's verdicts are the replication's. Pooled: "
-            f"both runs' seeds in one interval, after the fact.", ""] + side_by_side(earlier,
-                                                                                     summary)
-
 
 # -----------------------------------------------------------------------------
 # Plots
@@ -1213,6 +1123,7 @@ def plot_families(summary, info, path):
     plt.close(fig)
 
 
+
 # -----------------------------------------------------------------------------
 # IFT's ablations (python compare.py --ablations)
 #
@@ -1223,9 +1134,9 @@ def plot_families(summary, info, path):
 # comparison's verdict rule and DELTA. Its own command, so the default run's time buys seeds for
 # the claims.
 
-def saved_comparison(cfg):
-    """The comparison in --out-dir: its compare.json, checked, and the settings it ran with
-    (with this command line's --workers and --device)."""
+def saved_comparison(cfg, command):
+    """The comparison in --out-dir (its compare.json, checked), the settings it ran with (with
+    this command line's --workers and --device), set_up() of them, and the report's heading."""
     path = Path(cfg.out_dir) / "compare.json"
     if not path.is_file():
         raise plumbing.UserError(f"{path}: no comparison there; run python compare.py first "
@@ -1235,53 +1146,56 @@ def saved_comparison(cfg):
                                            "tuning"} <= saved.keys():
         raise plumbing.UserError(f"{path}: not a comparison of compare.py (keys missing); run "
                                  f"python compare.py again with this --out-dir")
-    fields = {f.name for f in dataclasses.fields(CompareConfig)}
-    run_cfg = dataclasses.replace(cfg, **{k: v for k, v in saved["config"].items()
-                                          if k in fields and k not in (
-                                              "workers", "device", "out_dir", "ablations",
-                                              "mechanism", "lrs_from")})
+    mine = ("workers", "device", "out_dir", "ablations", "mechanism", "lrs_from")  # this line's
+    run_cfg = dataclasses.replace(cfg, **{k: v for k, v in saved["config"].items() if k in {
+        f.name for f in dataclasses.fields(CompareConfig)} - set(mine)})
     run_cfg.lr_grid = tuple(run_cfg.lr_grid)
-    return saved, run_cfg
+    setup = set_up(run_cfg)
+    info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "device_name": plumbing.device_name(setup["device"]),
+            "comparison": saved["command"].strip(), "seeds": saved["seeds"]}
+    return saved, run_cfg, setup, info
+
+
+def write_report(out_dir, stem, record, lines):
+    """<stem>.json and <stem>.md (printed too) in out_dir; their paths."""
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(record, indent=2))
+    paths[1].write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return paths
 
 
 def ablations(cfg, command):
     """Train IFT's ablations on the judged seeds of the comparison in --out-dir; pair each with
     IFT; write ablations.md and ablations.json there."""
     t_start = time.time()
-    saved, run_cfg = saved_comparison(cfg)
-    setup = set_up(run_cfg)
-    device, out_dir = setup["device"], setup["out_dir"]
-    recipes, seeds = ablation_recipes(run_cfg.max_steps), saved["seeds"]
-    lr = saved["tuning"]["ift"]["lr"]
-    workers, threads = workers_for(run_cfg, device)
+    saved, run_cfg, setup, info = saved_comparison(cfg, command)
+    recipes, seeds, lr = ablation_recipes(run_cfg.max_steps), info["seeds"], saved["tuning"][
+        "ift"]["lr"]
+    workers, threads = workers_for(run_cfg, setup["device"])
     starts = {(BASE, s): saved["bases"][str(s)]["ckpt"] for s in seeds}
     jobs = jobs_at(recipes, seeds, {"ift": lr}, starts)
     print(f"ablations | {len(recipes)} recipes x {len(seeds)} judged seeds of "
-          f"{out_dir / 'compare.json'} at IFT's lr {lr:.1e} | {at_a_time(workers, threads)}",
-          flush=True)
+          f"{setup['out_dir'] / 'compare.json'} at IFT's lr {lr:.1e} | "
+          f"{at_a_time(workers, threads)}", flush=True)
     plan = {"total": sum(run_cost(job.recipe) for job in jobs), "done": 0.0, "start": t_start}
     with worker_pool(setup, workers, threads) as run:
         done = run_jobs(run, jobs, plan)
     ift_runs = {r["seed"]: r for r in saved["runs"] if r["recipe"] == "ift"}
-    runs = [res for job, res in done]
     verdicts = [{"recipe": r.name, **paired(
         [res["test"]["exact_match"] - ift_runs[job.seed]["test"]["exact_match"]
          for job, res in done if job.recipe == r], DELTA["exact_match"])} for r in recipes]
-    info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "device_name": plumbing.device_name(device), "comparison": saved["command"],
-            "seeds": seeds, "lr": lr, "runtime_seconds": time.time() - t_start}
-    (out_dir / "ablations.json").write_text(json.dumps({**info, "verdicts": verdicts,
-                                                        "runs": runs}, indent=2))
+    info.update(lr=lr, runtime_seconds=time.time() - t_start)
     lines = [f"# IFT's ablations (`{command}`)", "",
              f"On the judged seeds {', '.join(map(str, seeds))} of `{saved['command']}`, each from "
              f"its seed's base at IFT's lr {lr:.1e}; {info['device_name']}, {info['date']}, "
              f"{plumbing.fmt_time(info['runtime_seconds'])}.", "",
              "Paired by seed on test exact match: the ablation minus IFT "
-             f"(delta {DELTA['exact_match']}).", ""] + md_table(
-        ["ablation - ift", *PAIRED_HEADER], [[v["recipe"], paired_cells(v)] for v in verdicts])
-    (out_dir / "ablations.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {out_dir / 'ablations.json'}, {out_dir / 'ablations.md'}")
+             f"(delta {DELTA['exact_match']}).", "", *verdicts_table("ablation - ift", verdicts)]
+    paths = write_report(setup["out_dir"], "ablations", {
+        **info, "verdicts": verdicts, "runs": [res for job, res in done]}, lines)
+    print("wrote " + ", ".join(str(p) for p in paths))
 
 
 # -----------------------------------------------------------------------------
@@ -1334,13 +1248,15 @@ def recovery_counts(model, seqs, device):
     return counts
 
 
+
+
 def mechanism(cfg):
     """Recovery from own mistakes of the SFT and IFT checkpoints of the comparison in --out-dir
     (and the ablations', when trained); writes mechanism.md, mechanism.json and mechanism.png."""
-    saved, run_cfg = saved_comparison(cfg)
-    setup = set_up(run_cfg)
-    device, out_dir, enc, test = (setup[k] for k in ("device", "out_dir", "enc", "data"))
-    test = test["test"]
+    command = shlex.join(["python", "compare.py", "--mechanism", "--out-dir", cfg.out_dir])
+    saved, run_cfg, setup, info = saved_comparison(cfg, command)
+    device, out_dir = setup["device"], setup["out_dir"]
+    test = setup["data"]["test"]
     seqs = [s for s, r in zip(test.chosen, test.rows) if r["task"] in MECHANISM_TASKS]
     if not seqs:
         raise plumbing.UserError(f"{run_cfg.data}/test.jsonl: no rows of "
@@ -1351,58 +1267,43 @@ def mechanism(cfg):
                                             "an ablations record of compare.py")["runs"]
     runs = {(r["recipe"], r["seed"]): r for r in saved_runs}
     names = ["sft", "ift"] + [r.name for r in ablation_recipes(1)
-                              if all((r.name, s) in runs for s in saved["seeds"])]
+                              if all((r.name, s) in runs for s in info["seeds"])]
     gaps = {}  # recipe -> per seed: [clean, corrupted, gap] per distance, and pooled (last row)
-    scored = 0  # answer tokens scored per model (the same for every model)
     for name in names:
-        for seed in saved["seeds"]:
+        for seed in info["seeds"]:
             init = dataclasses.replace(run_cfg, init_from=runs[(name, seed)]["ckpt"])
-            model = ift.build_model(init, enc, device).eval()  # checked against the config
+            model = ift.build_model(init, setup["enc"], device).eval()  # checked against config
             c = recovery_counts(model, seqs, device).double()
             c = torch.cat([c, c.sum(0, keepdim=True)])                     # + all distances
-            scored = int(c[-1, 0])
             acc = c[:, 1:] / c[:, :1].clamp(min=1)                         # (D + 1, 2)
             gaps.setdefault(name, []).append(torch.cat([acc, acc[:, :1] - acc[:, 1:]], 1))
     table = {name: torch.stack(per_seed) for name, per_seed in gaps.items()}  # (S, D + 1, 3)
     verdicts = [{"recipe": name, **paired(
         (table["sft"][:, -1, 2] - table[name][:, -1, 2]).tolist(), DELTA["exact_match"])}
         for name in names if name != "sft"]
-    info = {"command": shlex.join(["python", "compare.py", "--mechanism", "--out-dir",
-                                   cfg.out_dir]),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "device_name": plumbing.device_name(device),
-            "comparison": saved["command"].strip(), "seeds": saved["seeds"],
-            "tasks": MECHANISM_TASKS, "rows": len(seqs), "tokens_scored": scored}
-    paths = [out_dir / "mechanism.json", out_dir / "mechanism.md", out_dir / "mechanism.png"]
-    paths[0].write_text(json.dumps({**info, "verdicts": verdicts, "recipes": {
-        name: {"clean": t[:, :, 0].tolist(), "corrupted": t[:, :, 1].tolist(),
-               "gap": t[:, :, 2].tolist()} for name, t in table.items()}}, indent=2))
-    report = mechanism_report(info, table, verdicts)
-    paths[1].write_text(report)
-    plot_mechanism(table, info, paths[2])
-    print(report)
-    print("wrote " + ", ".join(str(p) for p in paths))
+    info.update(tasks=MECHANISM_TASKS, rows=len(seqs), tokens_scored=int(c[-1, 0]))
 
-
-def mechanism_report(info, table, verdicts):
-    """mechanism.md: accuracies and gaps by distance (mean ± std over seeds), then the verdicts."""
     def cell(t, d, k):
         return pm(plumbing.mean_std(t[:, d, k].tolist()))
     dists = [f"d = {d}" for d in range(1, MAX_DISTANCE + 1)] + ["all d"]
     lines = [
-        "# Recovery from one's own mistakes (`" + info["command"] + "`)", "",
+        f"# Recovery from one's own mistakes (`{command}`)", "",
         f"Checkpoints of `{info['comparison']}`, seeds {', '.join(map(str, info['seeds']))}; "
         f"test rows of {' and '.join(info['tasks'])} ({info['rows']} rows, "
         f"{info['tokens_scored']} scored tokens per model); {info['device_name']}, "
         f"{info['date']}.", "",
         "Gap = clean accuracy - accuracy after the model's likeliest mistake d tokens earlier "
-        "(mean ± std over seeds; smaller = better recovery):", ""]
-    lines += md_table(["recipe", "clean, all d", *(f"gap, {d}" for d in dists)], [
-        [name, cell(t, -1, 0), *(cell(t, d, 2) for d in range(len(dists)))]
-        for name, t in table.items()])
-    lines += ["", "Paired by seed: SFT's gap - the recipe's gap (all d); above 0 = recovers "
-              "better than SFT.", ""] + md_table(
-        ["recipe", *PAIRED_HEADER], [[v["recipe"], paired_cells(v)] for v in verdicts])
-    return "\n".join(lines) + "\n"
+        "(mean ± std over seeds; smaller = better recovery):", "",
+        *md_table(["recipe", "clean, all d", *(f"gap, {d}" for d in dists)], [
+            [name, cell(t, -1, 0), *(cell(t, d, 2) for d in range(len(dists)))]
+            for name, t in table.items()]),
+        "", "Paired by seed: SFT's gap - the recipe's gap (all d); above 0 = recovers better "
+        "than SFT.", "", *verdicts_table("recipe", verdicts)]
+    paths = write_report(out_dir, "mechanism", {**info, "verdicts": verdicts, "recipes": {
+        name: {"clean": t[:, :, 0].tolist(), "corrupted": t[:, :, 1].tolist(),
+               "gap": t[:, :, 2].tolist()} for name, t in table.items()}}, lines)
+    plot_mechanism(table, info, out_dir / "mechanism.png")
+    print("wrote " + ", ".join(str(p) for p in paths + [out_dir / "mechanism.png"]))
 
 
 def plot_mechanism(table, info, path):
