@@ -247,15 +247,12 @@ def pooled(first, second, key):
 # -----------------------------------------------------------------------------
 # The base models, the recipes and the runs
 #
-# Stage 0, the base model. The paper fine-tunes a pretrained model (Mistral-7B), and DPO's premise
-# is a model that already writes answers, so every recipe starts from a base: the random GPT
-# trained for --base-steps by plain language modelling (every token a target) on
-# data/pretrain.jsonl, rows whose prompts are in none of the three splits. Where those steps land
-# among the tasks' phase changes moves with the order of float operations, that is with the
-# machine, so a base is a random draw like the batch order: EVERY seed trains its own, and the
-# paired differences measure the recipes over the luck of pretraining and float order, which is
-# what a reader on another machine draws. A base is kept in <out-dir>/base/<hash of its settings
-# and data files> and reused while they are unchanged.
+# Stage 0, the base model. The paper fine-tunes a pretrained model, and DPO's premise is a model
+# that already writes answers, so every recipe starts from a base: the random GPT trained for
+# --base-steps by plain language modelling on data/pretrain.jsonl (prompts in none of the
+# splits). Where those steps land among the tasks' phase changes moves with the machine's float
+# order, so a base is a random draw like the batch order: EVERY seed trains its own, and the
+# paired differences measure the recipes over that luck too, as a reader elsewhere draws it.
 #
 # One seed then trains these models (S = --max-steps):
 #   single stage   SFT, IFT, ORPO and DPO from its base on the whole train split for S steps (the
@@ -378,14 +375,11 @@ def set_up(cfg):
 # -----------------------------------------------------------------------------
 # Running jobs
 #
-# Every run is a Job: a recipe, a seed, an lr, and the checkpoint it starts from. A list of jobs
-# is mapped over the worker pool (a plain loop with one worker), the longest first, so no worker
-# idles long at the end of a list. A 2 x 64 GPT is too small to keep two CPU threads busy, so on
-# a CPU --workers processes train one run each with one thread (RESULTS.md measures the gain). A
-# run reads and writes only its own folder and the checkpoint it starts from, which is finished
-# before it starts. Each finished run prints one progress line: its scores, the share of the
-# planned work done (in SFT steps; grid extensions and claim (c)'s runs join the plan when they
-# are known) and the time the whole comparison has left at the rate so far.
+# Every run is a Job: a recipe, a seed, an lr, and the checkpoint it starts from, which is finished
+# before it starts. Lists of jobs map over --workers processes of one thread each on a CPU (a
+# 2 x 64 GPT cannot keep two threads busy; RESULTS.md measures it), the longest first. Each
+# finished run prints one progress line: its scores, the share of the planned work done (in SFT
+# steps) and the time the whole comparison has left at the rate so far.
 
 @dataclass
 class Job:
@@ -1127,12 +1121,10 @@ def plot_families(summary, info, path):
 # -----------------------------------------------------------------------------
 # IFT's ablations (python compare.py --ablations)
 #
-# Each ablation changes one thing of IFT: lam = 0 (relation propagation only), gamma = 0 (the
-# temporal residual connection only), detached relation weights, noisy lam. They train after a
-# comparison, on its judged seeds, from each seed's own base at IFT's lr for exact match, and
-# each is paired with IFT on test exact match (same seeds, bases and batches), with the
-# comparison's verdict rule and DELTA. Its own command, so the default run's time buys seeds for
-# the claims.
+# Each ablation changes one thing of IFT (lam 0, gamma 0, detached relation weights, noisy lam).
+# They train after a comparison, from each judged seed's base at IFT's lr, and are paired with
+# IFT on test exact match with the comparison's verdict rule: their own command, so that the
+# default run's time buys seeds for the claims.
 
 def saved_comparison(cfg, command):
     """The comparison in --out-dir (its compare.json, checked), the settings it ran with (with
@@ -1202,20 +1194,14 @@ def ablations(cfg, command):
 # IFT's mechanism: does a model recover from its own mistakes? (python compare.py --mechanism)
 #
 # The paper's thesis (sec. 3): SFT scores token t only after a ground-truth prefix, so it never
-# learns what to do after a mistake of its own; IFT's temporal residual connection trains the
-# model on its own predictions. We measure it on the checkpoints of a finished comparison, on the
-# families whose correct continuation is fixed by the prompt whatever came before it in the
-# answer (add: the digits of the sum; reverse: the letters). For every test row of them and every
-# answer position m but the last:
-#   clean      greedy accuracy of each later answer token t > m after the ground-truth prefix;
-#   corrupted  the same after the ground-truth prefix with token m replaced by the model's own
-#              likeliest WRONG token there (argmax of its logits without the right token).
-# Both are scored against the ground truth, by distance d = t - m after the mistake. The gap
-# clean - corrupted is what one own mistake costs the tokens after it: the smaller, the better
-# the model recovers. Each recipe's gap is paired with SFT's seed by seed (same base model
-# and batches) as sft gap - recipe gap, so "reproduced" means: recovers better than SFT (DELTA
-# as for exact match). It measures SFT and IFT, and IFT's ablations once --ablations has trained
-# them in the same --out-dir.
+# learns what to do after a mistake of its own; IFT trains on its own predictions. On the test
+# rows of the families whose continuation the prompt fixes (add, reverse), for every answer
+# position m but the last: clean = greedy accuracy of each later token t after the ground-truth
+# prefix; corrupted = the same with token m replaced by the model's likeliest WRONG token there.
+# The gap clean - corrupted, by distance d = t - m, is what one own mistake costs: the smaller,
+# the better the model recovers. Paired with SFT seed by seed as sft gap - recipe gap,
+# "reproduced" means: recovers better than SFT (DELTA as for exact match). It measures SFT, IFT
+# and, once --ablations has trained them in the same --out-dir, the ablations.
 
 MECHANISM_TASKS = ("add", "reverse")
 MAX_DISTANCE = 4  # distances d = 1 .. 4 after the mistake (an add answer: 3-4 digits + eot)
