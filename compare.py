@@ -8,11 +8,12 @@ rule fixed before the run.
     python compare.py --ablations      # then: IFT's ablations on the same bases (sec. 2)
     python compare.py --mechanism      # then: do the models recover from their own mistakes?
     python compare.py --help           # every setting (the model flags are ift.py's)
+    python compare.py --seed 1343 --seeds 13 --lrs-from assets/compare_summary.json \\
+        --out-dir out/replication      # the replication (protocol 5 below)
 
-It imports the lesson, ift.py, and trains each recipe with ift.train() exactly as
-`python ift.py --loss ... --init-from <base>` would. Its model and step defaults are smaller
-than one recipe's (a 2 x 64 GPT, 1000 fine-tuning steps, compile off); flags given on the command
-line win. Runs train several at a time on a CPU (--workers), in phases (see "The phases").
+Each recipe trains with ift.train() exactly as `python ift.py --loss ... --init-from <base>`
+would, with smaller defaults (a 2 x 64 GPT, 1000 fine-tuning steps, compile off; flags win),
+several runs at a time on a CPU (--workers), in phases (see "The phases").
 
 The protocol (fixed before the test split is read; each rule is applied where the comment says):
  1. Seeds. Judged seeds --seed, --seed + 1, ... (--seeds of them); tuning seeds --seed + 1000,
@@ -34,14 +35,21 @@ The protocol (fixed before the test split is read; each rule is applied where th
  4. Controls. (b) IFT >= SFT then DPO is shown beside SFT - SFT then DPO; (c) is judged on the
     mean preference margin, with preference accuracy beside it; each side of a claim is paired
     with the model it started from, to say whether it moved at all.
+ 5. The replication, written down before it runs (RESULTS.md, section 1, shows the arithmetic):
+    fresh judged seeds 1343-1355 (`--seed 1343 --seeds 13`), sharing nothing with the first run
+    (judged 1337-1342, tuning 2337-2338), each with its own base; the same recipes, verdict rule,
+    DELTA and test split; no tuning: every recipe's two lrs, their edge flags and claim (c)'s
+    recipes come from the first run's summary (--lrs-from). Its own verdicts are the headline,
+    set beside the first run's claim by claim, with both runs' seeds pooled after the fact. 13:
+    the first run's 844 s of runs per judged seed, on 2 workers, is 7.1 min of wall on its Xeon
+    and 8.3 on the AMD EPYC; 108 minutes (2 hours less 10%) hold 13 seeds there.
 
-It writes to --out-dir (default out/compare): compare.md (the tables, the claims, the tuning,
-machine, runtime and this command), compare.json (every run), claims.png (each claim's interval,
-its verdict and the +-DELTA band), families.png (test exact match per recipe and task family),
-summary.json (the numbers behind the tables, small enough to commit), the base models under
-base/, and each run's config.json, train.log, log.csv and ckpt.pt under runs/. --ablations adds
-ablations.md and ablations.json; --mechanism mechanism.md, .json and .png. RESULTS.md shows and
-discusses the numbers.
+It writes to --out-dir (default out/compare): compare.md (the report, this command among it),
+compare.json (every run), summary.json (the numbers behind the tables, small enough to commit),
+claims.png (each claim's interval and verdict; with --lrs-from, the earlier run's beside it),
+families.png (test exact match per recipe and family), and each base and run's config.json,
+train.log, log.csv and ckpt.pt under base/ and runs/. --ablations adds ablations.md and .json;
+--mechanism mechanism.md, .json and .png.
 """
 
 import concurrent.futures
@@ -62,6 +70,7 @@ import torch
 
 import ift
 import plumbing
+from plumbing import arg
 
 RECIPE_FIELDS = ("loss", "lr", "init_from")  # each recipe sets its own: no flags for them
 TUNING_OFFSET = 1000  # tuning seeds are --seed + 1000, ...: never a judged seed (--seeds <= 1000)
@@ -70,543 +79,77 @@ TUNING_OFFSET = 1000  # tuning seeds are --seed + 1000, ...: never a judged seed
 @dataclass
 class CompareConfig(ift.Config):
     # ift.py's fields, with smaller defaults (RESULTS.md, section 1, says why these sizes)
-    n_layer: int = plumbing.arg(2, "transformer blocks")
-    n_embd: int = plumbing.arg(64, "width C of the residual stream")
-    max_steps: int = plumbing.arg(1000, "steps of each single-stage run (each sequential stage: half)")
-    warmup_steps: int = plumbing.arg(30, "linear warm-up steps, then cosine decay")
-    log_interval: int = plumbing.arg(250, "steps between log lines (in each run's train.log)")
-    eval_interval: int = plumbing.arg(1000, "steps between validation evaluations")
-    compile: str = plumbing.arg("off", "torch.compile (off: it would compile anew for every short run)",
-                           ("auto", "on", "off"))
-    out_dir: str = plumbing.arg("out/compare", "output folder")
+    n_layer: int = arg(2, "transformer blocks")
+    n_embd: int = arg(64, "width C of the residual stream")
+    max_steps: int = arg(1000, "steps of each single-stage run (each sequential stage: half)")
+    warmup_steps: int = arg(30, "linear warm-up steps, then cosine decay")
+    log_interval: int = arg(250, "steps between log lines (in each run's train.log)")
+    eval_interval: int = arg(1000, "steps between validation evaluations")
+    compile: str = arg("off", "torch.compile (off: it would compile anew for every short run)",
+                       ("auto", "on", "off"))
+    out_dir: str = arg("out/compare", "output folder")
     # the comparison's own
-    base_steps: int = plumbing.arg(6000, "steps of stage 0: each seed's base model, trained by plain "
-                              "language modelling on <data>/pretrain.jsonl (kept in "
-                              "<out-dir>/base and reused while its settings and the data files "
-                              "are unchanged)")
-    seeds: int = plumbing.arg(6, "judged seeds --seed, --seed + 1, ...: each trains its own base and "
-                         "every recipe from it; the claims are paired over them")
-    tuning_seeds: int = plumbing.arg(2, "tuning seeds --seed + 1000, ...: each its own base; they "
-                                "choose the lrs and are never judged")
-    lr_grid: tuple = plumbing.arg((0.1, 0.33, 1.0), "multipliers of each recipe's DEFAULT_LR tried on "
-                             "the tuning seeds (the same number of points for every recipe)")
-    max_extensions: int = plumbing.arg(2, "times a recipe's grid may add a multiplier step past the "
-                                  "edge where its best lr lies")
-    workers: int = plumbing.arg(0, "runs trained at once, each in a process of its own (0: one per "
-                           "CPU core, at most 8, on a CPU; 1 on a GPU)")
-    ablations: bool = plumbing.arg(False, "instead of the comparison, train IFT's ablations on the "
-                              "judged seeds' bases of the comparison in --out-dir")
-    mechanism: bool = plumbing.arg(False, "instead of training, measure how the checkpoints of the "
-                              "comparison in --out-dir recover from their own mistakes")
+    base_steps: int = arg(6000, "steps of each seed's base model on <data>/pretrain.jsonl (kept "
+                          "in <out-dir>/base while its settings and data files are unchanged)")
+    seeds: int = arg(6, "judged seeds --seed, --seed + 1, ...: each its own base; the claims are "
+                     "paired over them")
+    tuning_seeds: int = arg(2, "tuning seeds --seed + 1000, ...: each its own base; they choose "
+                            "the lrs and are never judged")
+    lr_grid: tuple = arg((0.1, 0.33, 1.0), "multipliers of each recipe's DEFAULT_LR tried on the "
+                         "tuning seeds")
+    max_extensions: int = arg(2, "times a grid may add a step past the edge where its best lr is")
+    lrs_from: str = arg("", "an earlier comparison's summary.json, same settings: take its lrs, "
+                        "tune nothing, set its claims beside (the replication)")
+    workers: int = arg(0, "runs trained at once, a process each (0: one per core up to 8 on a "
+                       "CPU; 1 on a GPU)")
+    ablations: bool = arg(False, "instead, train IFT's ablations on the judged seeds' bases of "
+                          "the comparison in --out-dir")
+    mechanism: bool = arg(False, "instead, measure how the checkpoints of the comparison in "
+                          "--out-dir recover from their own mistakes")
+
+RANGES = (("seeds", 1, TUNING_OFFSET, ""), ("tuning_seeds", 1, 100, ""),
+          ("workers", 0, 64, " (0: automatic)"), ("max_extensions", 0, 5, ""))
 
 
 def compare_problem(cfg):
     """ift.py's checks, plus the comparison's own: the first problem as one line, or None."""
-    if ift.WORLD > 1:
-        return "compare.py runs in one process: run it without torchrun"
-    if not 1 <= cfg.seeds <= TUNING_OFFSET:
-        return f"--seeds must lie in [1, {TUNING_OFFSET}], got {cfg.seeds}"
-    if not 1 <= cfg.tuning_seeds <= 100:
-        return f"--tuning-seeds must lie in [1, 100], got {cfg.tuning_seeds}"
-    if cfg.base_steps < 1:
-        return f"--base-steps must be >= 1, got {cfg.base_steps}"
-    if not 0 <= cfg.workers <= 64:
-        return f"--workers must lie in [0, 64] (0: automatic), got {cfg.workers}"
-    if not 0 <= cfg.max_extensions <= 5:
-        return f"--max-extensions must lie in [0, 5], got {cfg.max_extensions}"
-    if cfg.max_steps < 2:
-        return "--max-steps must be >= 2 (two sequential stages)"
-    if cfg.ablations and cfg.mechanism:
-        return "--ablations and --mechanism are two commands: pass one, then the other"
-    grid = cfg.lr_grid
-    if len(grid) < 2 or not all(m > 0 for m in grid) or len(set(grid)) < len(grid):
-        return (f"--lr-grid must be at least two distinct positive numbers, got "
-                f"{' '.join(map(str, grid))}")
-    return ift.config_problem(cfg)
+    grid, summary = cfg.lr_grid, Path(cfg.out_dir, "summary.json").resolve()
+    problems = [(ift.WORLD > 1, "compare.py runs in one process: run it without torchrun")]
+    problems += [(not lo <= getattr(cfg, k) <= hi, f"--{k.replace('_', '-')} must lie in "
+                  f"[{lo}, {hi}]{note}, got {getattr(cfg, k)}") for k, lo, hi, note in RANGES]
+    problems += [
+        (cfg.base_steps < 1, f"--base-steps must be >= 1, got {cfg.base_steps}"),
+        (cfg.max_steps < 2, "--max-steps must be >= 2 (two sequential stages)"),
+        (cfg.ablations and cfg.mechanism,
+         "--ablations and --mechanism are two commands: pass one, then the other"),
+        (cfg.lrs_from and (cfg.ablations or cfg.mechanism),
+         "--lrs-from is for the comparison; --ablations and --mechanism read its --out-dir"),
+        (cfg.lrs_from and Path(cfg.lrs_from).resolve() == summary,
+         f"--lrs-from {cfg.lrs_from} would be overwritten by this run: pass another --out-dir"),
+        (len(grid) < 2 or min(grid) <= 0 or len(set(grid)) < len(grid),
+         f"--lr-grid must be at least two distinct positive numbers, got "
+         f"{' '.join(map(str, grid))}")]
+    return next((text for bad, text in problems if bad), None) or ift.config_problem(cfg)
 
 
 # -----------------------------------------------------------------------------
-# The base models, the recipes and the runs
-#
-# Stage 0, the base model. The paper fine-tunes a pretrained model (Mistral-7B), and DPO's premise
-# is a model that already writes answers. So every recipe here starts from a base model: the
-# random GPT trained for --base-steps by plain language modelling (every token of prompt and
-# answer is a target) on data/pretrain.jsonl, a pool of rows whose prompts are in none of the
-# three splits. Where those steps land among the tasks' phase changes moves with the order of
-# float operations, that is with the machine, so a base is a random draw like the batch order:
-# EVERY seed trains its own (weights and batch order from that seed), and a paired difference
-# over seeds then measures the recipes over the luck of pretraining and of float order, which is
-# what a reader on another machine draws. Each base is saved in <out-dir>/base/<hash of its
-# settings and data files> and reused while they are unchanged; the table shows the bases as a
-# row, and summary.json each seed's.
-#
-# One seed then trains these models (S = --max-steps):
-#   single stage   SFT, IFT, ORPO and DPO from its base on the whole train split for S steps (the
-#                  paper's "+ SFT", "+ DPO", ... rows of its Table 2); DPO's reference is the base.
-#   sequential     stage 1: SFT from the base on half A of the train split for S/2 steps; stage 2,
-#                  from that model, on half B for S/2 steps: SFT (the paper's control: restarting
-#                  a schedule alone can move results), IFT, ORPO, and DPO with the stage-1 model
-#                  as reference.
-#   equal compute  IFT for S / IFT_COST steps: the FLOPs of SFT's S steps.
-# IFT's ablations (lam = 0, gamma = 0, detached relation weights, noisy lam) are not part of the
-# default run, so that its seeds buy power for the claims: `--ablations` trains them afterwards
-# on the judged seeds' bases at IFT's lr.
-
-BASE = "base (stage 0)"
-
-
-@dataclass
-class Recipe:
-    name: str
-    group: str                # single stage, sequential, equal compute, ablation, base
-    loss: str                 # ift.LOSSES
-    data: str = "train"       # the split it trains on (see load_data)
-    steps: int = 0
-    start: str = BASE         # the recipe whose checkpoint it fine-tunes ("": from scratch)
-    lr_of: str = ""           # the recipe whose tuned lr it takes ("": its own, tuned)
-    overrides: dict = field(default_factory=dict)  # ift.Config fields it sets
-
-    @property
-    def tuned(self):
-        return not self.lr_of
-
-
-def compare_recipes(steps):
-    """The recipes of one judged seed, in training order (a recipe's start comes before it)."""
-    half = steps // 2
-    recipes = [Recipe(loss, "single stage", loss, steps=steps) for loss in ("sft", "ift", "orpo",
-                                                                             "dpo")]
-    recipes.append(Recipe("sft (stage 1)", "sequential", "sft", "train_a", half, lr_of="sft"))
-    recipes += [Recipe(f"sft then {loss}", "sequential", loss, "train_b", steps - half,
-                       "sft (stage 1)") for loss in ("sft", "ift", "orpo", "dpo")]
-    recipes.append(Recipe("ift at sft's flops", "equal compute", "ift",
-                          steps=round(steps / ift.IFT_COST), lr_of="ift"))
-    return recipes
-
-
-def ablation_recipes(steps):
-    """IFT's ablations (`--ablations`): each changes one thing of IFT, at IFT's lr."""
-    return [Recipe(name, "ablation", "ift", steps=steps, lr_of="ift", overrides=o) for name, o in (
-        ("ift, lam 0", {"lam": 0.0}), ("ift, gamma 0", {"gamma": 0.0}),
-        ("ift, detached weights", {"detach_weights": True}),
-        ("ift, noisy lam", {"lam_schedule": "noisy"}))]
-
-
-def base_recipe(cfg):
-    return Recipe(BASE, "base", "sft", "pretrain", cfg.base_steps, start="", lr_of=BASE)
-
-
-def run_cost(recipe):
-    """A run's rough cost in SFT steps (DPO and ORPO score two answers per row)."""
-    return recipe.steps * {"sft": 1.0, "ift": ift.IFT_COST, "orpo": 2.0, "dpo": 2.0}[recipe.loss]
-
-
-def config_for(cfg, **fields):
-    """An ift.Config: the comparison's settings of ift.py's fields, with the given ones set."""
-    plain = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ift.Config)}
-    return ift.Config(**{**plain, **fields})
-
-
-def train_and_test(rcfg, model, enc, train_split, data, device, run_dir, judged):
-    """ift.train() on train_split (what a plain run prints goes to run_dir/train.log), the
-    validation metrics the tuning reads, and (judged runs only) the test metrics. A run whose
-    loss stops being finite ends with outcome "diverged". Returns the run's record."""
-    t = time.time()
-    record = {"seed": rcfg.seed, "lr": rcfg.lr, "steps": rcfg.max_steps,
-              "ckpt": str(run_dir / "ckpt.pt")}
-    try:
-        with (run_dir / "train.log").open("w") as f, contextlib.redirect_stdout(f):
-            log, train_seconds = ift.train(rcfg, model, enc, {"train": train_split,
-                                                              "val": data["val"]}, device, run_dir)
-    except plumbing.UserError as e:
-        return {**record, "outcome": "diverged", "error": str(e)}
-    last = [r for r in log if "val_exact_match" in r][-1]  # ift.train validates at its last step
-    record.update(outcome="finished", ms_per_step=1000 * train_seconds / rcfg.max_steps,
-                  test=None, **{k: last[k] for k in ("val_exact_match", "val_nll", "val_margin",
-                                                     "val_preference_accuracy")})
-    if judged:
-        res = ift.evaluate(model, enc, data["test"], device, ift.autocast_for(device),
-                           rcfg.max_new_tokens)
-        record["test"] = {**{k: res[k] for k in ("exact_match", "exact_match_by_task", "nll",
-                                                 "preference_accuracy")},
-                          "margin": res["preference_margin"]}
-    return {**record, "seconds": time.time() - t}
-
-
-def base_folder(bcfg, out_dir):
-    """The base model's settings, and its folder: <out-dir>/base/<hash of the settings>. One
-    folder per settings (the seed among them), so no base is ever overwritten by another."""
-    settings = {k: v for k, v in dataclasses.asdict(bcfg).items() if k not in (
-        "out_dir", "device", "log_interval", "eval_interval", "max_new_tokens")}
-    # the pool makes the model; its record also holds val and test scores
-    for name in ("pretrain", "val", "test"):
-        path = Path(bcfg.data) / f"{name}.jsonl"
-        settings[f"{name}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return settings, out_dir / "base" / key
-
-
-def read_json(path, what):
-    """A JSON file this program wrote, or one line saying that it is not one."""
-    try:
-        return json.loads(path.read_bytes())
-    except (ValueError, OSError) as e:  # not UTF-8 or not JSON is a ValueError too
-        raise plumbing.UserError(f"{path}: not {what} ({type(e).__name__}); delete it, or pass "
-                            f"another --out-dir") from None
-
-
-def base_model(cfg, seed, judged, enc, data, device, out_dir):
-    """Stage 0 of one seed (see above): the base model's record, trained now, or read from
-    <out-dir>/base when that one was made with the same settings from the same data files."""
-    bcfg = config_for(cfg, loss="sft", lr=ift.DEFAULT_LR["sft"], init_from="", seed=seed,
-                      max_steps=cfg.base_steps)
-    settings, base_dir = base_folder(bcfg, out_dir)
-    bcfg.out_dir = str(base_dir)
-    record_path = base_dir / "base.json"
-    if record_path.is_file():
-        record = read_json(record_path, "a base-model record of compare.py")
-        if record.get("test") or not judged:  # a tuning seed's base has no test scores
-            return {**record, "ckpt": str(base_dir / "ckpt.pt"), "reused": True}
-    base_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = ift.build_model(bcfg, enc, device)
-    (base_dir / "config.json").write_text(json.dumps(dataclasses.asdict(bcfg), indent=2))
-    record = {"recipe": BASE, **train_and_test(bcfg, model, enc, data["pretrain"], data, device,
-                                               base_dir, judged), "settings": settings}
-    if record["outcome"] == "finished":  # base.json comes last: it means ckpt.pt is done
-        tmp = record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(record_path)
-    return record
-
-
-def compare_run(cfg, recipe, seed, lr, init_from, judged, enc, data, device, out_dir):
-    """Train one recipe for one seed from init_from and test it (judged seeds). Its folder gets
-    config.json, train.log (what a plain run prints), log.csv and ckpt.pt."""
-    slug = "".join(c if c.isalnum() else "_" for c in recipe.name)  # "ift, lam 0" -> ift__lam_0
-    run_dir = out_dir / "runs" / f"seed{seed}" / f"{slug}_lr{lr:.2g}"
-    rcfg = config_for(cfg, loss=recipe.loss, seed=seed, lr=lr, init_from=init_from,
-                      max_steps=recipe.steps, out_dir=str(run_dir), **recipe.overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(rcfg), indent=2))
-    torch.manual_seed(seed)
-    model = ift.build_model(rcfg, enc, device)
-    return {"recipe": recipe.name, **train_and_test(rcfg, model, enc, data[recipe.data], data,
-                                                    device, run_dir, judged)}
-
-
-def load_data(cfg, enc):
-    """The splits every run reads: train, val, test, the train split's halves A and B, and the
-    pretraining pool of the base models (plain language modelling: with "prompt length" 1 every
-    token after <|user|> is a target)."""
-    pool_path = Path(cfg.data) / "pretrain.jsonl"
-    if not pool_path.is_file():
-        raise plumbing.UserError(f"{pool_path}: no pretraining pool for the base model; run python "
-                            f"data/prepare.py, or put rows of your own there")
-    data = ift.load_splits(cfg, enc, need_rejected=("train", "val", "test"))
-    n = len(data["train"])
-    data["train_a"] = ift.Split(data["train"].rows[:n // 2], enc, cfg.block_size, "train half A")
-    data["train_b"] = ift.Split(data["train"].rows[n // 2:], enc, cfg.block_size, "train half B")
-    pool = ift.Split(ift.load_rows(pool_path, limit=cfg.limit_rows), enc, cfg.block_size,
-                     str(pool_path))
-    pool.chosen = [(ids, 1) for ids, _ in pool.chosen]
-    data["pretrain"] = pool
-    return data
-
-
-# -----------------------------------------------------------------------------
-# Running jobs
-#
-# Every run is a Job: a recipe, a seed, an lr, and the checkpoint it starts from. A list of jobs
-# is mapped over the worker pool (a plain loop with one worker), the longest first, so no worker
-# idles long at the end of a list. A 2 x 64 GPT is too small to keep two CPU threads busy, so on
-# a CPU --workers processes train one run each with one thread (RESULTS.md measures the gain). A
-# run reads and writes only its own folder and the checkpoint it starts from, which is finished
-# before it starts.
-
-@dataclass
-class Job:
-    recipe: Recipe
-    seed: int
-    lr: float
-    init_from: str         # the checkpoint it fine-tunes ("" for a base)
-    judged: bool = True    # False: a tuning seed's run, which never reads the test split
-
-
-WORKER = {}  # in each worker process (and in the main one, for --workers 1): what a run reads
-
-
-def worker_start(cfg, threads):
-    """Set up a process that trains runs: its threads, the tokenizer, the splits."""
-    torch.set_num_threads(threads)
-    with contextlib.redirect_stdout(io.StringIO()):  # the main process printed any warnings
-        device, out_dir = ift.start(cfg)
-        enc = ift.load_tokenizer(cfg.data)
-        WORKER.update(cfg=cfg, device=device, out_dir=out_dir, enc=enc, data=load_data(cfg, enc))
-
-
-def worker_run(job):
-    """The base or the recipe run of a job, with what worker_start() set up in this process."""
-    w = WORKER
-    if job.recipe.name == BASE:
-        return base_model(w["cfg"], job.seed, job.judged, w["enc"], w["data"], w["device"],
-                          w["out_dir"])
-    return compare_run(w["cfg"], job.recipe, job.seed, job.lr, job.init_from, job.judged,
-                       w["enc"], w["data"], w["device"], w["out_dir"])
-
-
-def at_a_time(workers, threads):
-    """'2 runs at a time, 1 thread each'"""
-    return (f"{workers} run{'s' * (workers > 1)} at a time, {threads} "
-            f"thread{'s' * (threads > 1)} each")
-
-
-def workers_for(cfg, device):
-    """(processes, threads each): --workers, or one per core up to 8 on a CPU, 1 on a GPU."""
-    cores = torch.get_num_threads()
-    workers = cfg.workers or (min(cores, 8) if device.type == "cpu" else 1)
-    return workers, max(1, cores // workers)
-
-
-@contextlib.contextmanager
-def worker_pool(cfg, workers, threads, device, out_dir, enc, data):
-    """A map over jobs: a pool of `workers` processes, or, for one worker, this process."""
-    if workers == 1:
-        WORKER.update(cfg=cfg, device=device, out_dir=out_dir, enc=enc, data=data)
-        yield map
-        return
-    with concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                                worker_start, (cfg, threads)) as pool:
-        yield pool.map
-
-
-class Progress:
-    """One line per finished run: its scores, the share of the whole comparison's planned work
-    done (in SFT steps; grid extensions and claim (c)'s runs are added when they are known) and
-    the time the whole comparison has left at the rate so far."""
-
-    def __init__(self, total, t_start):
-        self.total, self.done, self.t_start = total, 0.0, t_start
-
-    def report(self, job, res):
-        self.done += run_cost(job.recipe)
-        elapsed = time.time() - self.t_start
-        scores = "diverged"
-        if res["outcome"] == "finished":
-            test = f" | test exact {res['test']['exact_match']:.3f}" if res["test"] else ""
-            scores = (f"val exact {res['val_exact_match']:.3f} | val margin "
-                      f"{res['val_margin']:.2f}{test}")
-        left = plumbing.fmt_time(elapsed / self.done * max(self.total - self.done, 0))
-        kind = "judged" if job.judged else "tuning"
-        print(f"[{min(self.done / self.total, 1):4.0%}] {kind} seed {job.seed} | "
-              f"{job.recipe.name:<18} | lr {job.lr:.1e} | {scores} | {res.get('seconds', 0):.0f}s"
-              f" | elapsed {plumbing.fmt_time(elapsed)}, eta {left} for the whole comparison",
-              flush=True)
-
-
-def run_jobs(run, jobs, progress):
-    """Train jobs, the longest first, with run (a map over jobs); (job, result) pairs. A judged
-    run or a base that diverges stops everything: only a tuning run may diverge and lose."""
-    jobs = sorted(jobs, key=lambda job: -run_cost(job.recipe))  # stable: ties keep their order
-    done = []
-    for job, res in zip(jobs, run(worker_run, jobs)):  # results come in order, as they finish
-        progress.report(job, res)
-        if res["outcome"] != "finished" and (job.judged or job.recipe.name == BASE):
-            raise plumbing.UserError(f"{job.recipe.name}, seed {job.seed}: {res['error']}")
-        done.append((job, res))
-    return done
-
-
-def starts_of(done):
-    """(recipe name, seed) -> checkpoint, of the finished runs among done that other recipes
-    start from: the bases and stage 1 (one run per seed each)."""
-    return {(job.recipe.name, job.seed): res["ckpt"] for job, res in done
-            if job.recipe.name in (BASE, "sft (stage 1)") and res["outcome"] == "finished"}
-
-
-def jobs_at(recipes, seeds, lrs, starts, judged=True):
-    """Each recipe on each seed at lrs[the recipe whose lr it takes], from its start's checkpoint
-    on that seed."""
-    return [Job(r, s, lrs[r.lr_of or r.name], starts[(r.start, s)], judged)
-            for s in seeds for r in recipes]
-
-
-# -----------------------------------------------------------------------------
-# Tuning
-#
-# What is tuned on what. Each recipe with an lr of its own (the paper's Table 2) is tuned on the
-# tuning seeds only, never on a judged seed, and on validation metrics only: tuning runs do not
-# even evaluate the test split. Two lrs per recipe: one for exact match (the table and claims
-# (a), (a'), (b), (d)), one for the preference margin (claim (c)); each is the best grid point
-# by that validation metric AVERAGED over the tuning seeds (a run that diverged on any tuning
-# seed loses), ties to the lower validation NLL, then the lower lr. Every recipe starts with the
-# same --lr-grid points. A best lr at the grid's edge may be a cut-off optimum, so the grid adds
-# one more multiplier step past that edge (edge^2 / its neighbour), for either metric, and
-# tunes again; at most --max-extensions rounds. Stage 1 takes SFT's lr for exact match, the
-# equal-compute run and the ablations IFT's. Claim (c)'s two recipes are picked the same way, on
-# the tuning seeds' mean validation margin at each recipe's margin lr.
-
-METRICS = ("exact_match", "margin")  # what a recipe's lrs are tuned for
-
-
-def grid_scores(recipe, done, seeds):
-    """{lr: (mean val exact match, mean val margin, mean val NLL)} over the tuning seeds of
-    every lr of recipe's grid in done; None for an lr that diverged on some seed."""
-    runs = {}
-    for job, res in done:
-        if job.recipe.name == recipe.name and not job.judged:
-            runs.setdefault(job.lr, {})[job.seed] = res
-    scores = {}
-    for lr, by_seed in runs.items():
-        ok = [by_seed[s] for s in seeds if s in by_seed and by_seed[s]["outcome"] == "finished"]
-        scores[lr] = None if len(ok) < len(seeds) else tuple(
-            plumbing.mean_std([r[k] for r in ok])[0] for k in ("val_exact_match", "val_margin",
-                                                          "val_nll"))
-    return scores
-
-
-def best_lrs(scores):
-    """{metric: the best lr} by the mean validation metric, ties to the lower NLL then lr."""
-    ok = {lr: s for lr, s in scores.items() if s is not None}
-    if not ok:
-        return None
-    return {metric: min(ok, key=lambda lr: (-ok[lr][i], ok[lr][2], lr))
-            for i, metric in enumerate(METRICS)}
-
-
-def extension(grid, best):
-    """The lr one multiplier step past the edge where best lies, or None inside the grid."""
-    g = sorted(grid)
-    if best == g[-1]:
-        return g[-1] * g[-1] / g[-2]
-    if best == g[0]:
-        return g[0] * g[0] / g[1]
-    return None
-
-
-def tune(cfg, run, progress, recipes, seeds, starts, also=()):
-    """Tune recipes on the tuning seeds (see above) from their starts; `also` are other jobs that
-    share the first round's workers. Returns the finished (job, result) pairs, and per recipe
-    its grid, its two chosen lrs, the metrics whose optimum stays at an edge, and the scores."""
-    grids = {r.name: [ift.DEFAULT_LR[r.loss] * m for m in cfg.lr_grid] for r in recipes}
-    new, done = grids, []
-    for round_ in range(cfg.max_extensions + 1):
-        jobs = [Job(r, s, lr, starts[(r.start, s)], judged=False) for r in recipes
-                for lr in new[r.name] for s in seeds]
-        if round_:  # the first round is in the plan already
-            progress.total += sum(run_cost(job.recipe) for job in jobs)
-        done += run_jobs(run, jobs + (list(also) if round_ == 0 else []), progress)
-        scores = {r.name: grid_scores(r, done, seeds) for r in recipes}
-        choice = {name: best_lrs(s) for name, s in scores.items()}
-        lost = next((name for name, c in choice.items() if c is None), None)
-        if lost:
-            raise plumbing.UserError(f"{lost}: every lr of its grid diverged on a tuning seed; try "
-                                f"smaller --lr-grid multipliers")
-        new = {r.name: sorted({lr for lr in (extension(grids[r.name], b) for b in
-                                             choice[r.name].values()) if lr is not None})
-               for r in recipes}
-        if round_ == cfg.max_extensions or not any(new.values()):
-            break
-        grids = {name: sorted(grid + new[name]) for name, grid in grids.items()}
-    table = {r.name: {"grid": grids[r.name], "lr": choice[r.name]["exact_match"],
-                      "lr_margin": choice[r.name]["margin"],
-                      "at_edge": [m for m, lr in choice[r.name].items()
-                                  if extension(grids[r.name], lr) is not None],
-                      "scores": scores[r.name]} for r in recipes}
-    return done, table
-
-
-def pick_claim_c(table, names):
-    """Claim (c)'s two recipes among names (the paper's Table 2), on the tuning seeds' mean
-    VALIDATION margin at each recipe's margin lr: the better DPO recipe and the best other."""
-    def score(name):
-        exact, margin, nll = table[name]["scores"][table[name]["lr_margin"]]
-        return margin, -nll
-    dpo = [name for name in names if name.endswith("dpo")]
-    return max(dpo, key=score), max((n for n in names if n not in dpo), key=score)
-
-
-# -----------------------------------------------------------------------------
-# The phases
-#
-# A run can start once its start's checkpoint exists and its lr is known, so the comparison
-# trains in five phases, each one or more lists of jobs for the worker pool:
-#   1. the tuning seeds' bases;
-#   2. the tuning of the recipes that start from a base (with its grid extensions), sharing its
-#      first round with the judged seeds' bases;                                  -> their lrs
-#   3. the tuning seeds' stage 1, and on the judged seeds every recipe that starts from a base,
-#      stage 1 among them;
-#   4. the tuning of the stage-2 recipes, from the tuning seeds' stage 1;          -> their lrs,
-#                                                                                    claim (c)
-#   5. the judged seeds' stage-2 runs, and claim (c)'s runs at their margin lrs.
-# Between phases, tune() and pick_claim_c() are pure functions of finished runs.
-
-def train_all(cfg, run, progress, recipes, tuning, judged):
-    """The five phases (see above). Returns every finished (job, result), the tuning table (per
-    recipe: grid, lrs, edge flags, scores) and claim (c)'s two recipes."""
-    own = [r for r in recipes if r.tuned]                         # tuned: the paper's Table 2
-    from_base = [r for r in own if r.start == BASE]
-    stage2 = [r for r in own if r.start != BASE]
-    stage1 = [r for r in recipes if r.name == "sft (stage 1)"]
-    rest = [r for r in recipes if not r.tuned and r not in stage1]   # equal compute
-    base = base_recipe(cfg)
-    # 1. the tuning seeds' bases
-    done = run_jobs(run, [Job(base, s, ift.DEFAULT_LR["sft"], "", judged=False) for s in tuning],
-                    progress)
-    # 2. the tuning of the recipes from a base, beside the judged seeds' bases
-    judged_bases = [Job(base, s, ift.DEFAULT_LR["sft"], "") for s in judged]
-    tuned, table = tune(cfg, run, progress, from_base, tuning, starts_of(done), judged_bases)
-    done += tuned
-    lrs = {name: t["lr"] for name, t in table.items()}
-    # 3. the tuning seeds' stage 1; the judged seeds' runs from their bases
-    starts = starts_of(done)
-    done += run_jobs(run, jobs_at(stage1, tuning, lrs, starts, judged=False)
-                     + jobs_at(from_base + stage1 + rest, judged, lrs, starts), progress)
-    # 4. the tuning of the stage-2 recipes; claim (c)'s recipes
-    tuned, table2 = tune(cfg, run, progress, stage2, tuning, starts_of(done))
-    done, table = done + tuned, {**table, **table2}
-    lrs = {name: t["lr"] for name, t in table.items()}
-    claim_c = pick_claim_c(table, [r.name for r in own])
-    extra = [r for r in own if r.name in claim_c and table[r.name]["lr_margin"] != lrs[r.name]]
-    progress.total += sum(run_cost(r) for r in extra) * len(judged)
-    # 5. the judged seeds' stage 2, and claim (c)'s runs at their margin lrs
-    lrs_margin = {name: t["lr_margin"] for name, t in table.items()}
-    starts = starts_of(done)
-    done += run_jobs(run, jobs_at(stage2, judged, lrs, starts)
-                     + jobs_at(extra, judged, lrs_margin, starts), progress)
-    return done, table, claim_c
-
-
-def planned_cost(cfg, recipes, tuning, judged):
-    """The comparison's work in SFT steps before any grid extension or claim (c)'s runs."""
-    own = [r for r in recipes if r.tuned]
-    stage1 = sum(run_cost(r) for r in recipes if r.name == "sft (stage 1)")
-    return (run_cost(base_recipe(cfg)) * (len(tuning) + len(judged))
-            + sum(run_cost(r) for r in own) * len(cfg.lr_grid) * len(tuning)
-            + stage1 * len(tuning) + sum(run_cost(r) for r in recipes) * len(judged))
-
-
-# -----------------------------------------------------------------------------
-# The verdicts
+# The verdicts: all of the statistics
 #
 # A claim is judged on paired differences d_s = metric(recipe, seed s) - metric(other, seed s)
-# over the judged seeds, each seed with its own base. With the 95% t-interval of their mean
-# [lo, hi] and the claim's margin of indifference DELTA (fixed before the run):
-#   reproduced    lo > 0                       the recipe is better
-#   reversed      hi < 0                       the other is better
-#   equivalent    -DELTA <= lo and hi <= DELTA  no difference that matters (a difference of at
-#                                               most DELTA either way)
-#   inconclusive  otherwise                    the seeds cannot tell
-# The first two come first: an interval above 0 that also lies inside +-DELTA is reproduced (a
-# small but clear difference). DELTA is 0.02 exact match (2 points of 100, 40 of the 2000 test
-# rows), and 1 nat of the mean preference margin for claim (c): the chosen answer e = 2.7 times
-# likelier against the rejected one, on average over the rows, a small change next to margins
-# summed over whole answers (RESULTS.md, section 1, shows them). A claim
-# also counts the seeds each way, and each of its sides is paired with the model it started
-# from (the base, or stage 1): one whose interval contains 0 "did not move", one whose interval
-# lies below 0 ended "worse than its start"; a claim won against such a side says little.
-# Five claims are tested at 95% each, so with no true difference anywhere the chance that at
-# least one of them comes out reproduced or reversed by luck is up to 1 - 0.95^5 = 23%.
+# over the judged seeds, each with its own base. With their mean m, sample std s and n seeds, the
+# 95% t-interval [lo, hi] is m +- t95(n - 1) * s / sqrt(n), SE = s / sqrt(n); with the claim's
+# margin of indifference DELTA, fixed before the run:
+#   reproduced    lo > 0                        the recipe is better (first, even inside +-DELTA)
+#   reversed      hi < 0                        the other is better
+#   equivalent    -DELTA <= lo and hi <= DELTA  no difference of more than DELTA either way
+#   inconclusive  otherwise                     the seeds cannot tell
+# DELTA is 0.02 exact match (40 of the 2000 test rows), and 1 nat of the mean preference margin
+# for claim (c) (the chosen answer e = 2.7 times likelier, small next to margins summed over whole
+# answers). |m| / SE well above t95 marks a verdict another run should repeat. Each side of a
+# claim is also paired with the model it started from: an interval containing 0 "did not move",
+# one below 0 is "worse than its start"; a claim won against such a side says little. Five
+# claims at 95% each: with no true difference anywhere, the chance that one or more comes out
+# reproduced or reversed by luck is up to 1 - 0.95^5 = 23%.
 
 DELTA = {"exact_match": 0.02, "margin": 1.0}
 N_CLAIMS = 5
@@ -636,7 +179,8 @@ def verdict(lo, hi, delta):
 
 def paired(diffs, delta):
     """Mean, sample std and 95% t-interval half-width of paired differences, the verdict, the
-    seeds each way, and how many seeds the same std would need for a half-width of delta."""
+    seeds each way, |mean| / SE, and how many seeds the same std would need for a half-width of
+    delta."""
     mean, std = plumbing.mean_std(diffs)
     ways = {"up": sum(d > 0 for d in diffs), "down": sum(d < 0 for d in diffs)}
     if len(diffs) < 2:
@@ -692,93 +236,569 @@ def judge_claims(recipes, runs, margin_runs, claim_c, seeds):
     return out
 
 
-def control_words(claims):
-    """(b)'s control in words: IFT's advantage over SFT then DPO minus SFT's own is IFT - SFT,
-    claim (a); its verdict says whether the advantage exceeds what SFT's steps alone give."""
-    a = next(c for c in claims if c["claim"] == "a")
-    return {"reproduced": "IFT's advantage over SFT then DPO exceeds what SFT's extra steps "
-                          "alone give (claim (a) is reproduced)",
-            "reversed": "SFT alone beats SFT then DPO by more than IFT does (claim (a) is "
-                        "reversed)",
-            "equivalent": "SFT alone gives the same advantage within +-DELTA (claim (a) is "
-                          "equivalent): (b) says nothing about IFT beyond (a)",
-            "inconclusive": "the seeds cannot tell whether IFT's advantage exceeds what SFT's "
-                            "extra steps alone give (claim (a) is inconclusive)"}.get(
-        a["verdict"], "one seed cannot tell")
+def pooled(first, second, key):
+    """paired() over the seeds of two summaries' claim `key` together: pooled after the fact."""
+    diffs = [per_seed["claims"][key] for s in (first, second)
+             for per_seed in s["per_seed"].values()]
+    return paired(diffs, next(c["delta"] for c in first["claims"] if c["claim"] == key))
 
-
-def summarize(recipes, runs, seeds, lrs, tasks):
-    """One row per recipe: mean and std over the seeds of every test metric, and its costs."""
-    rows = []
-    for r in recipes:
-        per_seed = [runs[(r.name, s)] for s in seeds]
-        row = {"recipe": r.name, "group": r.group, "lr": lrs.get(r.lr_of or r.name),
-               "steps": r.steps}
-        for t in tasks:
-            row[t] = plumbing.mean_std([p["test"]["exact_match_by_task"][t] for p in per_seed])
-        for k in ("exact_match", "preference_accuracy", "margin", "nll"):
-            row[k] = plumbing.mean_std([p["test"][k] for p in per_seed])
-        row["seconds"] = plumbing.mean_std([p["seconds"] for p in per_seed])
-        row["ms_per_step"] = plumbing.mean_std([p["ms_per_step"] for p in per_seed])
-        rows.append(row)
-    return rows
 
 
 # -----------------------------------------------------------------------------
-# The comparison
+# The base models, the recipes and the runs
+#
+# Stage 0, the base model. The paper fine-tunes a pretrained model, and DPO's premise is a model
+# that already writes answers, so every recipe starts from a base: the random GPT trained for
+# --base-steps by plain language modelling on data/pretrain.jsonl (prompts in none of the
+# splits). Where those steps land among the tasks' phase changes moves with the machine's float
+# order, so a base is a random draw like the batch order: EVERY seed trains its own, and the
+# paired differences measure the recipes over that luck too, as a reader elsewhere draws it.
+#
+# One seed then trains these models (S = --max-steps):
+#   single stage   SFT, IFT, ORPO and DPO from its base on the whole train split for S steps (the
+#                  paper's "+ SFT", "+ DPO", ... rows of its Table 2); DPO's reference is the base.
+#   sequential     stage 1: SFT from the base on half A for S/2 steps; stage 2, from it, on half B
+#                  for S/2 steps: SFT (the paper's control: restarting a schedule alone can move
+#                  results), IFT, ORPO, and DPO with the stage-1 model as reference.
+#   equal compute  IFT for S / IFT_COST steps: the FLOPs of SFT's S steps.
+# IFT's ablations are not in the default run, so that its seeds buy power for the claims.
+
+BASE = "base (stage 0)"
+
+
+@dataclass
+class Recipe:
+    name: str
+    group: str                # single stage, sequential, equal compute, ablation, base
+    loss: str                 # ift.LOSSES
+    data: str = "train"       # the split it trains on (see load_data)
+    steps: int = 0
+    start: str = BASE         # the recipe whose checkpoint it fine-tunes ("": from scratch)
+    lr_of: str = ""           # the recipe whose tuned lr it takes ("": its own, tuned)
+    overrides: dict = field(default_factory=dict)  # ift.Config fields it sets
+
+    @property
+    def tuned(self):
+        return not self.lr_of
+
+
+def compare_recipes(steps):
+    """The recipes of one judged seed, in training order (a recipe's start comes before it)."""
+    half = steps // 2
+    recipes = [Recipe(loss, "single stage", loss, steps=steps)
+               for loss in ("sft", "ift", "orpo", "dpo")]
+    recipes.append(Recipe("sft (stage 1)", "sequential", "sft", "train_a", half, lr_of="sft"))
+    recipes += [Recipe(f"sft then {loss}", "sequential", loss, "train_b", steps - half,
+                       "sft (stage 1)") for loss in ("sft", "ift", "orpo", "dpo")]
+    recipes.append(Recipe("ift at sft's flops", "equal compute", "ift",
+                          steps=round(steps / ift.IFT_COST), lr_of="ift"))
+    return recipes
+
+
+def ablation_recipes(steps):
+    """IFT's ablations (`--ablations`): each changes one thing of IFT, at IFT's lr."""
+    return [Recipe(name, "ablation", "ift", steps=steps, lr_of="ift", overrides=o) for name, o in (
+        ("ift, lam 0", {"lam": 0.0}), ("ift, gamma 0", {"gamma": 0.0}),
+        ("ift, detached weights", {"detach_weights": True}),
+        ("ift, noisy lam", {"lam_schedule": "noisy"}))]
+
+
+def base_recipe(cfg):
+    return Recipe(BASE, "base", "sft", "pretrain", cfg.base_steps, start="", lr_of=BASE)
+
+
+def run_cost(recipe):
+    """A run's rough cost in SFT steps (DPO and ORPO score two answers per row)."""
+    return recipe.steps * {"sft": 1.0, "ift": ift.IFT_COST, "orpo": 2.0, "dpo": 2.0}[recipe.loss]
+
+
+def config_for(cfg, **fields):
+    """An ift.Config: the comparison's settings of ift.py's fields, with the given ones set."""
+    plain = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ift.Config)}
+    return ift.Config(**{**plain, **fields})
+
+
+def data_hashes(data_dir, names=("train", "val", "test", "pretrain")):
+    """sha256 of each data file a comparison reads."""
+    return {name: hashlib.sha256((Path(data_dir) / f"{name}.jsonl").read_bytes()).hexdigest()
+            for name in names}
+
+
+def base_folder(bcfg, out_dir):
+    """The base model's settings, and its folder: <out-dir>/base/<hash of the settings>. One
+    folder per settings (the seed among them), so no base is ever overwritten by another. The
+    pool makes the model; its record also holds val and test scores."""
+    settings = {k: v for k, v in dataclasses.asdict(bcfg).items() if k not in (
+        "out_dir", "device", "log_interval", "eval_interval", "max_new_tokens")}
+    settings.update({f"{k}_sha256": h for k, h in
+                     data_hashes(bcfg.data, ("pretrain", "val", "test")).items()})
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return settings, out_dir / "base" / key
+
+
+def read_json(path, what, hint="delete it, or pass another --out-dir"):
+    """A JSON file this program wrote, or one line saying that it is not one."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (ValueError, OSError) as e:  # not UTF-8 or not JSON is a ValueError too
+        raise plumbing.UserError(f"{path}: not {what} ({type(e).__name__}); {hint}") from None
+
+
+def load_data(cfg, enc):
+    """The splits every run reads: train, val, test, the train split's halves A and B, and the
+    pretraining pool of the base models (plain language modelling: with "prompt length" 1 every
+    token after <|user|> is a target)."""
+    pool_path = Path(cfg.data) / "pretrain.jsonl"
+    if not pool_path.is_file():
+        raise plumbing.UserError(f"{pool_path}: no pretraining pool for the base model; run "
+                                 f"python data/prepare.py, or put rows of your own there")
+    data = ift.load_splits(cfg, enc, need_rejected=("train", "val", "test"))
+    n = len(data["train"])
+    data["train_a"] = ift.Split(data["train"].rows[:n // 2], enc, cfg.block_size, "train half A")
+    data["train_b"] = ift.Split(data["train"].rows[n // 2:], enc, cfg.block_size, "train half B")
+    pool = ift.Split(ift.load_rows(pool_path, limit=cfg.limit_rows), enc, cfg.block_size,
+                     str(pool_path))
+    pool.chosen = [(ids, 1) for ids, _ in pool.chosen]
+    data["pretrain"] = pool
+    return data
+
+
+def set_up(cfg):
+    """What every command and every worker process reads: the config, the device, the output
+    folder, the tokenizer and the splits."""
+    device, out_dir = ift.start(cfg)
+    enc = ift.load_tokenizer(cfg.data)
+    return {"cfg": cfg, "device": device, "out_dir": out_dir, "enc": enc,
+            "data": load_data(cfg, enc)}
+
+
+# -----------------------------------------------------------------------------
+# Running jobs
+#
+# Every run is a Job: a recipe, a seed, an lr, and the checkpoint it starts from, which is finished
+# before it starts. Lists of jobs map over --workers processes of one thread each on a CPU (a
+# 2 x 64 GPT cannot keep two threads busy; RESULTS.md measures it), the longest first. Each
+# finished run prints one progress line: its scores, the share of the planned work done (in SFT
+# steps) and the time the whole comparison has left at the rate so far.
+
+@dataclass
+class Job:
+    recipe: Recipe
+    seed: int
+    lr: float
+    init_from: str         # the checkpoint it fine-tunes ("" for a base)
+    judged: bool = True    # False: a tuning seed's run, which never reads the test split
+
+
+WORKER = {}  # in each worker process (and in the main one, for --workers 1): set_up()'s dict
+VAL_KEYS = ("val_exact_match", "val_nll", "val_margin", "val_preference_accuracy")
+
+
+def worker_start(cfg, threads):
+    """Set up a process that trains runs: its threads, the tokenizer, the splits."""
+    torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(io.StringIO()):  # the main process printed any warnings
+        WORKER.update(set_up(cfg))
+
+
+def worker_run(job):
+    """Train and test one job with what worker_start() set up in this process: a recipe from
+    job.init_from into runs/, or its seed's base (Stage 0), read back from <out-dir>/base when
+    one was made with the same settings from the same data files. Its folder gets config.json,
+    train.log (what a plain run prints), log.csv and ckpt.pt. Only judged runs read the test
+    split; a run whose loss stops being finite ends "diverged". Returns the run's record."""
+    cfg, enc, data, device, out_dir = (WORKER[k] for k in ("cfg", "enc", "data", "device",
+                                                          "out_dir"))
+    r, seed = job.recipe, job.seed
+    rcfg = config_for(cfg, loss=r.loss, seed=seed, lr=job.lr, init_from=job.init_from,
+                      max_steps=r.steps, **r.overrides)
+    if r.name == BASE:
+        settings, run_dir = base_folder(rcfg, out_dir)
+        if (run_dir / "base.json").is_file():
+            record = read_json(run_dir / "base.json", "a base-model record of compare.py")
+            if record.get("test") or not job.judged:  # a tuning seed's base has no test scores
+                return {**record, "ckpt": str(run_dir / "ckpt.pt"), "reused": True}
+    else:
+        slug = "".join(c if c.isalnum() else "_" for c in r.name)  # "ift, lam 0" -> ift__lam_0
+        run_dir = out_dir / "runs" / f"seed{seed}" / f"{slug}_lr{job.lr:.2g}"
+    rcfg.out_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(rcfg), indent=2))
+    torch.manual_seed(seed)
+    model = ift.build_model(rcfg, enc, device)
+    t = time.time()
+    record = {"recipe": r.name, "seed": seed, "lr": job.lr, "steps": r.steps,
+              "ckpt": str(run_dir / "ckpt.pt")}
+    try:
+        with (run_dir / "train.log").open("w") as f, contextlib.redirect_stdout(f):
+            log, seconds = ift.train(rcfg, model, enc, {"train": data[r.data], "val": data["val"]},
+                                     device, run_dir)
+    except plumbing.UserError as e:
+        return {**record, "outcome": "diverged", "error": str(e)}
+    last = [x for x in log if "val_exact_match" in x][-1]  # ift.train validates at its last step
+    record.update(outcome="finished", ms_per_step=1000 * seconds / r.steps, test=None,
+                  **{k: last[k] for k in VAL_KEYS})
+    if job.judged:
+        res = ift.evaluate(model, enc, data["test"], device, ift.autocast_for(device),
+                           rcfg.max_new_tokens)
+        record["test"] = {**{k: res[k] for k in ("exact_match", "exact_match_by_task", "nll",
+                                                 "preference_accuracy")},
+                          "margin": res["preference_margin"]}
+    record["seconds"] = time.time() - t
+    if r.name == BASE:  # base.json comes last: it means ckpt.pt is done
+        record["settings"] = settings
+        tmp = run_dir / "base.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(run_dir / "base.json")
+    return record
+
+
+def workers_for(cfg, device):
+    """(processes, threads each): --workers, or one per core up to 8 on a CPU, 1 on a GPU."""
+    cores = torch.get_num_threads()
+    workers = cfg.workers or (min(cores, 8) if device.type == "cpu" else 1)
+    return workers, max(1, cores // workers)
+
+
+def at_a_time(workers, threads):
+    """'2 runs at a time, 1 thread each'"""
+    return (f"{workers} run{'s' * (workers > 1)} at a time, {threads} "
+            f"thread{'s' * (threads > 1)} each")
+
+
+@contextlib.contextmanager
+def worker_pool(setup, workers, threads):
+    """A map over jobs: a pool of `workers` processes, or, for one worker, this process."""
+    if workers == 1:
+        WORKER.update(setup)
+        yield map
+        return
+    with concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                                worker_start, (setup["cfg"], threads)) as pool:
+        yield pool.map
+
+
+def run_jobs(run, jobs, plan):
+    """Train jobs, the longest first, with run (a map over jobs); (job, result) pairs, and one
+    progress line per run (plan: the planned cost, the cost done, the start time). A judged run
+    or a base that diverges stops everything: only a tuning run may diverge and lose."""
+    jobs = sorted(jobs, key=lambda job: -run_cost(job.recipe))  # stable: ties keep their order
+    done = []
+    for job, res in zip(jobs, run(worker_run, jobs)):  # results come in order, as they finish
+        plan["done"] += run_cost(job.recipe)
+        elapsed = time.time() - plan["start"]
+        left = elapsed / plan["done"] * max(plan["total"] - plan["done"], 0)
+        scores = "diverged"
+        if res["outcome"] == "finished":
+            test = f" | test exact {res['test']['exact_match']:.3f}" if res["test"] else ""
+            scores = (f"val exact {res['val_exact_match']:.3f} | val margin "
+                      f"{res['val_margin']:.2f}{test}")
+        print(f"[{min(plan['done'] / plan['total'], 1):4.0%}] "
+              f"{'judged' if job.judged else 'tuning'} seed {job.seed} | {job.recipe.name:<18} "
+              f"| lr {job.lr:.1e} | {scores} | {res.get('seconds', 0):.0f}s | elapsed "
+              f"{plumbing.fmt_time(elapsed)}, eta {plumbing.fmt_time(left)} for the whole "
+              f"comparison", flush=True)
+        if res["outcome"] != "finished" and (job.judged or job.recipe.name == BASE):
+            raise plumbing.UserError(f"{job.recipe.name}, seed {job.seed}: {res['error']}")
+        done.append((job, res))
+    return done
+
+
+def starts_of(done):
+    """(recipe name, seed) -> checkpoint, of the finished runs among done that other recipes
+    start from: the bases and stage 1 (one run per seed each)."""
+    return {(job.recipe.name, job.seed): res["ckpt"] for job, res in done
+            if job.recipe.name in (BASE, "sft (stage 1)") and res["outcome"] == "finished"}
+
+
+def jobs_at(recipes, seeds, lrs, starts, judged=True):
+    """Each recipe on each seed at lrs[the recipe whose lr it takes], from its start's checkpoint
+    on that seed."""
+    return [Job(r, s, lrs[r.lr_of or r.name], starts[(r.start, s)], judged)
+            for s in seeds for r in recipes]
+
+
+# -----------------------------------------------------------------------------
+# Tuning (protocol 2)
+#
+# Each tuned recipe (the paper's Table 2) is tuned on the tuning seeds only and on validation
+# metrics only: tuning runs do not even evaluate the test split. Its lr for exact match serves
+# the table and claims (a), (a'), (b), (d); its lr for the margin, claim (c). A run that diverged
+# on any tuning seed loses. A best lr at the grid's edge may be a cut-off optimum, so the grid
+# adds edge^2 / its neighbour, for either metric, and tunes again. Stage 1 takes SFT's lr for
+# exact match, the equal-compute run and the ablations IFT's.
+
+METRICS = ("exact_match", "margin")  # what a recipe's lrs are tuned for
+
+
+def grid_scores(recipe, done, seeds):
+    """{lr: (mean val exact match, mean val margin, mean val NLL)} over the tuning seeds of
+    every lr of recipe's grid in done; None for an lr that diverged on some seed."""
+    runs = {}
+    for job, res in done:
+        if job.recipe.name == recipe.name and not job.judged:
+            runs.setdefault(job.lr, {})[job.seed] = res
+    scores = {}
+    for lr, by_seed in runs.items():
+        ok = [by_seed[s] for s in seeds if s in by_seed and by_seed[s]["outcome"] == "finished"]
+        scores[lr] = None if len(ok) < len(seeds) else tuple(
+            plumbing.mean_std([r[k] for r in ok])[0] for k in ("val_exact_match", "val_margin",
+                                                               "val_nll"))
+    return scores
+
+
+def best_lrs(scores):
+    """{metric: the best lr} by the mean validation metric, ties to the lower NLL then lr."""
+    ok = {lr: s for lr, s in scores.items() if s is not None}
+    return ok and {metric: min(ok, key=lambda lr: (-ok[lr][i], ok[lr][2], lr))
+                   for i, metric in enumerate(METRICS)}
+
+
+def extension(grid, best):
+    """The lr one multiplier step past the edge where best lies, or None inside the grid."""
+    g = sorted(grid)
+    if best in (g[0], g[-1]):
+        edge, neighbour = (g[0], g[1]) if best == g[0] else (g[-1], g[-2])
+        return edge * edge / neighbour
+    return None
+
+
+def tune(cfg, run, plan, recipes, seeds, starts, also=()):
+    """Tune recipes on the tuning seeds from their starts, at most --max-extensions rounds past
+    the first; `also` are other jobs that share the first round's workers. Returns the finished
+    (job, result) pairs, and per recipe its grid, its two chosen lrs, the metrics whose optimum
+    stays at an edge, and the scores."""
+    grids = {r.name: [ift.DEFAULT_LR[r.loss] * m for m in cfg.lr_grid] for r in recipes}
+    new, done = grids, []
+    for round_ in range(cfg.max_extensions + 1):
+        jobs = [Job(r, s, lr, starts[(r.start, s)], judged=False) for r in recipes
+                for lr in new[r.name] for s in seeds]
+        if round_:  # the first round is in the plan already
+            plan["total"] += sum(run_cost(job.recipe) for job in jobs)
+        done += run_jobs(run, jobs + (list(also) if round_ == 0 else []), plan)
+        scores = {r.name: grid_scores(r, done, seeds) for r in recipes}
+        choice = {name: best_lrs(s) for name, s in scores.items()}
+        lost = next((name for name, c in choice.items() if not c), None)
+        if lost:
+            raise plumbing.UserError(f"{lost}: every lr of its grid diverged on a tuning seed; "
+                                     f"try smaller --lr-grid multipliers")
+        new = {r.name: sorted({lr for lr in (extension(grids[r.name], b) for b in
+                                             choice[r.name].values()) if lr is not None})
+               for r in recipes}
+        if round_ == cfg.max_extensions or not any(new.values()):
+            break
+        grids = {name: sorted(grid + new[name]) for name, grid in grids.items()}
+    return done, {r.name: {"grid": grids[r.name], "lr": choice[r.name]["exact_match"],
+                           "lr_margin": choice[r.name]["margin"],
+                           "at_edge": [m for m, lr in choice[r.name].items()
+                                       if extension(grids[r.name], lr) is not None],
+                           "scores": scores[r.name]} for r in recipes}
+
+
+def pick_claim_c(table, names):
+    """Claim (c)'s two recipes among names, picked like the lrs, on the tuning seeds' mean
+    VALIDATION margin at each recipe's margin lr: the better DPO recipe and the best other."""
+    def score(name):
+        exact, margin, nll = table[name]["scores"][table[name]["lr_margin"]]
+        return margin, -nll
+    dpo = [name for name in names if name.endswith("dpo")]
+    return max(dpo, key=score), max((n for n in names if n not in dpo), key=score)
+
+
+# -----------------------------------------------------------------------------
+# Learning rates from an earlier run (--lrs-from summary.json: the replication, protocol 5)
+#
+# The lrs mean something only for the runs they were tuned for, so the summary must come from
+# the same recipes (names and steps, the base's among them) and settings: every CompareConfig
+# field but FREE equal, each tuned recipe's grid holding --lr-grid times today's DEFAULT_LR, and
+# the data files (not the --data path) of the same sha256 where it records them. The first
+# run's summary, written before --lrs-from existed, records neither: its settings are read from
+# its `regenerate` command with today's defaults, its data taken on trust. Its judged and tuning
+# seeds may not be judged again: a replication's seeds are fresh.
+
+FREE = ("seed", "seeds", "out_dir", "workers", "device", "lrs_from", "log_interval", "ablations",
+        "mechanism", "data")  # may differ from the summary's run
+
+
+def settings_of(cfg):
+    """The comparison's settings that a summary records (JSON-ready: lists for tuples)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
+            if k not in RECIPE_FIELDS}
+
+
+def config_of_command(command):
+    """The settings of `python compare.py ...` (a summary's regenerate line), with today's
+    defaults for the flags it does not give."""
+    words = shlex.split(command)
+    if words[:2] != ["python", "compare.py"]:
+        raise ValueError(f"regenerate is not a compare.py command: {command}")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return settings_of(parse_config(words[2:]))
+    except SystemExit:
+        raise ValueError(f"regenerate has flags this compare.py refuses: {command}") from None
+
+
+def lrs_from(cfg, path):
+    """The summary at path, checked against cfg (see above): (tuning table, claim (c)'s two
+    recipes, the summary). A bad file or one from other recipes or settings: one line."""
+    def refuse(problem):
+        raise plumbing.UserError(f"{path}: {problem}")
+    summary = read_json(path, "a summary.json of compare.py", "pass the summary.json a "
+                        "comparison wrote (e.g. assets/compare_summary.json)")
+    keys = ("regenerate", "seeds", "tuning_seeds", "per_seed", "recipes", "claims")
+    missing = [k for k in keys if k not in summary] if isinstance(summary, dict) else keys
+    if missing:
+        refuse(f"not a summary.json of compare.py (missing {', '.join(missing)})")
+    recipes = [base_recipe(cfg)] + compare_recipes(cfg.max_steps)
+    theirs = summary["recipes"] if isinstance(summary["recipes"], dict) else {}
+    if list(theirs) != [r.name for r in recipes]:
+        refuse(f"from other recipes ({', '.join(map(str, theirs))}), not this comparison's")
+    try:
+        table = {r.name: {"grid": [float(lr) for lr in theirs[r.name]["grid"]],
+                          **{k: float(theirs[r.name][k]) for k in ("lr", "lr_margin")},
+                          "at_edge": [str(m) for m in theirs[r.name]["at_edge"]], "scores": {}}
+                 for r in recipes if r.tuned}
+        steps = {name: int(t["steps"]) for name, t in theirs.items()}
+        c = next(c for c in summary["claims"] if c["claim"] == "c")
+        claim_c = (str(c["recipe"]), str(c["other"]))
+        their_cfg = summary.get("config") or config_of_command(summary["regenerate"])
+        used = {int(s) for s in summary["seeds"] + summary["tuning_seeds"]}
+    except (KeyError, TypeError, ValueError, StopIteration) as e:
+        refuse(f"a field is missing or malformed ({type(e).__name__}: {e})")
+    grids = {r.name: [ift.DEFAULT_LR[r.loss] * m for m in cfg.lr_grid] for r in recipes}
+    other = [f"--{k.replace('_', '-')} {their_cfg.get(k)} (here {v})"
+             for k, v in settings_of(cfg).items() if k not in FREE and their_cfg.get(k) != v]
+    other += [f"{r.name} {steps[r.name]} steps (here {r.steps})" for r in recipes
+              if steps[r.name] != r.steps]
+    other += [f"{name}'s grid {t['grid']} (here {grids[name]})" for name, t in table.items()
+              if not all(any(math.isclose(lr, g) for g in t["grid"]) for lr in grids[name])]
+    other += [f"{cfg.data}/{k}.jsonl" for k, h in data_hashes(cfg.data).items()
+              if summary.get("data_sha256") and summary["data_sha256"].get(k) != h]
+    if other:
+        refuse(f"made with other settings: {'; '.join(other)}")
+    if not set(claim_c) <= table.keys():
+        refuse(f"claim (c)'s recipes {claim_c} are not tuned recipes")
+    again = sorted(used & {cfg.seed + i for i in range(cfg.seeds)})
+    if again:
+        refuse(f"its run used seeds {', '.join(map(str, again))} already; judge fresh ones "
+               f"(e.g. --seed {max(summary['seeds']) + 1})")
+    return table, claim_c, summary
+
+
+# -----------------------------------------------------------------------------
+# The phases
+#
+# A run can start once its start's checkpoint exists and its lr is known, so the comparison
+# trains in five phases, each one or more lists of jobs for the worker pool (numbered below).
+# Between phases, tune() and pick_claim_c() are pure functions of finished runs. With lrs from
+# an earlier run (`fixed`) there is nothing to tune: phases 1 and 4 are skipped.
+
+def train_all(cfg, run, plan, recipes, tuning, judged, fixed=None):
+    """The five phases; fixed: (tuning table, claim (c)) of --lrs-from. Returns every finished
+    (job, result), the tuning table (per recipe: grid, lrs, edge flags, scores) and claim (c)'s
+    two recipes."""
+    own = [r for r in recipes if r.tuned]                         # tuned: the paper's Table 2
+    from_base = [r for r in own if r.start == BASE]
+    stage2 = [r for r in own if r.start != BASE]
+    stage1 = [r for r in recipes if r.name == "sft (stage 1)"]
+    rest = [r for r in recipes if not r.tuned and r not in stage1]   # equal compute
+    base = base_recipe(cfg)
+    judged_bases = [Job(base, s, ift.DEFAULT_LR["sft"], "") for s in judged]
+    if fixed:
+        (table, claim_c), tuning = fixed, []
+        done = run_jobs(run, judged_bases, plan)
+    else:
+        # 1. the tuning seeds' bases
+        done = run_jobs(run, [Job(base, s, ift.DEFAULT_LR["sft"], "", judged=False)
+                              for s in tuning], plan)
+        # 2. the tuning of the recipes from a base, sharing its first round with the judged
+        #    seeds' bases -> their lrs
+        tuned, table = tune(cfg, run, plan, from_base, tuning, starts_of(done), judged_bases)
+        done += tuned
+    lrs = {name: t["lr"] for name, t in table.items()}
+    # 3. the tuning seeds' stage 1; on the judged seeds every recipe from a base, stage 1 too
+    starts = starts_of(done)
+    done += run_jobs(run, jobs_at(stage1, tuning, lrs, starts, judged=False)
+                     + jobs_at(from_base + stage1 + rest, judged, lrs, starts), plan)
+    if not fixed:
+        # 4. the tuning of the stage-2 recipes from the tuning seeds' stage 1 -> their lrs;
+        #    claim (c)'s recipes
+        tuned, table2 = tune(cfg, run, plan, stage2, tuning, starts_of(done))
+        done, table = done + tuned, {**table, **table2}
+        lrs = {name: t["lr"] for name, t in table.items()}
+        claim_c = pick_claim_c(table, [r.name for r in own])
+    extra = [r for r in own if r.name in claim_c and table[r.name]["lr_margin"] != lrs[r.name]]
+    plan["total"] += sum(run_cost(r) for r in extra) * len(judged)
+    # 5. the judged seeds' stage 2, and claim (c)'s runs at their margin lrs
+    lrs_margin = {name: t["lr_margin"] for name, t in table.items()}
+    starts = starts_of(done)
+    done += run_jobs(run, jobs_at(stage2, judged, lrs, starts)
+                     + jobs_at(extra, judged, lrs_margin, starts), plan)
+    return done, table, claim_c
+
+
+# -----------------------------------------------------------------------------
+# The comparison and its records
 
 def compare(cfg, command):
     """Train and test every recipe over the seeds, in phases; write the reports and figures."""
     t_start = time.time()
-    device, out_dir = ift.start(cfg)
-    enc = ift.load_tokenizer(cfg.data)
-    data = load_data(cfg, enc)
+    fixed = lrs_from(cfg, cfg.lrs_from) if cfg.lrs_from else None
+    setup = set_up(cfg)
+    device, out_dir, data = setup["device"], setup["out_dir"], setup["data"]
     recipes = compare_recipes(cfg.max_steps)
     judged = [cfg.seed + i for i in range(cfg.seeds)]
-    tuning = [cfg.seed + TUNING_OFFSET + i for i in range(cfg.tuning_seeds)]
+    tuning = [] if fixed else [cfg.seed + TUNING_OFFSET + i for i in range(cfg.tuning_seeds)]
     workers, threads = workers_for(cfg, device)
+    lrs_note = (f"lrs from {cfg.lrs_from}" if fixed else
+                f"tuned on seeds {', '.join(map(str, tuning))}")
     print(f"compare | {len(tuning) + len(judged)} base models, then {len(recipes)} recipes x "
-          f"{len(judged)} judged seeds {judged[0]}..{judged[-1]}, tuned on seeds "
-          f"{', '.join(map(str, tuning))} | device {device}, {at_a_time(workers, threads)} | "
-          f"{len(data['train'])} train rows | outputs in {out_dir}", flush=True)
-    progress = Progress(planned_cost(cfg, recipes, tuning, judged), t_start)
-    with worker_pool(cfg, workers, threads, device, out_dir, enc, data) as run:
-        done, table, claim_c = train_all(cfg, run, progress, recipes, tuning, judged)
+          f"{len(judged)} judged seeds {judged[0]}..{judged[-1]}, {lrs_note} | device {device}, "
+          f"{at_a_time(workers, threads)} | {len(data['train'])} train rows | outputs in "
+          f"{out_dir}", flush=True)
+    # the planned work in SFT steps, before any grid extension or claim (c)'s runs
+    total = (run_cost(base_recipe(cfg)) * (len(tuning) + len(judged))
+             + sum(run_cost(r) for r in recipes if r.tuned) * len(cfg.lr_grid) * len(tuning)
+             + sum(run_cost(r) for r in recipes if r.name == "sft (stage 1)") * len(tuning)
+             + sum(run_cost(r) for r in recipes) * len(judged))
+    plan = {"total": total, "done": 0.0, "start": t_start}
+    with worker_pool(setup, workers, threads) as run:
+        done, table, claim_c = train_all(cfg, run, plan, recipes, tuning, judged,
+                                         fixed and fixed[:2])
     info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
             "device": str(device), "device_name": plumbing.device_name(device),
             "torch": torch.__version__, "threads": threads, "workers": workers,
             "runtime_seconds": time.time() - t_start,
             "busy_seconds": sum(res.get("seconds", 0) for job, res in done
                                 if not res.get("reused")),
-            "params": sum(p.numel() for p in ift.GPT(**ift.model_args(cfg, enc)).parameters()),
+            "params": sum(p.numel() for p in ift.GPT(**ift.model_args(cfg, setup["enc"]))
+                          .parameters()),
             "seeds": judged, "tuning_seeds": tuning, "claim_c": claim_c,
             "tasks": sorted({row["task"] for row in data["test"].rows}),
-            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RECIPE_FIELDS}}
-    return write_outputs(cfg, info, recipes, done, table, out_dir)
+            "config": settings_of(cfg), "lrs_from": cfg.lrs_from or None,
+            "data_sha256": data_hashes(cfg.data)}
+    return write_outputs(cfg, info, recipes, done, table, out_dir, fixed and fixed[2])
 
 
-def judged_runs(done):
-    """(recipe name, seed) -> {lr: record} of every finished judged run (and base) in done."""
-    runs = {}
+def write_outputs(cfg, info, recipes, done, table, out_dir, earlier=None):
+    """The tables and claims from the finished runs: compare.json, compare.md, claims.png,
+    families.png and summary.json in out_dir; the report is printed too. earlier: the summary
+    of --lrs-from, whose claims are set beside this run's."""
+    seeds, claim_c, every = info["seeds"], info["claim_c"], [base_recipe(cfg)] + recipes
+    lrs = {BASE: ift.DEFAULT_LR["sft"], **{name: t["lr"] for name, t in table.items()}}
+    by_lr = {}  # (recipe name, seed) -> {lr: record}, of every finished judged run and base
     for job, res in done:
         if job.judged and res["outcome"] == "finished":
-            runs.setdefault((job.recipe.name, job.seed), {})[job.lr] = res
-    return runs
-
-
-def write_outputs(cfg, info, recipes, done, table, out_dir):
-    """The tables and claims from the finished runs: compare.json, compare.md, claims.png,
-    families.png and summary.json in out_dir; the report is printed too."""
-    seeds, tasks, claim_c = info["seeds"], info["tasks"], info["claim_c"]
-    lrs = {BASE: ift.DEFAULT_LR["sft"], **{name: t["lr"] for name, t in table.items()}}
-    by_lr = judged_runs(done)
-    runs = {(r.name, s): by_lr[(r.name, s)][lrs[r.lr_of or r.name]]
-            for r in [base_recipe(cfg)] + recipes for s in seeds}
+            by_lr.setdefault((job.recipe.name, job.seed), {})[job.lr] = res
+    runs = {(r.name, s): by_lr[(r.name, s)][lrs[r.lr_of or r.name]] for r in every for s in seeds}
     margin_runs = {(name, s): by_lr[(name, s)][table[name]["lr_margin"]] for name in claim_c
                    for s in seeds}
-    summary = summarize([base_recipe(cfg)] + recipes, runs, seeds, lrs, tasks)
+    summary = [{"recipe": r.name, "group": r.group, "lr": lrs.get(r.lr_of or r.name),
+                "steps": r.steps, **means([runs[(r.name, s)] for s in seeds], info["tasks"])}
+               for r in every]
     claims = judge_claims(recipes, runs, margin_runs, claim_c, seeds)
-    tuning = [{"recipe": job.recipe.name, **res} for job, res in done if not job.judged]
+    small = summary_file(info, summary, claims, table, runs)
     paths = [out_dir / name for name in ("compare.json", "compare.md", "claims.png",
                                          "families.png", "summary.json")]
     paths[0].write_text(json.dumps({
@@ -786,15 +806,32 @@ def write_outputs(cfg, info, recipes, done, table, out_dir):
         "runs": [runs[(r.name, s)] for s in seeds for r in recipes],
         "bases": {s: runs[(BASE, s)] for s in seeds},
         "claim_c_runs": [margin_runs[key] for key in sorted(margin_runs)],
-        "tuning_runs": tuning}, indent=2))
+        "tuning_runs": [{"recipe": job.recipe.name, **res} for job, res in done
+                        if not job.judged]}, indent=2))
     report = compare_report(info, summary, claims, table, runs, cfg)
+    if earlier:
+        report += "\n".join([
+            "", "## Beside the run the lrs came from", "",
+            f"`{earlier['regenerate']}` ({earlier.get('machine', '?')}, "
+            f"{earlier.get('date', '?')}) and this run, claim by claim; this run's verdicts are "
+            f"the replication's. Pooled: both runs' seeds in one interval, after the fact.", "",
+            *side_by_side(earlier, small)]) + "\n"
     paths[1].write_text(report)
-    plot_claims(claims, info, paths[2])
+    plot_claims(claims, info, paths[2], earlier and earlier["claims"])
     plot_families(summary, info, paths[3])
-    paths[4].write_text(json.dumps(summary_file(info, summary, claims, table, runs), indent=1))
+    paths[4].write_text(json.dumps(small, indent=1))
     print("\n" + report)
     print("wrote " + ", ".join(str(p) for p in paths))
     return summary, claims
+
+
+def means(per_seed, tasks):
+    """Mean and std over the seeds of every test metric of a recipe's runs, and its costs."""
+    return {**{t: plumbing.mean_std([p["test"]["exact_match_by_task"][t] for p in per_seed])
+               for t in tasks},
+            **{k: plumbing.mean_std([p["test"][k] for p in per_seed])
+               for k in ("exact_match", "preference_accuracy", "margin", "nll")},
+            **{k: plumbing.mean_std([p[k] for p in per_seed]) for k in ("seconds", "ms_per_step")}}
 
 
 def table_json(table):
@@ -806,18 +843,13 @@ def table_json(table):
             for name, t in table.items()}
 
 
-# -----------------------------------------------------------------------------
-# Reports
-
 CLAIM_KEYS = ("claim", "text", "recipe", "other", "metric", "delta", "mean", "ci95", "verdict",
               "up", "down", "t", "seeds_needed")
 
 
 def summary_file(info, summary, claims, table, runs):
     """summary.json: the numbers behind compare.md's tables, small enough to commit (RESULTS.md
-    keeps a copy in assets/): per judged seed its base's test scores and every claim's
-    difference; per recipe its grid, chosen lrs and each metric's mean and std over the seeds;
-    per claim the mean, the 95% half-width, the verdict and the seeds each way."""
+    keeps copies in assets/), and the settings and data files' sha256 that --lrs-from checks."""
     metrics = info["tasks"] + ["exact_match", "preference_accuracy", "margin", "nll"]
     base_keys = ("exact_match", "exact_match_by_task", "preference_accuracy", "margin", "nll")
     return {
@@ -829,14 +861,24 @@ def summary_file(info, summary, claims, table, runs):
                          "claims": {c["claim"]: c["diffs"][i] for c in claims}}
                      for i, s in enumerate(info["seeds"])},
         "recipes": {row["recipe"]: {"lr": row["lr"], "steps": row["steps"],
-                                    **({k: table[row["recipe"]][k] for k in (
-                                        "grid", "lr_margin", "at_edge")}
-                                       if row["recipe"] in table else {}),
+                                    **{k: table[row["recipe"]][k] for k in (
+                                        "grid", "lr_margin", "at_edge")
+                                       if row["recipe"] in table},
                                     **{k: {"mean": row[k][0], "std": row[k][1]}
                                        for k in metrics}} for row in summary},
         "claims": [{**{k: c[k] for k in CLAIM_KEYS},
                     "moved_from_start": {name: {k: p[k] for k in ("mean", "ci95", "verdict")}
-                                         for name, p in c["moved"].items()}} for c in claims]}
+                                         for name, p in c["moved"].items()}} for c in claims],
+        **{k: info[k] for k in ("lrs_from", "config", "data_sha256")}}
+
+
+# -----------------------------------------------------------------------------
+# Reports
+
+def md_table(header, rows):
+    """A markdown table: the header, its delimiter, one line per row of cells."""
+    return (["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+            + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
 def machine(info):
@@ -845,15 +887,39 @@ def machine(info):
             f"{at_a_time(info['workers'], info['threads'])}), torch {info['torch']}")
 
 
+def pm(pair, digits=3):
+    """'0.123 ± 0.045' from a (mean, std) pair."""
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def places(claim):
+    """The decimals of a claim's numbers: 2 for nats of margin, 3 for exact match."""
+    return 2 if claim["metric"] == "margin" else 3
+
+
+def bounds(p, digits=3):
+    """'[-0.024, +0.005]': the 95% interval of a paired() result ('-' without spread)."""
+    if p["ci95"] is None:
+        return "-"
+    return f"[{p['mean'] - p['ci95']:+.{digits}f}, {p['mean'] + p['ci95']:+.{digits}f}]"
+
+
+PAIRED_HEADER = ("per-seed differences", "mean ± std", "95% interval (± half-width)", "verdict",
+                 "up / down")
+
+
 def paired_cells(p, digits=3):
-    """The table cells of a paired() result: differences | mean ± std | 95% interval (± half-
-    width) | verdict | seeds up / down."""
-    f = f"+.{digits}f"
-    diffs = ", ".join(f"{d:{f}}" for d in p["diffs"])
-    spread = f"{p['mean']:{f}}" + (f" ± {p['std']:.{digits}f}" if p["std"] is not None else "")
-    interval = (f"[{p['mean'] - p['ci95']:{f}}, {p['mean'] + p['ci95']:{f}}] "
-                f"(±{p['ci95']:.{digits}f})" if p["ci95"] is not None else "-")
-    return f"{diffs} | {spread} | {interval} | **{p['verdict']}** | {p['up']} / {p['down']}"
+    """The cells of a paired() result under PAIRED_HEADER, joined by ' | '."""
+    diffs = ", ".join(f"{d:+.{digits}f}" for d in p["diffs"])
+    std = "" if p["std"] is None else f" ± {p['std']:.{digits}f}"
+    half = "" if p["ci95"] is None else f" (±{p['ci95']:.{digits}f})"
+    return (f"{diffs} | {p['mean']:+.{digits}f}{std} | {bounds(p, digits)}{half} | "
+            f"**{p['verdict']}** | {p['up']} / {p['down']}")
+
+
+def verdicts_table(first, verdicts):
+    """A markdown table of paired() results, one per recipe."""
+    return md_table([first, *PAIRED_HEADER], [[v["recipe"], paired_cells(v)] for v in verdicts])
 
 
 def moved_cell(name, p, digits=3):
@@ -863,21 +929,15 @@ def moved_cell(name, p, digits=3):
     if p["ci95"] is None:
         return change + " (one seed)"
     change += f" ± {p['ci95']:.{digits}f}"
-    if p["verdict"] == "reversed":
-        return f"**{change}: worse than its start**"
-    if p["verdict"] != "reproduced":  # the interval contains 0
-        return f"**{change}: did not move**"
-    return change
-
-
-def pm(pair, digits=3):
-    """'0.123 ± 0.045' from a (mean, std) pair."""
-    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+    if p["verdict"] == "reproduced":
+        return change
+    return f"**{change}: " + ("worse than its start**" if p["verdict"] == "reversed"
+                              else "did not move**")
 
 
 def compare_report(info, summary, claims, table, runs, cfg):
-    """compare.md: how it was made, the table, the bases, the claims, the tuning."""
-    n = len(info["seeds"])
+    """compare.md: how it was made, the test table, the bases, the claims, the lrs."""
+    n, tasks, seeds = len(info["seeds"]), info["tasks"], ", ".join(map(str, info["seeds"]))
     lines = [
         "# IFT, SFT, ORPO and DPO at toy scale (`python compare.py`)", "",
         f"Regenerate: `{info['command']}`", "",
@@ -889,105 +949,101 @@ def compare_report(info, summary, claims, table, runs, cfg):
         f"modelling on the pretraining pool; from it {cfg.max_steps} steps per single-stage run "
         f"(each sequential stage half), warm-up {cfg.warmup_steps} then cosine to "
         f"{cfg.min_lr_ratio} x lr, lam {cfg.lam}, gamma {cfg.gamma}, DPO beta {cfg.dpo_beta}, "
-        f"ORPO beta {cfg.orpo_beta}; judged seeds {', '.join(map(str, info['seeds']))}, tuning "
-        f"seeds {', '.join(map(str, info['tuning_seeds']))} (never judged); lrs from the "
-        f"tuning below.", ""]
-    lines += results_table(info, summary, n) + [""] + bases_table(info, runs) + [""]
-    lines += claims_section(claims, n) + [""] + tuning_section(table, info)
-    return "\n".join(lines) + "\n"
-
-
-def results_table(info, summary, n):
-    """The test table: per recipe, mean ± std over the judged seeds of every metric."""
-    tasks = info["tasks"]
-    lines = [f"## Test split: exact match per family, preference margin and accuracy, answer NLL "
-             f"(mean ± std over {n} judged seed{'s' * (n > 1)}, each its own base)", "",
-             "| recipe | " + " | ".join(tasks) + " | mean exact | pref margin | pref acc | "
-             "chosen NLL | steps | lr | s/run | ms/step |",
-             "|---" * (len(tasks) + 9) + "|"]
-    for row in summary:
-        cells = [pm(row[t]) for t in tasks] + [
-            f"**{pm(row['exact_match'])}**", pm(row["margin"], 2), pm(row["preference_accuracy"]),
-            pm(row["nll"]), str(row["steps"]), f"{row['lr']:.1e}",
-            f"{row['seconds'][0]:.0f}", f"{row['ms_per_step'][0]:.1f}"]
-        lines.append(f"| {row['recipe']} | " + " | ".join(cells) + " |")
-    return lines + [
+        f"ORPO beta {cfg.orpo_beta}; judged seeds {seeds}, "
+        + (f"lrs from {info['lrs_from']} (not tuned here)." if info["lrs_from"] else
+           f"tuning seeds {', '.join(map(str, info['tuning_seeds']))} (never judged); lrs from "
+           f"the tuning below."), "",
+        f"## Test split: exact match per family, preference margin and accuracy, answer NLL "
+        f"(mean ± std over {n} judged seed{'s' * (n > 1)}, each its own base)", ""]
+    lines += md_table(["recipe", *tasks, "mean exact", "pref margin", "pref acc", "chosen NLL",
+                       "steps", "lr", "s/run", "ms/step"], [
+        [row["recipe"], *(pm(row[t]) for t in tasks), f"**{pm(row['exact_match'])}**",
+         pm(row["margin"], 2), pm(row["preference_accuracy"]), pm(row["nll"]), row["steps"],
+         f"{row['lr']:.1e}", f"{row['seconds'][0]:.0f}", f"{row['ms_per_step'][0]:.1f}"]
+        for row in summary])
+    lines += [
         "", "Pref margin: mean over rows of log p(chosen) - log p(rejected), summed over answer "
         "tokens (nats). Pref acc: how often the chosen answer is the likelier. Chosen NLL: mean "
         "per-token NLL of the chosen answer. s/run includes testing (a reused base: when it was "
-        "trained)."]
-
-
-def bases_table(info, runs):
-    """One row per judged seed: its base model's test scores."""
-    lines = ["## The base models, one per judged seed (test split)", "",
-             "| seed | " + " | ".join(info["tasks"]) + " | mean exact | pref margin | pref acc |",
-             "|---" * (len(info["tasks"]) + 4) + "|"]
-    for s in info["seeds"]:
-        t = runs[(BASE, s)]["test"]
-        lines.append(f"| {s} | " + " | ".join(f"{t['exact_match_by_task'][k]:.3f}"
-                                              for k in info["tasks"])
-                     + f" | **{t['exact_match']:.3f}** | {t['margin']:.2f} | "
-                       f"{t['preference_accuracy']:.3f} |")
-    return lines
-
-
-def claims_section(claims, n):
-    """The claims table, (b)'s control in words, (c)'s preference accuracy, and the reading."""
-    lines = [
-        "## The paper's claims, paired seed by seed", "",
-        f"Paired difference per judged seed (recipe minus the other; each seed its own base and "
-        f"batches). From the 95% t-interval of the mean over {n} seeds: **reproduced** above 0, "
-        f"**reversed** below 0, **equivalent** inside ±delta (delta {DELTA['exact_match']} exact "
-        f"match, {DELTA['margin']} nats of margin), **inconclusive** otherwise. Up / down: the "
-        f"seeds each way. Seeds for ±delta: how many seeds the measured std would need for a "
-        f"half-width of delta. abs(mean) / SE: a verdict a reader should expect to reproduce "
-        f"has it well above the t quantile beside it. Each side's change from the model it "
-        f"started from (the base, or stage 1) is paired the same way.", "",
-        "| claim | recipe - other (metric) | per-seed differences | mean ± std | 95% interval "
-        "(± half-width) | verdict | up / down | abs(mean) / SE (t quantile) | seeds for ±delta "
-        "| each side's change from its start (± 95%) |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
-    for c in claims:
-        digits = 2 if c["metric"] == "margin" else 3
-        t = f"{c['t']:.1f} ({c['t95']:.2f})" if c["t95"] else "-"
-        lines.append(f"| ({c['claim']}) {c['text']} | {c['recipe']} - {c['other']} "
-                     f"({c['metric']}) | {paired_cells(c, digits)} | {t} | "
-                     f"{c['seeds_needed'] or '-'} | "
-                     + "; ".join(moved_cell(name, p, digits) for name, p in c["moved"].items())
-                     + " |")
-    c = next(c for c in claims if c["claim"] == "c")
+        "trained).", "", "## The base models, one per judged seed (test split)", ""]
+    lines += md_table(["seed", *tasks, "mean exact", "pref margin", "pref acc"], [
+        [s, *(f"{t['exact_match_by_task'][k]:.3f}" for k in tasks), f"**{t['exact_match']:.3f}**",
+         f"{t['margin']:.2f}", f"{t['preference_accuracy']:.3f}"]
+        for s in info["seeds"] for t in [runs[(BASE, s)]["test"]]])
+    lines += [
+        "", "## The paper's claims, paired seed by seed", "",
+        f"Recipe minus the other, per judged seed; from the 95% t-interval of the mean over {n} "
+        f"seeds: **reproduced** above 0, **reversed** below 0, **equivalent** inside ±delta "
+        f"(delta {DELTA['exact_match']} exact match, {DELTA['margin']} nats of margin), "
+        f"**inconclusive** otherwise (compare.py, \"The verdicts\").", ""]
+    lines += md_table(["claim", "recipe - other (metric)", *PAIRED_HEADER,
+                       "abs(mean) / SE (t quantile)", "seeds for ±delta",
+                       "each side's change from its start (± 95%)"], [
+        [f"({c['claim']}) {c['text']}", f"{c['recipe']} - {c['other']} ({c['metric']})",
+         paired_cells(c, places(c)), f"{c['t']:.1f} ({c['t95']:.2f})" if c["t95"] else "-",
+         c["seeds_needed"] or "-",
+         "; ".join(moved_cell(name, p, places(c)) for name, p in c["moved"].items())]
+        for c in claims])
+    a, c = (next(c for c in claims if c["claim"] == k) for k in ("a", "c"))
     lines += [
         "", f"(b)'s control, SFT - SFT then DPO, is the last row: IFT's advantage over SFT then "
-        f"DPO minus SFT's own is IFT - SFT, so {control_words(claims)}.", "",
-        f"(c) on preference accuracy, the same runs: {paired_cells(c['preference_accuracy'])} "
+        f"DPO minus SFT's own is IFT - SFT, claim (a), whose verdict ({a['verdict']}) says "
+        f"whether that advantage exceeds what SFT's extra steps alone give.",
+        "", f"(c) on preference accuracy, the same runs: {paired_cells(c['preference_accuracy'])} "
         f"(up / down).", "",
         f"{N_CLAIMS} claims are tested at 95% each: with no true difference anywhere, the chance "
         f"that at least one comes out reproduced or reversed by luck is up to "
-        f"{1 - 0.95 ** N_CLAIMS:.0%} (independent claims)."]
-    return lines
+        f"{1 - 0.95 ** N_CLAIMS:.0%} (independent claims).", ""]
+    return "\n".join(lines + lrs_section(table, info)) + "\n"
 
 
-def tuning_section(table, info):
-    """The tuning table: per recipe and lr, the tuning seeds' mean validation scores."""
-    lines = [f"## Tuning (seeds {', '.join(map(str, info['tuning_seeds']))}, validation split, "
-             f"mean over the tuning seeds, last step)", "",
-             "| recipe | lr | val exact | val margin | val NLL | chosen for |",
-             "|---|---|---|---|---|---|"]
-    for name, t in table.items():
-        for lr, s in sorted(t["scores"].items()):
-            scores = "diverged | - | -" if s is None else f"{s[0]:.3f} | {s[1]:.2f} | {s[2]:.4f}"
-            chosen = [m.replace("_", " ") + (" (**still at the grid's edge**)"
-                                             if m in t["at_edge"] else "")
-                      for m, key in (("exact_match", "lr"), ("margin", "lr_margin"))
-                      if t[key] == lr]
-            lines.append(f"| {name} | {lr:.1e} | {scores} | {', '.join(chosen)} |")
+def lrs_section(table, info):
+    """The tuning table (per recipe and lr, the tuning seeds' mean validation scores), or the
+    lrs read from --lrs-from; an optimum still at the grid's edge is flagged."""
+    def chosen(t, metric, lr):
+        edge = " (**still at the grid's edge**)" if metric in t["at_edge"] else ""
+        return f"{lr:.1e}{edge}" if info["lrs_from"] else metric.replace("_", " ") + edge
+    if info["lrs_from"]:
+        return [f"## Learning rates from {info['lrs_from']} (not tuned here)", ""] + md_table(
+            ["recipe", "lr for exact match", "lr for the margin"],
+            [[name, chosen(t, "exact_match", t["lr"]), chosen(t, "margin", t["lr_margin"])]
+             for name, t in table.items()])
+    rows = [[name, f"{lr:.1e}", "diverged | - | -" if s is None else
+             f"{s[0]:.3f} | {s[1]:.2f} | {s[2]:.4f}",
+             ", ".join(chosen(t, m, lr) for m, key in (("exact_match", "lr"),
+                                                     ("margin", "lr_margin")) if t[key] == lr)]
+            for name, t in table.items() for lr, s in sorted(t["scores"].items())]
     flagged = [f"{name} ({', '.join(m.replace('_', ' ') for m in t['at_edge'])})"
                for name, t in table.items() if t["at_edge"]]
-    lines += ["", "Optimum still at a grid edge after the extensions: " + (
-        ", ".join(flagged) if flagged else "none") + "."]
-    return lines
+    return ([f"## Tuning (seeds {', '.join(map(str, info['tuning_seeds']))}, validation split, "
+             f"mean over the tuning seeds, last step)", ""]
+            + md_table(["recipe", "lr", "val exact", "val margin", "val NLL", "chosen for"], rows)
+            + ["", "Optimum still at a grid edge after the extensions: "
+               + (", ".join(flagged) if flagged else "none") + "."])
 
+
+def side_by_side(first, second):
+    """Two summary.json files' claims side by side, claim by claim: each run's mean and 95%
+    interval, verdict and abs(mean) / SE, whether the verdict repeated, and both runs' seeds
+    pooled (after the fact). Markdown lines."""
+    def label(s):
+        return f"{len(s['seeds'])} seeds, {s['seeds'][0]}-{s['seeds'][-1]}"
+
+    def cells(p, digits, verdict=True):
+        mean = f"{p['mean']:+.{digits}f}, {bounds(p, digits)}"
+        t = "-" if p.get("t") is None else f"{p['t']:.1f}"
+        return [mean, f"**{p['verdict']}**", t] if verdict else [mean, p["verdict"]]
+    later = {c["claim"]: c for c in second["claims"]}
+    rows = [[f"({c['claim']}) {c['recipe']} - {c['other']}", *cells(c, places(c)),
+             *cells(later[c["claim"]], places(c)),
+             "yes" if c["verdict"] == later[c["claim"]]["verdict"] else "**no**",
+             *cells(pooled(first, second, c["claim"]), places(c), verdict=False)]
+            for c in first["claims"]]
+    n = len(first["seeds"]) + len(second["seeds"])
+    return md_table(["claim", f"first run ({label(first)}): mean, 95% interval", "verdict",
+                     "abs(mean) / SE", f"replication ({label(second)}): mean, 95% interval",
+                     "verdict", "abs(mean) / SE", "same verdict",
+                     f"pooled after the fact ({n} seeds): mean, 95% interval", "verdict"], rows)
 
 # -----------------------------------------------------------------------------
 # Plots
@@ -996,35 +1052,43 @@ COLORS = {"reproduced": "tab:green", "reversed": "tab:red", "equivalent": "tab:b
           "inconclusive": "tab:gray"}
 
 
-def plot_claims(claims, info, path):
+def plot_claims(claims, info, path, earlier=None):
     """Each claim's paired difference: its mean over the seeds and 95% t-interval, the +-delta
     band shaded, the verdict written beside it; exact-match claims above, the margin claim below
-    (its own unit)."""
+    (its own unit). earlier: another run's claims (summary.json), a hollow marker above each."""
     plt = plumbing.pyplot()
     groups = [[c for c in claims if c["metric"] == m] for m in ("exact_match", "margin")]
-    fig, axes = plt.subplots(2, 1, figsize=(9, 0.6 * len(claims) + 2.2),
+    before = {c["claim"]: c for c in earlier or []}
+    fig, axes = plt.subplots(2, 1, figsize=(9, (0.9 if before else 0.6) * len(claims) + 2.2),
                              gridspec_kw={"height_ratios": [len(g) + 0.5 for g in groups]})
     for ax, group in zip(axes, groups):
         delta = group[0]["delta"]
         ax.axvspan(-delta, delta, color="tab:blue", alpha=0.12, lw=0)
         ax.axvline(0, color="black", lw=0.8)
+        shown = group + [before[c["claim"]] for c in group if c["claim"] in before]
         for y, c in enumerate(reversed(group)):
-            half = c["ci95"] or 0.0
-            ax.errorbar(c["mean"], y, xerr=half, fmt="o", capsize=4,
-                        color=COLORS.get(c["verdict"], "black"))
-            ax.annotate(f"{c['verdict']} ({c['up']} up, {c['down']} down)",
-                        (c["mean"] + half, y), xytext=(8, 0), textcoords="offset points",
-                        va="center", fontsize=8)
+            marks = [(c, y - 0.15 * bool(before), "o", "")]
+            if c["claim"] in before:
+                marks.append((before[c["claim"]], y + 0.2, "s", "earlier run: "))
+            for p, at, marker, word in marks:
+                half = p["ci95"] or 0.0
+                color = COLORS.get(p["verdict"], "black")
+                ax.errorbar(p["mean"], at, xerr=half, fmt=marker, capsize=4, color=color,
+                            mfc="white" if word else color)
+                ax.annotate(f"{word}{p['verdict']} ({p['up']} up, {p['down']} down)",
+                            (p["mean"] + half, at), xytext=(8, 0), textcoords="offset points",
+                            va="center", fontsize=7 if word else 8)
         ax.set_yticks(range(len(group)), [f"({c['claim']}) {c['recipe']} - {c['other']}"
                                           for c in reversed(group)], fontsize=8)
-        lo = min([c["mean"] - (c["ci95"] or 0) for c in group] + [-delta])
-        hi = max([c["mean"] + (c["ci95"] or 0) for c in group] + [delta])
+        lo = min([c["mean"] - (c["ci95"] or 0) for c in shown] + [-delta])
+        hi = max([c["mean"] + (c["ci95"] or 0) for c in shown] + [delta])
         ax.set_xlim(lo - 0.05 * (hi - lo), hi + 0.45 * (hi - lo))
         ax.set_ylim(-0.6, len(group) - 0.4)
         unit = "exact match" if group[0]["metric"] == "exact_match" else "preference margin (nats)"
         ax.set_xlabel(f"paired test difference in {unit}: mean, 95% t-interval; shaded ±{delta}")
     axes[0].set_title(f"The paper's claims over {len(info['seeds'])} judged seeds, each its own "
-                      f"base model", fontsize=10)
+                      f"base model" + ("; hollow: the run its lrs came from" if before else ""),
+                      fontsize=10)
     fig.text(0.01, 0.01, info["command"], fontsize=7, color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=100)
@@ -1053,98 +1117,91 @@ def plot_families(summary, info, path):
     plt.close(fig)
 
 
+
 # -----------------------------------------------------------------------------
 # IFT's ablations (python compare.py --ablations)
 #
-# Each ablation changes one thing of IFT: lam = 0 (relation propagation only), gamma = 0 (the
-# temporal residual connection only), detached relation weights, noisy lam. They train after a
-# comparison, on its judged seeds, from each seed's own base at IFT's lr for exact match, and
-# each is paired with IFT on test exact match (same seeds, bases and batches), with the
-# comparison's verdict rule and DELTA. Its own command, so the default run's time buys seeds for
-# the claims.
+# Each ablation changes one thing of IFT (lam 0, gamma 0, detached relation weights, noisy lam).
+# They train after a comparison, from each judged seed's base at IFT's lr, and are paired with
+# IFT on test exact match with the comparison's verdict rule: their own command, so that the
+# default run's time buys seeds for the claims.
 
-def saved_comparison(cfg):
-    """The comparison in --out-dir: its compare.json, checked, and the settings it ran with
-    (with this command line's --workers and --device)."""
+def saved_comparison(cfg, command):
+    """The comparison in --out-dir (its compare.json, checked), the settings it ran with (with
+    this command line's --workers and --device), set_up() of them, and the report's heading."""
     path = Path(cfg.out_dir) / "compare.json"
     if not path.is_file():
-        raise plumbing.UserError(f"{path}: no comparison there; run python compare.py first (with the "
-                            f"same --out-dir)")
+        raise plumbing.UserError(f"{path}: no comparison there; run python compare.py first "
+                                 f"(with the same --out-dir)")
     saved = read_json(path, "a comparison of compare.py")
     if not isinstance(saved, dict) or not {"command", "config", "runs", "seeds", "bases",
                                            "tuning"} <= saved.keys():
-        raise plumbing.UserError(f"{path}: not a comparison of compare.py (keys missing); run python "
-                            f"compare.py again with this --out-dir")
-    fields = {f.name for f in dataclasses.fields(CompareConfig)}
-    run_cfg = dataclasses.replace(cfg, **{k: v for k, v in saved["config"].items()
-                                          if k in fields and k not in (
-                                              "workers", "device", "out_dir", "ablations",
-                                              "mechanism")})
+        raise plumbing.UserError(f"{path}: not a comparison of compare.py (keys missing); run "
+                                 f"python compare.py again with this --out-dir")
+    mine = ("workers", "device", "out_dir", "ablations", "mechanism", "lrs_from")  # this line's
+    run_cfg = dataclasses.replace(cfg, **{k: v for k, v in saved["config"].items() if k in {
+        f.name for f in dataclasses.fields(CompareConfig)} - set(mine)})
     run_cfg.lr_grid = tuple(run_cfg.lr_grid)
-    return saved, run_cfg
+    setup = set_up(run_cfg)
+    info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "device_name": plumbing.device_name(setup["device"]),
+            "comparison": saved["command"].strip(), "seeds": saved["seeds"]}
+    return saved, run_cfg, setup, info
+
+
+def write_report(out_dir, stem, record, lines):
+    """<stem>.json and <stem>.md (printed too) in out_dir; their paths."""
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(record, indent=2))
+    paths[1].write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return paths
 
 
 def ablations(cfg, command):
     """Train IFT's ablations on the judged seeds of the comparison in --out-dir; pair each with
     IFT; write ablations.md and ablations.json there."""
     t_start = time.time()
-    saved, run_cfg = saved_comparison(cfg)
-    device, out_dir = ift.start(run_cfg)
-    enc = ift.load_tokenizer(run_cfg.data)
-    data = load_data(run_cfg, enc)
-    recipes, seeds = ablation_recipes(run_cfg.max_steps), saved["seeds"]
-    lr = saved["tuning"]["ift"]["lr"]
-    workers, threads = workers_for(run_cfg, device)
+    saved, run_cfg, setup, info = saved_comparison(cfg, command)
+    recipes, seeds, lr = ablation_recipes(run_cfg.max_steps), info["seeds"], saved["tuning"][
+        "ift"]["lr"]
+    workers, threads = workers_for(run_cfg, setup["device"])
     starts = {(BASE, s): saved["bases"][str(s)]["ckpt"] for s in seeds}
     jobs = jobs_at(recipes, seeds, {"ift": lr}, starts)
     print(f"ablations | {len(recipes)} recipes x {len(seeds)} judged seeds of "
-          f"{out_dir / 'compare.json'} at IFT's lr {lr:.1e} | {at_a_time(workers, threads)}",
-          flush=True)
-    progress = Progress(sum(run_cost(job.recipe) for job in jobs), t_start)
-    with worker_pool(run_cfg, workers, threads, device, out_dir, enc, data) as run:
-        done = run_jobs(run, jobs, progress)
+          f"{setup['out_dir'] / 'compare.json'} at IFT's lr {lr:.1e} | "
+          f"{at_a_time(workers, threads)}", flush=True)
+    plan = {"total": sum(run_cost(job.recipe) for job in jobs), "done": 0.0, "start": t_start}
+    with worker_pool(setup, workers, threads) as run:
+        done = run_jobs(run, jobs, plan)
     ift_runs = {r["seed"]: r for r in saved["runs"] if r["recipe"] == "ift"}
-    runs = [res for job, res in done]
     verdicts = [{"recipe": r.name, **paired(
         [res["test"]["exact_match"] - ift_runs[job.seed]["test"]["exact_match"]
          for job, res in done if job.recipe == r], DELTA["exact_match"])} for r in recipes]
-    info = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "device_name": plumbing.device_name(device), "comparison": saved["command"],
-            "seeds": seeds, "lr": lr, "runtime_seconds": time.time() - t_start}
-    (out_dir / "ablations.json").write_text(json.dumps({**info, "verdicts": verdicts,
-                                                        "runs": runs}, indent=2))
+    info.update(lr=lr, runtime_seconds=time.time() - t_start)
     lines = [f"# IFT's ablations (`{command}`)", "",
              f"On the judged seeds {', '.join(map(str, seeds))} of `{saved['command']}`, each from "
              f"its seed's base at IFT's lr {lr:.1e}; {info['device_name']}, {info['date']}, "
              f"{plumbing.fmt_time(info['runtime_seconds'])}.", "",
              "Paired by seed on test exact match: the ablation minus IFT "
-             f"(delta {DELTA['exact_match']}).", "",
-             "| ablation - ift | per-seed differences | mean ± std | 95% interval (± half-width)"
-             " | verdict | up / down |", "|---|---|---|---|---|---|"]
-    lines += [f"| {v['recipe']} | {paired_cells(v)} |" for v in verdicts]
-    (out_dir / "ablations.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {out_dir / 'ablations.json'}, {out_dir / 'ablations.md'}")
+             f"(delta {DELTA['exact_match']}).", "", *verdicts_table("ablation - ift", verdicts)]
+    paths = write_report(setup["out_dir"], "ablations", {
+        **info, "verdicts": verdicts, "runs": [res for job, res in done]}, lines)
+    print("wrote " + ", ".join(str(p) for p in paths))
 
 
 # -----------------------------------------------------------------------------
 # IFT's mechanism: does a model recover from its own mistakes? (python compare.py --mechanism)
 #
 # The paper's thesis (sec. 3): SFT scores token t only after a ground-truth prefix, so it never
-# learns what to do after a mistake of its own; IFT's temporal residual connection trains the
-# model on its own predictions. We measure it on the checkpoints of a finished comparison, on the
-# families whose correct continuation is fixed by the prompt whatever came before it in the
-# answer (add: the digits of the sum; reverse: the letters). For every test row of them and every
-# answer position m but the last:
-#   clean      greedy accuracy of each later answer token t > m after the ground-truth prefix;
-#   corrupted  the same after the ground-truth prefix with token m replaced by the model's own
-#              likeliest WRONG token there (argmax of its logits without the right token).
-# Both are scored against the ground truth, by distance d = t - m after the mistake. The gap
-# clean - corrupted is what one own mistake costs the tokens after it: the smaller, the better
-# the model recovers. Each recipe's gap is paired with SFT's seed by seed (same base model
-# and batches) as sft gap - recipe gap, so "reproduced" means: recovers better than SFT (DELTA
-# as for exact match). It measures SFT and IFT, and IFT's ablations once --ablations has trained
-# them in the same --out-dir.
+# learns what to do after a mistake of its own; IFT trains on its own predictions. On the test
+# rows of the families whose continuation the prompt fixes (add, reverse), for every answer
+# position m but the last: clean = greedy accuracy of each later token t after the ground-truth
+# prefix; corrupted = the same with token m replaced by the model's likeliest WRONG token there.
+# The gap clean - corrupted, by distance d = t - m, is what one own mistake costs: the smaller,
+# the better the model recovers. Paired with SFT seed by seed as sft gap - recipe gap,
+# "reproduced" means: recovers better than SFT (DELTA as for exact match). It measures SFT, IFT
+# and, once --ablations has trained them in the same --out-dir, the ablations.
 
 MECHANISM_TASKS = ("add", "reverse")
 MAX_DISTANCE = 4  # distances d = 1 .. 4 after the mistake (an add answer: 3-4 digits + eot)
@@ -1177,81 +1234,62 @@ def recovery_counts(model, seqs, device):
     return counts
 
 
+
+
 def mechanism(cfg):
     """Recovery from own mistakes of the SFT and IFT checkpoints of the comparison in --out-dir
     (and the ablations', when trained); writes mechanism.md, mechanism.json and mechanism.png."""
-    saved, run_cfg = saved_comparison(cfg)
-    device, out_dir = ift.start(run_cfg)
-    enc = ift.load_tokenizer(run_cfg.data)
-    test_path = Path(run_cfg.data) / "test.jsonl"
-    test = ift.Split(ift.load_rows(test_path, limit=run_cfg.limit_rows), enc,
-                     run_cfg.block_size, str(test_path))
+    command = shlex.join(["python", "compare.py", "--mechanism", "--out-dir", cfg.out_dir])
+    saved, run_cfg, setup, info = saved_comparison(cfg, command)
+    device, out_dir = setup["device"], setup["out_dir"]
+    test = setup["data"]["test"]
     seqs = [s for s, r in zip(test.chosen, test.rows) if r["task"] in MECHANISM_TASKS]
     if not seqs:
-        raise plumbing.UserError(f"{test_path}: no rows of {', '.join(MECHANISM_TASKS)}")
+        raise plumbing.UserError(f"{run_cfg.data}/test.jsonl: no rows of "
+                                 f"{', '.join(MECHANISM_TASKS)}")
     saved_runs = saved["runs"]
     if (out_dir / "ablations.json").is_file():
         saved_runs = saved_runs + read_json(out_dir / "ablations.json",
                                             "an ablations record of compare.py")["runs"]
     runs = {(r["recipe"], r["seed"]): r for r in saved_runs}
     names = ["sft", "ift"] + [r.name for r in ablation_recipes(1)
-                              if all((r.name, s) in runs for s in saved["seeds"])]
+                              if all((r.name, s) in runs for s in info["seeds"])]
     gaps = {}  # recipe -> per seed: [clean, corrupted, gap] per distance, and pooled (last row)
-    scored = 0  # answer tokens scored per model (the same for every model)
     for name in names:
-        for seed in saved["seeds"]:
+        for seed in info["seeds"]:
             init = dataclasses.replace(run_cfg, init_from=runs[(name, seed)]["ckpt"])
-            model = ift.build_model(init, enc, device).eval()  # checked against the config
+            model = ift.build_model(init, setup["enc"], device).eval()  # checked against config
             c = recovery_counts(model, seqs, device).double()
             c = torch.cat([c, c.sum(0, keepdim=True)])                     # + all distances
-            scored = int(c[-1, 0])
             acc = c[:, 1:] / c[:, :1].clamp(min=1)                         # (D + 1, 2)
             gaps.setdefault(name, []).append(torch.cat([acc, acc[:, :1] - acc[:, 1:]], 1))
     table = {name: torch.stack(per_seed) for name, per_seed in gaps.items()}  # (S, D + 1, 3)
     verdicts = [{"recipe": name, **paired(
         (table["sft"][:, -1, 2] - table[name][:, -1, 2]).tolist(), DELTA["exact_match"])}
         for name in names if name != "sft"]
-    info = {"command": shlex.join(["python", "compare.py", "--mechanism", "--out-dir",
-                                   cfg.out_dir]),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "device_name": plumbing.device_name(device),
-            "comparison": saved["command"].strip(), "seeds": saved["seeds"],
-            "tasks": MECHANISM_TASKS, "rows": len(seqs), "tokens_scored": scored}
-    paths = [out_dir / "mechanism.json", out_dir / "mechanism.md", out_dir / "mechanism.png"]
-    paths[0].write_text(json.dumps({**info, "verdicts": verdicts, "recipes": {
-        name: {"clean": t[:, :, 0].tolist(), "corrupted": t[:, :, 1].tolist(),
-               "gap": t[:, :, 2].tolist()} for name, t in table.items()}}, indent=2))
-    report = mechanism_report(info, table, verdicts)
-    paths[1].write_text(report)
-    plot_mechanism(table, info, paths[2])
-    print(report)
-    print("wrote " + ", ".join(str(p) for p in paths))
+    info.update(tasks=MECHANISM_TASKS, rows=len(seqs), tokens_scored=int(c[-1, 0]))
 
-
-def mechanism_report(info, table, verdicts):
-    """mechanism.md: accuracies and gaps by distance (mean ± std over seeds), then the verdicts."""
     def cell(t, d, k):
         return pm(plumbing.mean_std(t[:, d, k].tolist()))
     dists = [f"d = {d}" for d in range(1, MAX_DISTANCE + 1)] + ["all d"]
     lines = [
-        "# Recovery from one's own mistakes (`" + info["command"] + "`)", "",
+        f"# Recovery from one's own mistakes (`{command}`)", "",
         f"Checkpoints of `{info['comparison']}`, seeds {', '.join(map(str, info['seeds']))}; "
         f"test rows of {' and '.join(info['tasks'])} ({info['rows']} rows, "
         f"{info['tokens_scored']} scored tokens per model); {info['device_name']}, "
         f"{info['date']}.", "",
         "Gap = clean accuracy - accuracy after the model's likeliest mistake d tokens earlier "
         "(mean ± std over seeds; smaller = better recovery):", "",
-        "| recipe | clean, all d | " + " | ".join(f"gap, {d}" for d in dists) + " |",
-        "|---" * (len(dists) + 2) + "|"]
-    for name, t in table.items():
-        lines.append(f"| {name} | {cell(t, -1, 0)} | " + " | ".join(
-            cell(t, d, 2) for d in range(len(dists))) + " |")
-    lines += ["", "Paired by seed: SFT's gap - the recipe's gap (all d); above 0 = recovers "
-              "better than SFT.", "",
-              "| recipe | per-seed differences | mean ± std | 95% interval (± half-width) | "
-              "verdict | up / down |", "|---|---|---|---|---|---|"]
-    for v in verdicts:
-        lines.append(f"| {v['recipe']} | {paired_cells(v)} |")
-    return "\n".join(lines) + "\n"
+        *md_table(["recipe", "clean, all d", *(f"gap, {d}" for d in dists)], [
+            [name, cell(t, -1, 0), *(cell(t, d, 2) for d in range(len(dists)))]
+            for name, t in table.items()]),
+        "", "Paired by seed: SFT's gap - the recipe's gap (all d); above 0 = recovers better "
+        "than SFT.", "", *verdicts_table("recipe", verdicts)]
+    paths = write_report(out_dir, "mechanism", {**info, "verdicts": verdicts, "recipes": {
+        name: {"clean": t[:, :, 0].tolist(), "corrupted": t[:, :, 1].tolist(),
+               "gap": t[:, :, 2].tolist()} for name, t in table.items()}}, lines)
+    plot_mechanism(table, info, out_dir / "mechanism.png")
+    print("wrote " + ", ".join(str(p) for p in paths + [out_dir / "mechanism.png"]))
 
 
 def plot_mechanism(table, info, path):

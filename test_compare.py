@@ -56,6 +56,8 @@ def test_compare_defaults_are_smaller_and_yield_to_flags():
     (["--max-extensions", "6"], "--max-extensions must lie in [0, 5]"),
     (["--ablations", "--mechanism"], "--ablations and --mechanism are two commands"),
     (["--workers", "-1"], "--workers must lie in [0, 64] (0: automatic)"),
+    (["--lrs-from", "out/compare/summary.json"], "would be overwritten by this run"),
+    (["--mechanism", "--lrs-from", "x.json"], "--lrs-from is for the comparison"),
     (["--lam", "1.5"], "--lam must lie in [0, 1]"),
     (["--dpo-beta", "inf"], "argument --dpo-beta: must be a finite number, got inf"),
 ])
@@ -166,10 +168,8 @@ def fake_train_all(grid=("0.5", "1", "2")):
         assert fn is compare.worker_run
         lists.append(list(jobs))
         return map(fake_result, lists[-1])
-    progress = compare.Progress(1e9, 0.0)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(compare.Progress, "report", lambda self, job, res: None)
-        done, table, claim_c = compare.train_all(cfg, run, progress, recipes, list(TUNING), judged)
+    plan = {"total": 1e9, "done": 0.0, "start": 0.0}
+    done, table, claim_c = compare.train_all(cfg, run, plan, recipes, list(TUNING), judged)
     return lists, done, table, claim_c, judged
 
 
@@ -259,6 +259,74 @@ def test_a_side_that_did_not_move_or_moved_backwards_is_flagged():
     assert compare.moved_cell("sft", up) == f"sft +0.110 ± {up['ci95']:.3f}"
     assert compare.moved_cell("dpo", flat).endswith(": did not move**")
     assert compare.moved_cell("dpo", down).endswith(": worse than its start**")
+
+
+FIRST_RUN = HERE / "assets" / "compare_summary.json"
+
+
+def test_lrs_from_trains_no_tuning_run_and_takes_the_summarys_lrs():
+    """With the fake trainer and --lrs-from the committed first run: no tuning seed trains, every
+    judged run takes exactly the summary's lr (claim (c)'s two recipes also its margin lr)."""
+    summary = json.loads(FIRST_RUN.read_text())
+    cfg = compare.parse_config(["--seed", "1343", "--seeds", "2", "--lrs-from", str(FIRST_RUN)])
+    table, claim_c, _ = compare.lrs_from(cfg, FIRST_RUN)
+    c = next(c for c in summary["claims"] if c["claim"] == "c")
+    assert claim_c == (c["recipe"], c["other"])
+    lists = []
+
+    def run(fn, jobs):
+        lists.append(list(jobs))
+        return map(fake_result, lists[-1])
+    recipes, judged = compare.compare_recipes(cfg.max_steps), [1343, 1344]
+    plan = {"total": 1e9, "done": 0.0, "start": 0.0}
+    done, table_out, claim_out = compare.train_all(cfg, run, plan, recipes, [], judged,
+                                                   (table, claim_c))
+    assert table_out is table and claim_out == claim_c
+    jobs = [j for jobs in lists for j in jobs]
+    assert all(j.judged and j.seed in judged for j in jobs)
+    lr = {name: r["lr"] for name, r in summary["recipes"].items()}
+    want = {(r.name, s, lr[r.lr_of or r.name]) for r in recipes for s in judged}
+    want |= {(name, s, summary["recipes"][name]["lr_margin"]) for name in claim_c for s in judged}
+    want |= {(compare.BASE, s, ift.DEFAULT_LR["sft"]) for s in judged}
+    assert {(j.recipe.name, j.seed, j.lr) for j in jobs} == want
+    assert len(jobs) == len(want)  # each once
+
+
+def synthetic_summary(seeds, diffs, verdicts):
+    """A summary.json of two claims (a, c) over seeds: per-seed differences and verdicts given,
+    mean and half-width from paired()."""
+    claims = []
+    for key, metric, ds, word in zip(("a", "c"), ("exact_match", "margin"), diffs, verdicts):
+        p = compare.paired(ds, compare.DELTA[metric])
+        claims.append({"claim": key, "recipe": "ift", "other": "sft", "metric": metric,
+                       "delta": compare.DELTA[metric], **{k: p[k] for k in (
+                           "mean", "ci95", "up", "down", "t")}, "verdict": word})
+    return {"regenerate": "python compare.py", "seeds": seeds, "claims": claims,
+            "per_seed": {str(s): {"claims": {"a": a, "c": c}}
+                         for s, a, c in zip(seeds, *diffs)}}
+
+
+def test_two_summaries_side_by_side_and_in_one_figure(tmp_path):
+    """side_by_side: each run's mean, interval, verdict and abs(mean) / SE, whether the verdict
+    repeated, and the seeds pooled; claims.png draws the earlier run beside."""
+    first = synthetic_summary([1, 2, 3], ([0.01, 0.02, 0.03], [2.0, 3.0, 4.0]),
+                              ["reproduced", "reproduced"])
+    second = synthetic_summary([4, 5], ([-0.01, 0.01], [3.0, 5.0]),
+                               ["inconclusive", "reproduced"])
+    header, delimiter, a, c = compare.side_by_side(first, second)
+    assert "first run (3 seeds, 1-3)" in header and "replication (2 seeds, 4-5)" in header
+    assert "pooled after the fact (5 seeds)" in header and delimiter.count("|") == header.count("|")
+    p = compare.paired([0.01, 0.02, 0.03], 0.02)
+    cells = [x.strip() for x in a.split("|")[1:-1]]
+    assert cells[:4] == ["(a) ift - sft", f"+0.020, [{0.02 - p['ci95']:+.3f}, "
+                         f"{0.02 + p['ci95']:+.3f}]", "**reproduced**", f"{p['t']:.1f}"]
+    assert cells[5] == "**inconclusive**" and cells[7] == "**no**"
+    assert cells[8].startswith("+0.012, [")  # (0.01 + 0.02 + 0.03 - 0.01 + 0.01) / 5
+    assert c.split("|")[8].strip() == "yes" and c.split("|")[2].strip().startswith("+3.00, [")
+    claims = [{**x, "up": 1, "down": 0} for x in second["claims"]]
+    compare.plot_claims(claims, {"seeds": [4, 5], "command": "python compare.py"},
+                        tmp_path / "claims.png", first["claims"])
+    assert (tmp_path / "claims.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # -----------------------------------------------------------------------------
@@ -490,3 +558,88 @@ def test_results_quote_the_committed_summary():
         assert f"**{claim['verdict']}**" in rows[0]
         if claim["metric"] == "exact_match" and claim["claim"] != "b control":
             assert f"{claim['mean']:+.3f}, {interval}" in readme, (claim["claim"], interval)
+
+
+def test_results_set_the_committed_runs_side_by_side():
+    """Every replication summary committed beside the first run's (assets/compare_summary_*.json)
+    has its side-by-side table in RESULTS.md section 1, row for row; and the first run set beside
+    itself repeats its own claims, interval and verdict, with its seeds counted twice."""
+    first = json.loads(FIRST_RUN.read_text())
+    text = (HERE / "RESULTS.md").read_text()
+    section = text[text.index("## 1. "):text.index("## 2. ")]
+    for path in sorted((HERE / "assets").glob("compare_summary_*.json")):
+        later = json.loads(path.read_text())
+        assert later["lrs_from"] == "assets/compare_summary.json" and later["seeds"][0] == 1343
+        assert not set(later["seeds"]) & set(first["seeds"] + first["tuning_seeds"])
+        for row in compare.side_by_side(first, later)[2:]:
+            assert row in section, row
+    rows = compare.side_by_side(first, first)[2:]
+    assert len(rows) == len(first["claims"]) == 6
+    for c, row in zip(first["claims"], rows):
+        places = 2 if c["metric"] == "margin" else 3
+        lo, hi = c["mean"] - c["ci95"], c["mean"] + c["ci95"]
+        cell = f"{c['mean']:+.{places}f}, [{lo:+.{places}f}, {hi:+.{places}f}]"
+        assert row.count(cell) == 2 and row.count(f"**{c['verdict']}**") == 2
+        assert f"| {c['t']:.1f} |" in row and "| yes |" in row
+
+
+def test_lrs_from_a_tiny_run_replicates_it_on_fresh_seeds(tiny, tmp_path):
+    """--lrs-from the tiny run's summary.json, on seeds 1339-1340: no tuning run, every run at
+    the summary's lr, and compare.md and summary.json say where the lrs came from."""
+    source = tiny.out / "summary.json"
+    r = run_cli("--seed", "1339", "--seeds", "2", "--workers", "2", *TINY, "--lrs-from",
+                str(source), "--out-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "0 base models" not in r.stdout and "lrs from" in r.stdout
+    res = json.loads((tmp_path / "compare.json").read_text())
+    assert res["tuning_runs"] == [] and res["tuning_seeds"] == [] and res["seeds"] == [1339, 1340]
+    lrs = {name: t["lr"] for name, t in tiny.res["tuning"].items()}
+    for x in res["runs"]:
+        r_ = next(r for r in compare.compare_recipes(4) if r.name == x["recipe"])
+        assert x["lr"] == lrs[r_.lr_of or r_.name]
+    md = (tmp_path / "compare.md").read_text()
+    assert f"## Learning rates from {source} (not tuned here)" in md
+    assert "## Beside the run the lrs came from" in md
+    small = json.loads((tmp_path / "summary.json").read_text())
+    assert small["lrs_from"] == str(source) and small["recipes"]["dpo"]["grid"] == tiny.res[
+        "tuning"]["dpo"]["grid"]
+    assert json.loads(source.read_text())["seeds"] == list(SEEDS)  # the source is untouched
+
+
+def edited(path, tmp_path, edit):
+    """A copy of the summary.json at path, changed by edit(summary), in tmp_path."""
+    summary = json.loads(path.read_text())
+    edit(summary)
+    (tmp_path / "edited.json").write_text(json.dumps(summary))
+    return str(tmp_path / "edited.json")
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (lambda t: str(FIRST_RUN), ["--n-embd", "32"],
+     "made with other settings: --n-embd 64 (here 32)"),
+    (lambda t: str(FIRST_RUN), ["--max-steps", "800"], "sft 1000 steps (here 800)"),
+    (lambda t: str(FIRST_RUN), ["--lr-grid", "0.5", "1"], "--lr-grid [0.1, 0.33, 1.0] (here "),
+    (lambda t: str(FIRST_RUN), ["--seed", "1337"], "used seeds 1337, 1338"),
+    (lambda t: edited(FIRST_RUN, t, lambda s: s["recipes"].pop("sft then orpo")), [],
+     "from other recipes"),
+    (lambda t: edited(FIRST_RUN, t, lambda s: s["recipes"]["ift"].pop("lr_margin")), [],
+     "a field is missing or malformed (KeyError: 'lr_margin')"),
+    (lambda t: edited(FIRST_RUN, t, lambda s: s.update(regenerate="python ift.py")), [],
+     "regenerate is not a compare.py command"),
+    (lambda t: edited(FIRST_RUN, t, lambda s: s.update(data_sha256={"train": "0"})), [],
+     "data/train.jsonl"),
+    (lambda t: edited(FIRST_RUN, t, lambda s: s.pop("claims")), [], "(missing claims)"),
+    (lambda t: str(t / "none.json"), [], "not a summary.json of compare.py (FileNotFoundError)"),
+    (lambda t: (t / "x.json").write_bytes(b"\xff\xfe{") and str(t / "x.json"), [],
+     "not a summary.json of compare.py (UnicodeDecodeError)"),
+    (lambda t: (t / "x.json").write_text("{") and str(t / "x.json"), [],
+     "not a summary.json of compare.py (JSONDecodeError)"),
+])
+def test_lrs_from_refuses_another_runs_summary_in_one_line(tmp_path, make, args, message):
+    """--lrs-from stops with one line, before training, on a summary from other settings,
+    recipes, seeds or data, or one that is no summary at all."""
+    r = run_cli("--seed", "1343", "--seeds", "2", "--lrs-from", make(tmp_path), *args,
+                "--out-dir", str(tmp_path / "out"), "--device", "cpu")
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
+    assert not (tmp_path / "out" / "base").exists()
