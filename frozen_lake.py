@@ -14,17 +14,16 @@ the learned and the optimal state x action probability matrices, the paper's met
 
 It prints a line per run, a table (mean +- sample std over the seeds), each policy family's
 ranking next to the paper's (DPO > IFT > ORPO > SFT) and whether DPO, ORPO and IFT visit more
-cells than SFT. Into --out-dir: config.json, results.json, results.csv, curves.csv (loss and MSE
-per step), frozen_lake.png and frozen_lake_curves.png; --sweep adds sweep.json, sweep.csv and
-frozen_lake_sweep.png.
+cells than SFT. Into --out-dir: config.json, results.json, frozen_lake.png (the policies) and
+frozen_lake_curves.png (loss and MSE per step); --sweep adds sweep.json and frozen_lake_sweep.png.
 
 Choices made where the paper is silent (the code says "choice N" where it applies one):
  1. Maps: "two-routes" (the default) and "dead-end", drawn above MAPS, or Gymnasium's 4x4 and
     8x8. Deterministic unless --slippery; FrozenLake-v1's dynamics and time limits exactly.
  2. pi* by value iteration, discount 0.95 (shorter routes are better), ties split evenly; the
     MSE is taken over the non-terminal states.
- 3. Data: the shortest route (chosen) and a second one (rejected), searched for, or on dead-end
-    fixed by the design: a walk into a hole, since a route to G cannot be bad move by move.
+ 3. Data: the shortest route to G (chosen) and a second one (rejected, REJECTED_ROUTES), on
+    dead-end a walk into a hole, since a route to G cannot be bad move by move.
  4. --slippery changes pi* and the exact metrics, not the data (the routes' intended moves).
  5. Two policy families: tabular (a logit vector per state) and neural (the paper's two-layer
     net: one-hot state, 64 ReLU units, 4 logits); float64.
@@ -38,7 +37,6 @@ Choices made where the paper is silent (the code says "choice N" where it applie
     0.05 ("visited"), and the MSE on and off the optimal route.
 """
 
-import csv
 import json
 import sys
 import time
@@ -65,7 +63,8 @@ from plumbing import UserError, arg, mean_std, parse_flags, pyplot
 #     F H H H F      column, left to G: 10 moves
 #     F F G F F    Every other path falls into a hole or walks in circles.
 # "dead-end" adds a hole at row 3 col 4, which cuts the right-hand way to G; its rejected route
-# walks along the top and down the right column into that hole (REJECTED_ROUTES, choice 3).
+# walks along the top and down the right column into that hole (choice 3). On Gymnasium's maps
+# the rejected route is the shortest one that starts another way.
 MAPS = {
     "two-routes": ["SFFFF", "FHHHF", "FHHHF", "FHHHF", "FFGFF"],
     "dead-end": ["SFFFF", "FHHHF", "FHHHF", "FHHHH", "FFGFF"],
@@ -74,7 +73,8 @@ MAPS = {
             "FFFHFFFF", "FHHFFFHF", "FHFFHFHF", "FFFHFFFG"],
 }
 TIME_LIMITS = {"two-routes": 100, "dead-end": 100, "4x4": 100, "8x8": 200}  # as Gymnasium's
-REJECTED_ROUTES = {"dead-end": "RRRRDDD"}  # intended moves from S; on other maps, searched for
+REJECTED_ROUTES = {"two-routes": "RRRRDDDDLL", "dead-end": "RRRRDDD", "4x4": "RRDDDR",
+                   "8x8": "RDDDRRRDDRDDRR"}  # intended moves from S
 FAMILIES = ("tabular", "neural")
 METHODS = ("SFT", "DPO", "ORPO", "IFT")
 PAPER_ORDER = ("DPO", "IFT", "ORPO", "SFT")  # the paper's ranking, best (lowest MSE) first
@@ -140,13 +140,10 @@ STEP = {LEFT: (0, -1), DOWN: (1, 0), RIGHT: (0, 1), UP: (-1, 0)}  # (d row, d co
 
 
 class FrozenLake:
-    """FrozenLake-v1 on a map of S / F / H / G rows, with Gymnasium's semantics (choice 1).
-
-    state = row * ncol + col; walls clamp (bumping means staying). Entering G pays 1 and ends the
-    episode, entering H ends it with 0; on H and G every action stays put. On slippery ice the
-    moves (a - 1) % 4, a, (a + 1) % 4 happen with Gymnasium's rates: 1/3 for a, (1 - 1/3) / 2
-    for each slip. K[s, a, s'] = P(s' | s, a) is Gymnasium's P[s][a] summed per next state.
-    """
+    """FrozenLake-v1 on S / F / H / G rows (choice 1): state = row * ncol + col, walls clamp,
+    entering G pays 1 and ends the episode, entering H ends it, on H and G every action stays.
+    Slippery: a with 1/3, (a - 1) % 4 and (a + 1) % 4 with (1 - 1/3) / 2 each, as Gymnasium's.
+    K[s, a, s'] = P(s' | s, a) is Gymnasium's P[s][a] summed per next state."""
 
     def __init__(self, desc, slippery=False, max_episode_steps=100):
         self.desc = list(desc)
@@ -158,8 +155,7 @@ class FrozenLake:
         self.p0 = np.eye(self.n_states)[self.start]  # (S,) the start distribution
         self.terminal = np.array([c in "GH" for c in letters])  # (S,) bool
         self.goal = np.array([c == "G" for c in letters])  # (S,) bool
-        p_intended = 1.0 / 3.0
-        p_slip = (1.0 - p_intended) / 2.0
+        p_intended, p_slip = 1.0 / 3.0, (1.0 - 1.0 / 3.0) / 2.0
         self.K = np.zeros((self.n_states, self.n_actions, self.n_states))  # (S, A, S)
         for s, a in product(range(self.n_states), range(self.n_actions)):
             if self.terminal[s]:
@@ -199,11 +195,8 @@ def value_iteration(env, discount, tol=1e-12, max_iters=100_000):
     C = env.K * live[:, None, None] * live[None, None, :]  # (S, A, S)
     V = np.zeros(env.n_states)  # (S,)
     for _ in range(max_iters):
-        Q = R + discount * C @ V  # (S, A)
-        V_new = Q.max(axis=1)
-        converged = np.abs(V_new - V).max() < tol
-        V = V_new
-        if converged:
+        V, V_old = (R + discount * C @ V).max(axis=1), V  # Q (S, A) -> V (S,)
+        if np.abs(V - V_old).max() < tol:
             break
     return V, R + discount * C @ V
 
@@ -250,54 +243,35 @@ class Route:
     actions: list  # a_0 .. a_{T-1}: the intended moves
 
 
-def shortest_route(env, start, banned=()):
-    """The shortest path of intended moves from `start` to G, or None: breadth-first, never into
-    a hole, a banned state or a wall; ties go to the lower action index."""
-    queue, seen = deque([Route([start], [])]), {start}
+def shortest_route(env):
+    """The shortest path of intended moves from the start to G, or None: breadth-first, never
+    into a hole; ties go to the lower action index."""
+    queue, seen = deque([Route([env.start], [])]), {env.start}
     while queue:
         route = queue.popleft()
         if env.letter(route.states[-1]) == "G":
             return route
         for a in range(env.n_actions):
             nxt = env.move(route.states[-1], a)
-            if nxt not in seen and nxt not in banned and env.letter(nxt) != "H":
+            if nxt not in seen and env.letter(nxt) != "H":
                 seen.add(nxt)
                 queue.append(Route(route.states + [nxt], route.actions + [a]))
     return None
 
 
-# Why a route to the goal cannot be bad move by move. On a deterministic grid every move changes
-# the distance to G (in moves, around the holes) by one, or by zero when it bumps into a wall, and
-# pi* takes exactly the moves that shorten it. A route of T moves from S to G without wall bumps
-# makes up the start's distance d(S) with a moves that shorten and b that lengthen it: a + b = T
-# and a - b = d(S), so it disagrees with pi* on b = (T - d(S)) / 2 of its moves, fewer than half
-# (two-routes: T = 10, d(S) = 6, b = 2). A route that pi* rejects on most moves must end
-# elsewhere: on dead-end, in a hole (REJECTED_ROUTES).
-def two_routes(env, rejected_moves=None):
-    """(optimal, sub-optimal) routes from the start; UserError if either is missing. The second
-    walks rejected_moves if given, else it is the shortest route whose first move differs and
-    which never comes back to the start (on 4x4 and 8x8 it can be just as short)."""
-    best = shortest_route(env, env.start)
+# Why dead-end: on a deterministic grid pi* takes exactly the moves that shorten the distance to
+# G, so a route of T moves from S to G disagrees with it on (T - d(S)) / 2 of them, fewer than
+# half (two-routes: T = 10, d(S) = 6: 2). A route pi* rejects move by move must end in a hole.
+def two_routes(env, rejected_moves):
+    """(optimal, sub-optimal) routes: the shortest route to G, and the walk of rejected_moves."""
+    best = shortest_route(env)
     if best is None:
         raise UserError("--map: the goal cannot be reached from the start; pick another map "
                         "or open a way through its holes in MAPS")
-    if rejected_moves is not None:
-        walked = Route([env.start], [ACTION_LETTERS.index(m) for m in rejected_moves])
-        for a in walked.actions:
-            walked.states.append(env.move(walked.states[-1], a))
-        return best, walked
-    second = None
-    for a in range(env.n_actions):
-        first = env.move(env.start, a)
-        if a == best.actions[0] or first == env.start or env.letter(first) == "H":
-            continue
-        rest = shortest_route(env, first, banned={env.start})
-        if rest is not None and (second is None or len(rest.actions) + 1 < len(second.actions)):
-            second = Route([env.start] + rest.states, [a] + rest.actions)
-    if second is None:
-        raise UserError("--map: the map has no second route from the start to the goal; "
-                        "pick another map or give it a rejected route in REJECTED_ROUTES")
-    return best, second
+    walked = Route([env.start], [ACTION_LETTERS.index(m) for m in rejected_moves])
+    for a in walked.actions:
+        walked.states.append(env.move(walked.states[-1], a))
+    return best, walked
 
 
 def route_return(route, discount, env):
@@ -321,34 +295,23 @@ def make_policy(family, n_states, hidden):
                          nn.Linear(hidden, 4, dtype=torch.float64))
 
 
-def one_hot(states, n_states):
-    return F.one_hot(states, n_states).to(torch.float64)  # (..., S)
-
-
 def policy_matrix(policy, n_states):
     """pi(a|s) for every state, as a numpy (S, A) matrix."""
     with torch.no_grad():
         return torch.softmax(policy(torch.eye(n_states, dtype=torch.float64)), dim=-1).numpy()
 
 
-@dataclass
 class Demonstrations:
-    chosen_states: torch.Tensor  # (1, Tc) long: s*_0 .. s*_{Tc-1}, where the actions are taken
-    chosen_actions: torch.Tensor  # (1, Tc) long: a*_0 .. a*_{Tc-1}
-    rejected_states: torch.Tensor  # (1, Tr) long: the sub-optimal route's
-    rejected_actions: torch.Tensor  # (1, Tr) long
-    move_table: torch.Tensor  # (S, A) long: the state each intended move leads to
-    n_states: int
+    """The two routes as (states where the moves are made, moves), (1, T) long tensors each;
+    move_table (S, A): the state each intended move leads to; x (S, S): row s, the one-hot x(s)
+    that the policies read (choice 5)."""
 
-
-def make_demonstrations(env, chosen, rejected):
-    def row(values):
-        return torch.tensor([values], dtype=torch.long)  # (1, T)
-
-    moves = [[env.move(s, a) for a in range(env.n_actions)] for s in range(env.n_states)]
-    return Demonstrations(row(chosen.states[:-1]), row(chosen.actions),
-                          row(rejected.states[:-1]), row(rejected.actions),
-                          torch.tensor(moves, dtype=torch.long), env.n_states)
+    def __init__(self, env, chosen, rejected):
+        self.chosen, self.rejected = [(torch.tensor([r.states[:-1]]), torch.tensor([r.actions]))
+                                      for r in (chosen, rejected)]
+        self.move_table = torch.tensor([[env.move(s, a) for a in range(env.n_actions)]
+                                        for s in range(env.n_states)])
+        self.x = torch.eye(env.n_states, dtype=torch.float64)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -365,88 +328,67 @@ def step_logps(policy, inputs, actions):
 
 
 def route_logps(policy, demos):
-    """Summed log-probs of both whole routes, log pi(route) = sum_t log pi(a_t | s_t)."""
-    def summed(states, actions):
-        return step_logps(policy, one_hot(states, demos.n_states), actions).sum(dim=-1)  # (B,)
-
-    return (summed(demos.chosen_states, demos.chosen_actions),
-            summed(demos.rejected_states, demos.rejected_actions))  # (1,), (1,)
+    """log pi(route) = sum_t log pi(a_t | s_t) of the chosen and the rejected route: (1,), (1,)."""
+    return tuple(step_logps(policy, demos.x[states], actions).sum(dim=-1)
+                 for states, actions in (demos.chosen, demos.rejected))
 
 
 def sft_route_loss(policy, demos, ref, cfg):
     """SFT: the mean NLL of the optimal route's actions given its true states (teacher forcing)."""
-    inputs = one_hot(demos.chosen_states, demos.n_states)  # (1, T, S)
-    logps = step_logps(policy, inputs, demos.chosen_actions)  # (1, T)
+    states, actions = demos.chosen  # (1, T) each
+    logps = step_logps(policy, demos.x[states], actions)  # (1, T)
     return -logps.mean(dim=-1).mean()  # mean over steps, then over trajectories
 
 
 def dpo_route_loss(policy, demos, ref, cfg):
-    """DPO, chosen = the optimal route, rejected = the sub-optimal one (the paper's section 3).
-
-    h = [log pi(chosen) - log pi_ref(chosen)] - [log pi(rejected) - log pi_ref(rejected)] with
-    log-probs summed over the moves; loss = -log sigmoid(beta * h), computed by ift.dpo_loss.
-    A move shared by both routes (same state, same action) cancels out of h. ref: the starting
-    policy's route log-probs, computed once (choice 6).
-    """
-    policy_chosen_logps, policy_rejected_logps = route_logps(policy, demos)  # (1,), (1,)
-    ref_chosen_logps, ref_rejected_logps = ref
-    loss, _ = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                       ref_rejected_logps, beta=cfg.dpo_beta)
+    """DPO, chosen = the optimal route, rejected = the other (the paper's section 3): ift.dpo_loss
+    on the routes' summed log-probs. A move both routes make cancels out. ref: the starting
+    policy's route log-probs, computed once (choice 6)."""
+    loss, _ = dpo_loss(*route_logps(policy, demos), *ref, beta=cfg.dpo_beta)
     return loss
 
 
 def orpo_route_loss(policy, demos, ref, cfg):
-    """ORPO: SFT on the optimal route - beta * log sigmoid(log odds(chosen) - log odds(rejected)).
-
-    odds(y) = p / (1 - p), p = exp(mean log-prob per move) of the route; ift.orpo_loss computes
-    it from the summed log-probs and the route lengths (the paper's section 3). No reference.
-    """
-    policy_chosen_logps, policy_rejected_logps = route_logps(policy, demos)  # (1,), (1,)
-    chosen_lengths = torch.tensor([demos.chosen_actions.shape[1]], dtype=torch.float64)  # (1,)
-    rejected_lengths = torch.tensor([demos.rejected_actions.shape[1]], dtype=torch.float64)
-    loss, _ = orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths,
-                        rejected_lengths, beta=cfg.orpo_beta)
+    """ORPO: SFT on the optimal route - beta * log sigmoid(log odds(chosen) - log odds(rejected)),
+    odds(y) = p / (1 - p) with p = exp(mean log-prob per move): ift.orpo_loss. No reference."""
+    lengths = [torch.tensor([actions.shape[1]], dtype=torch.float64)  # (1,) each
+               for _, actions in (demos.chosen, demos.rejected)]
+    loss, _ = orpo_loss(*route_logps(policy, demos), *lengths, beta=cfg.orpo_beta)
     return loss
 
 
-# IFT at the trajectory level (the paper's Algorithm 1, eq. 17 and eq. 21; ift.py derives them).
-# The analogy: token = action a_t; the context after t tokens = the state s_t; the token's
-# embedding = the policy's input, the one-hot x(s) (the neural policy's first layer W1 x(s) is an
-# embedding lookup; the tabular policy is the linear map W x(s)). On the optimal route,
-#  1. Inference one step ahead (Algorithm 1 step 1), without gradient: the greedy action at
-#     every true state, ahat_t = argmax_a pi(a | x(s*_t)).
-#  2. Temporal residual connection (eq. 17): the model's "intuition" of state t is the state
-#     its greedy action from s*_{t-1} would reach, shat_t = move(s*_{t-1}, ahat_{t-1}) (the
-#     intended move, also on slippery ice). It is mixed into the input of step t:
-#         x_t = (1 - lam) * x(s*_t) + lam * x(shat_t)     for t >= 1,
-#         x_0 = x(s*_0)                                   (the "prompt" stays unchanged).
-#     lam = 0 is teacher forcing, i.e. SFT's inputs. The mix goes through the live weights
-#     (mixing one-hot inputs = mixing rows of the first layer), not through a frozen copy of the
-#     embedding table as in the official code: for the tabular policy that table is the policy.
-#  3. Step losses against the demonstrated actions, with gradient: l_t = -log pi(a*_t | x_t).
-#  4. Relation propagation (eq. 21 as Algorithm 1 and the official code compute it; the code is
-#     in ift.relation_weights): with N moves, c_t = l_t / N, S_t = sum_{j>=t} gamma^(j-t) c_j,
-#     w_t = S_t * N / sum_k S_k; loss = (1/N) sum_t l_t w_t. Early moves, whose mistakes lead
-#     everything after them astray, weigh more. gamma = 0 gives w_t = 1: with lam = 0, SFT.
-# In code: x(s) -> one_hot, ahat -> greedy, shat -> reached, x_t -> inputs, l_t -> step_losses,
-# w_t -> weights.
+# IFT at the trajectory level (the paper's Algorithm 1, eq. 17 and eq. 21; ift.py derives them):
+# token = action a_t, the context after t tokens = the state s_t, the token's embedding = the
+# policy's input x(s), one-hot (the neural policy's W1 x(s) is an embedding lookup). On the
+# optimal route:
+#  1. Inference one step ahead, without gradient: the greedy ahat_t = argmax_a pi(a | x(s*_t)).
+#  2. Temporal residual connection (eq. 17): the "intuition" of state t is where the greedy move
+#     from s*_{t-1} leads (the intended move, also on slippery ice), shat_t, mixed in as
+#         x_t = (1 - lam) * x(s*_t) + lam * x(shat_t) for t >= 1;  x_0 = x(s*_0), the "prompt".
+#     The mix goes through the live weights, not a frozen copy of the embedding table as in the
+#     official code: for the tabular policy that table is the policy.
+#  3. Step losses with gradient: l_t = -log pi(a*_t | x_t).
+#  4. Relation propagation (eq. 21, ift.relation_weights): with N moves, c_t = l_t / N,
+#     S_t = sum_{j>=t} gamma^(j-t) c_j, w_t = S_t * N / sum_k S_k; loss = (1/N) sum_t l_t w_t.
+#     Early moves weigh more. gamma = 0 gives w_t = 1, and with lam = 0 too, SFT.
 
 
 def ift_inputs(policy, demos, lam):
     """Steps 1 and 2: the optimal route's inputs with the policy's own predictions mixed in."""
-    true_inputs = one_hot(demos.chosen_states, demos.n_states)  # (1, T, S) x(s*_t)
+    states, _ = demos.chosen  # (1, T)
+    true_inputs = demos.x[states]  # (1, T, S) x(s*_t)
     with torch.no_grad():  # the greedy pass only picks states; no gradient flows through it
         greedy = policy(true_inputs).argmax(dim=-1)  # (1, T) ahat_t
-    reached = demos.move_table[demos.chosen_states[:, :-1], greedy[:, :-1]]  # (1, T-1) shat_1..
+    reached = demos.move_table[states[:, :-1], greedy[:, :-1]]  # (1, T-1) shat_1 ..
     inputs = true_inputs.clone()  # (1, T, S)
-    inputs[:, 1:] = (1 - lam) * true_inputs[:, 1:] + lam * one_hot(reached, demos.n_states)
+    inputs[:, 1:] = (1 - lam) * true_inputs[:, 1:] + lam * demos.x[reached]
     return inputs
 
 
 def ift_route_loss(policy, demos, ref, cfg):
     """Steps 3 and 4: relation-weighted NLL of the optimal route on the mixed inputs."""
     inputs = ift_inputs(policy, demos, cfg.lam)  # (1, T, S)
-    step_losses = -step_logps(policy, inputs, demos.chosen_actions)  # (1, T) l_t
+    step_losses = -step_logps(policy, inputs, demos.chosen[1])  # (1, T) l_t
     mask = torch.ones_like(step_losses, dtype=torch.bool)  # (1, T) every move is an answer token
     weights = relation_weights(step_losses, mask, cfg.gamma, detach=cfg.detach_weights)  # (1, T)
     n_moves = mask.sum(dim=-1)  # (1,) N
@@ -494,13 +436,12 @@ def run_experiment(cfg, env, demos, pi_star, on_route):
     """Every (family, seed, method): train, then measure exactly (choice 9) the MSE on all
     non-terminal states, on the optimal route's and on the others', P(goal) and the visit
     probabilities, with actions sampled from the learned pi within the time limit."""
-    runs, curves = [], []
+    runs, curves = [], {}
     live = ~env.terminal  # (S,) bool
     for family, seed, method in product(FAMILIES, range(cfg.seeds), ("start",) + METHODS):
         t0 = time.time()
         policy, curve = train(family, seed, method, cfg, env, demos, pi_star)
-        curves += [{"family": family, "method": method, "seed": seed, "step": step,
-                    "loss": loss, "mse": mse} for step, loss, mse in curve]
+        curves.setdefault((family, method), []).append(curve)
         pi = policy_matrix(policy, env.n_states)  # (S, A)
         visits = visit_probabilities(env, pi, env.max_episode_steps)  # (S,)
         visited = [int(s) for s in np.flatnonzero(visits >= cfg.visit_threshold)]
@@ -533,27 +474,25 @@ def summarize(runs):
 def report(summary, cfg):
     """Print the table, then per family the ranking by mean MSE and which of PAPER_EXPLORERS
     visit more cells than SFT on average (choice 9), next to the paper's claims."""
-    def cell(entry, key, digits):
-        return f"{entry[key]['mean']:.{digits}f} ± {entry[key]['std']:.{digits}f}"
-
+    columns = {"mse": ("MSE (all)", 4), "mse_route": ("MSE (opt. route)", 4),
+               "mse_other": ("MSE (elsewhere)", 4), "goal_prob": ("P(goal)", 3),
+               "n_visited": ("visited states", 1)}
     print(f"\nresults, mean ± sample std over {cfg.seeds} seed(s) (MSE to pi*: lower is "
           f"better; visited: cells entered with probability >= {cfg.visit_threshold}):")
-    print(f"{'policy':8s} {'method':6s} | {'MSE (all)':15s} | {'MSE (opt. route)':16s} | "
-          f"{'MSE (elsewhere)':15s} | {'P(goal)':13s} | visited states")
+    print(f"{'policy':8s} {'method':6s} | " + " | ".join(f"{h:16s}" for h, _ in columns.values()))
     for key, entry in summary.items():
         family, method = key.split("/")
-        print(f"{family:8s} {method:6s} | {cell(entry, 'mse', 4):15s} | "
-              f"{cell(entry, 'mse_route', 4):16s} | {cell(entry, 'mse_other', 4):15s} | "
-              f"{cell(entry, 'goal_prob', 3):13s} | {cell(entry, 'n_visited', 1)}")
+        print(f"{family:8s} {method:6s} | " + " | ".join(
+            f"{entry[k]['mean']:.{d}f} ± {entry[k]['std']:.{d}f}".ljust(16)
+            for k, (_, d) in columns.items()))
     rankings, explorers = {}, {}
     for family in FAMILIES:
-        order = sorted(METHODS, key=lambda m: summary[f"{family}/{m}"]["mse"]["mean"])
-        rankings[family] = order
-        verdict = "matches" if tuple(order) == PAPER_ORDER else "does NOT match"
-        scores = " < ".join(f"{m} {summary[f'{family}/{m}']['mse']['mean']:.4f}" for m in order)
+        mse = {m: summary[f"{family}/{m}"]["mse"]["mean"] for m in METHODS}
+        rankings[family] = sorted(METHODS, key=mse.get)
+        verdict = "matches" if tuple(rankings[family]) == PAPER_ORDER else "does NOT match"
+        scores = " < ".join(f"{m} {mse[m]:.4f}" for m in rankings[family])
         print(f"{family} ranking by MSE: {scores}  -> {verdict} the paper's "
               f"{' > '.join(PAPER_ORDER)}")
-    for family in FAMILIES:
         visited = {m: summary[f"{family}/{m}"]["n_visited"]["mean"] for m in METHODS}
         more = [m for m in PAPER_EXPLORERS if visited[m] > visited["SFT"]]
         holds = len(more) == len(PAPER_EXPLORERS)
@@ -567,15 +506,13 @@ def report(summary, cfg):
 
 # -----------------------------------------------------------------------------------------------
 # Sensitivity sweep (--sweep)
-# Choosing each method's lr by the MSE reported here would tune on the test metric (there is no
-# validation set), so the sweep chooses nothing. It reruns the comparison at every point of a
-# small grid, with the main run's seeds and starting policies, and reports, per policy family:
-#  (a) the ranking at each lr, every method at that lr (as in the main run);
-#  (b) each method's best MSE anywhere on the grid: an "oracle", chosen on the reported metric
-#      itself, so a bound on what tuning could buy, not a result;
-#  (c) at how many grid points (lr, DPO beta, ORPO beta) the paper's order holds.
-# SFT and IFT have no beta, so one run of theirs per lr serves every (DPO beta, ORPO beta) pair.
-# In code: a row is one (family, method, lr, beta), with beta None for SFT and IFT.
+# Choosing each method's lr by the reported MSE would tune on the test metric (there is no
+# validation set), so the sweep chooses nothing. It reruns the comparison at every (lr, beta)
+# with the main run's seeds and starting policies, and reports per family: (a) the ranking at
+# each lr; (b) each method's best MSE anywhere, an "oracle" chosen on the metric itself, a bound
+# on what tuning could buy, not a result; (c) at how many grid points (lr, DPO beta, ORPO beta)
+# the paper's order holds. A row is one (family, method, lr, beta), beta None for SFT and IFT:
+# one run of theirs per lr serves every (DPO beta, ORPO beta) pair.
 
 
 def sweep_variants(cfg):
@@ -588,8 +525,9 @@ def variant_label(method, beta):
     return method if beta is None else f"{method}(beta {beta:g})"
 
 
-def run_sweep(cfg, env, demos, pi_star):
-    """Final MSE of every (family, method, lr, beta) on every seed; one line per row."""
+def sweep(cfg, env, demos, pi_star):
+    """Train every (family, method, lr, beta) on every seed (a line per row), print the table,
+    then (b) and (c) per family; returns the rows and, per family, (a), (b) and (c)."""
     rows = []
     for family, lr, (method, beta) in product(FAMILIES, cfg.sweep_lrs, sweep_variants(cfg)):
         t0 = time.time()
@@ -602,11 +540,6 @@ def run_sweep(cfg, env, demos, pi_star):
                      "mse_mean": mean, "mse_std": std, "mse_seeds": mses})
         print(f"sweep | {family:7s} | lr {lr:<5g} | {variant_label(method, beta):16s} | "
               f"MSE {mean:.4f} ± {std:.4f} | {time.time() - t0:.1f}s")
-    return rows
-
-
-def sweep_report(rows, cfg):
-    """Print the table, then (a), (b) and (c) for each family; returns them for sweep.json."""
     print(f"\nsweep: MSE to pi* after {cfg.steps} steps, mean ± sample std over {cfg.seeds} "
           f"seed(s) (main run: lr {cfg.lr:g}, DPO beta {cfg.dpo_beta:g}, ORPO beta "
           f"{cfg.orpo_beta:g})")
@@ -621,18 +554,14 @@ def sweep_report(rows, cfg):
         mine = sorted((r for r in rows if r["family"] == family), key=lambda r: r["mse_mean"])
         at_lr = {f"{lr:g}": [[variant_label(r["method"], r["beta"]), r["mse_mean"]]
                              for r in mine if r["lr"] == lr] for lr in cfg.sweep_lrs}  # (a)
-        for lr, order in at_lr.items():
-            print(f"sweep {family} ranking at lr {lr}: "
-                  + " < ".join(f"{label} {mse:.4f}" for label, mse in order))
         oracle = [next(r for r in mine if r["method"] == m) for m in METHODS]  # (b)
         oracle.sort(key=lambda r: r["mse_mean"])
         verdict = ("matches" if tuple(r["method"] for r in oracle) == PAPER_ORDER
                    else "does NOT match")
-        print(f"sweep {family} oracle (each method's best grid point, CHOSEN ON THE REPORTED MSE; "
-              f"reference only): " + " < ".join(
-                  f"{r['method']} {r['mse_mean']:.4f} (lr {r['lr']:g}"
-                  + ("" if r["beta"] is None else f", beta {r['beta']:g}") + ")" for r in oracle)
-              + f"  -> {verdict} the paper's order")
+        best = " < ".join(f"{variant_label(r['method'], r['beta'])} {r['mse_mean']:.4f} at lr "
+                          f"{r['lr']:g}" for r in oracle)
+        print(f"sweep {family} oracle, each method's best grid point (CHOSEN ON THE REPORTED MSE, "
+              f"a reference only): {best} -> {verdict} the paper's order")
         mse = {(r["method"], r["lr"], r["beta"]): r["mse_mean"] for r in mine}
         grid = list(product(cfg.sweep_lrs, cfg.sweep_dpo_betas, cfg.sweep_orpo_betas))
         holds = []  # (c) the grid points where the paper's order holds
@@ -647,7 +576,7 @@ def sweep_report(rows, cfg):
                   f"ORPO beta {h['orpo_beta']:g}")
         verdicts[family] = {"ranking_at_lr": at_lr, "oracle": oracle,
                             "paper_order_holds_at": holds, "grid_points": len(grid)}
-    return verdicts
+    return rows, verdicts
 
 
 # -----------------------------------------------------------------------------------------------
@@ -656,122 +585,104 @@ def sweep_report(rows, cfg):
 METHOD_COLORS = {"SFT": "tab:gray", "DPO": "tab:blue", "ORPO": "tab:purple", "IFT": "tab:red"}
 
 
-def write_json(path, content):
-    path.write_text(json.dumps(content, indent=1))
-    print("wrote", path)
-
-
-def write_csv(path, rows):
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print("wrote", path)
-
-
-def save_figure(fig, path):
-    fig.savefig(path, dpi=100)
-    pyplot().close(fig)
+def save(path, content):
+    """Write a dict as JSON, or a figure as a PNG, and say so."""
+    if isinstance(content, dict):
+        path.write_text(json.dumps(content, indent=1))
+    else:
+        content.savefig(path, dpi=100)
+        pyplot().close(content)
     print("wrote", path)
 
 
 def draw_policy(ax, env, pi, visits, title, cmap, routes=()):
-    """The map (holes dark, goal gold, cells shaded by visit probability), pi's arrows, routes."""
-    image = np.zeros((env.nrow, env.ncol, 3))  # (rows, cols, RGB)
-    for s in range(env.n_states):
-        color = {"H": (0.2, 0.22, 0.3), "G": (1.0, 0.8, 0.2)}.get(env.letter(s))
-        image[s // env.ncol, s % env.ncol] = color or cmap(visits[s])[:3]
-    ax.imshow(image, extent=(-0.5, env.ncol - 0.5, env.nrow - 0.5, -0.5))
+    """The map (cells shaded by visit probability, holes dark, the goal gold), pi's arrows, and
+    the routes, given as (line style, route) pairs."""
+    image = cmap(visits.reshape(env.nrow, env.ncol))[..., :3]  # (rows, cols, RGB)
+    letters = np.array([list(row) for row in env.desc])  # (rows, cols)
+    image[letters == "H"], image[letters == "G"] = (0.2, 0.22, 0.3), (1.0, 0.8, 0.2)
+    ax.imshow(image)
     for k in range(1, max(env.nrow, env.ncol)):  # thin white lines between the cells
         ax.axhline(k - 0.5, color="white", lw=0.8)
         ax.axvline(k - 0.5, color="white", lw=0.8)
     for offset, (style, route) in zip((0.3, -0.3), routes):  # off-centre, clear of the arrows
-        cols = [s % env.ncol + offset for s in route.states]
-        rows = [s // env.ncol + offset for s in route.states]
-        ax.plot(cols, rows, lw=2.5, alpha=0.85, solid_capstyle="round", **style)
+        rows, cols = np.divmod(route.states, env.ncol)
+        ax.plot(cols + offset, rows + offset, lw=2.5, alpha=0.85, **style)
     arrows = [(s, a) for s in np.flatnonzero(~env.terminal) for a in range(env.n_actions)
               if pi[s, a] > 0.03]  # shorter arrows would be dots
     ax.quiver([s % env.ncol for s, a in arrows], [s // env.ncol for s, a in arrows],
               [0.45 * pi[s, a] * STEP[a][1] for s, a in arrows],
               [0.45 * pi[s, a] * STEP[a][0] for s, a in arrows],
               angles="xy", scale_units="xy", scale=1, width=0.018, color="black")
-    for s in np.flatnonzero([env.letter(s) in "SG" for s in range(env.n_states)]):
-        ax.text(s % env.ncol - 0.42, s // env.ncol - 0.42, env.letter(s), ha="left", va="top",
-                fontsize=9, fontweight="bold")
+    for row, col in zip(*np.nonzero(np.isin(letters, ["S", "G"]))):
+        ax.text(col - 0.42, row - 0.42, letters[row, col], va="top", fontweight="bold")
     ax.set_title(title, fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
 
 
 def plot_policies(path, env, routes, pi_star, runs, summary, cfg):
     """The map per policy family: pi*, the starting policy and each method's learned policy."""
     plt = pyplot()
     from matplotlib.colors import LinearSegmentedColormap, Normalize
-    visit_cmap = LinearSegmentedColormap.from_list("visits", ["white", "#6baed6"])
-    columns = ("pi*", "start") + METHODS
-    fig, axes = plt.subplots(len(FAMILIES), len(columns), squeeze=False, layout="constrained",
-                             figsize=(2.2 * len(columns) + 1.0, 2.5 * len(FAMILIES) + 0.8))
+    cmap = LinearSegmentedColormap.from_list("visits", ["white", "#6baed6"])
+    methods = ("start",) + METHODS
+    fig, axes = plt.subplots(len(FAMILIES), 1 + len(methods), layout="constrained",
+                             figsize=(2.2 * len(methods) + 3.2, 2.5 * len(FAMILIES) + 0.8))
     styles = (dict(color="tab:green", label="optimal route (chosen)"),
               dict(color="tab:orange", ls="--", label="sub-optimal route (rejected)"))
     star_visits = visit_probabilities(env, pi_star, env.max_episode_steps)
-    for (row, family), (col, method) in product(enumerate(FAMILIES), enumerate(columns)):
-        ax = axes[row, col]
-        if method == "pi*":
-            draw_policy(ax, env, pi_star, star_visits, "optimal policy pi*\n(value iteration)",
-                        visit_cmap, zip(styles, routes))
-            ax.set_ylabel(f"{family} policy", fontsize=11)
-            continue
-        group = [r for r in runs if r["family"] == family and r["method"] == method]
-        mse = summary[f"{family}/{method}"]["mse"]
-        draw_policy(ax, env, np.mean([r["pi"] for r in group], axis=0),
-                    np.mean([r["visits"] for r in group], axis=0),
-                    f"{method}\nMSE {mse['mean']:.4f} ± {mse['std']:.4f}", visit_cmap)
-    handles = [line for line in axes[0, 0].get_lines() if line.get_label()[0] != "_"]
-    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=9, frameon=False)
-    fig.colorbar(plt.cm.ScalarMappable(Normalize(0, 1), visit_cmap),
-                 ax=axes, shrink=0.6, pad=0.01, label="P(cell entered within the time limit)")
-    dynamics = "slippery" if cfg.slippery else "deterministic"
-    fig.suptitle(f"Frozen Lake '{cfg.map}' ({dynamics}): arrows = pi(a|s), mean over {cfg.seeds} "
-                 f"seed(s); MSE to pi* over the non-terminal cells (lower is better)\n"
-                 f"shading: P(cell entered within the time limit); dark = hole", fontsize=11)
-    save_figure(fig, path)
+    for row, family in enumerate(FAMILIES):
+        draw_policy(axes[row, 0], env, pi_star, star_visits,
+                    "optimal policy pi*\n(value iteration)", cmap, zip(styles, routes))
+        axes[row, 0].set_ylabel(f"{family} policy", fontsize=11)
+        for ax, method in zip(axes[row, 1:], methods):
+            group = [r for r in runs if r["family"] == family and r["method"] == method]
+            mse = summary[f"{family}/{method}"]["mse"]
+            draw_policy(ax, env, np.mean([r["pi"] for r in group], axis=0),
+                        np.mean([r["visits"] for r in group], axis=0),
+                        f"{method}\nMSE {mse['mean']:.4f} ± {mse['std']:.4f}", cmap)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncol=2,
+               frameon=False)
+    fig.colorbar(plt.cm.ScalarMappable(Normalize(0, 1), cmap), ax=axes, shrink=0.6, pad=0.01,
+                 label="P(cell entered within the time limit)")
+    fig.suptitle(f"Frozen Lake '{cfg.map}' ({'slippery' if cfg.slippery else 'deterministic'}): "
+                 f"arrows = pi(a|s), mean over {cfg.seeds} seed(s); MSE to pi* over the non-"
+                 f"terminal cells (lower is better)\nshading: P(cell entered within the time "
+                 f"limit); dark = hole", fontsize=11)
+    save(path, fig)
 
 
 def plot_curves(path, curves, cfg):
-    """MSE to pi* (top, mean +- sample std) and the training loss (bottom, each seed) vs step."""
-    fig, axes = pyplot().subplots(2, len(FAMILIES), figsize=(11, 7), sharex=True, squeeze=False)
-    steps = np.arange(cfg.steps + 1)
+    """MSE to pi* (top, mean +- sample std) and the training loss (bottom, each seed) vs step;
+    curves[family, method] holds each seed's [(step, loss, MSE)], as train returns it."""
+    fig, axes = pyplot().subplots(2, len(FAMILIES), figsize=(11, 7), sharex=True)
     for col, family in enumerate(FAMILIES):
-        for method in METHODS:  # curves run seed by seed, step 0 .. cfg.steps within a seed
-            rows = [c for c in curves if c["family"] == family and c["method"] == method]
-            mse = np.array([c["mse"] for c in rows]).reshape(cfg.seeds, -1)  # (seeds, steps+1)
-            loss = np.array([c["loss"] for c in rows]).reshape(cfg.seeds, -1)  # (seeds, steps+1)
-            mean, std = mean_std(mse)  # (steps+1,) each
+        for method in METHODS:
+            steps, loss, mse = np.array(curves[family, method]).T  # (steps+1, seeds) each
+            mean, std = mean_std(mse.T)  # (steps+1,) each
             color = METHOD_COLORS[method]
-            axes[0, col].plot(steps, mean, color=color, label=method)
-            axes[0, col].fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+            axes[0, col].plot(steps[:, 0], mean, color=color, label=method)
+            axes[0, col].fill_between(steps[:, 0], mean - std, mean + std, color=color, alpha=0.2)
             # losses fall over orders of magnitude: one thin line per seed on a log scale
-            axes[1, col].plot(steps, loss.T, color=color, lw=0.8, alpha=0.7)
-        axes[0, col].set_title(f"{family} policy")
-        axes[0, col].set_ylabel("MSE to pi* (non-terminal cells)")
-        axes[1, col].set_ylabel("training loss (each method's own)")
-        axes[1, col].set_yscale("log")
-        axes[1, col].set_xlabel("optimiser step")
+            axes[1, col].plot(steps, loss, color=color, lw=0.8, alpha=0.7)
+        axes[0, col].set(title=f"{family} policy", ylabel="MSE to pi* (non-terminal cells)")
         axes[0, col].legend()
+        axes[1, col].set(ylabel="training loss (each method's own)", yscale="log",
+                         xlabel="optimiser step")
     fig.suptitle(f"Frozen Lake '{cfg.map}': {cfg.seeds} seed(s), Adam lr {cfg.lr} for all methods")
     fig.tight_layout()
-    save_figure(fig, path)
+    save(path, fig)
 
 
 def plot_sweep(path, rows, start_mse, cfg):
     """MSE vs lr per method and beta (mean, error bar = sample std), a panel per family."""
     variants = sweep_variants(cfg)
-    fig, axes = pyplot().subplots(1, len(FAMILIES), figsize=(11, 4.6), squeeze=False)
-    for ax, family in zip(axes[0], FAMILIES):
+    fig, axes = pyplot().subplots(1, len(FAMILIES), figsize=(11, 4.6))
+    for ax, family in zip(axes, FAMILIES):
         for k, (method, beta) in enumerate(variants):
             group = [r for r in rows
                      if (r["family"], r["method"], r["beta"]) == (family, method, beta)]
-            nth_beta = [b for m, b in variants if m == method].index(beta)
+            nth_beta = k - [m for m, _ in variants].index(method)  # its line style
             dodge = 1.04 ** (k - (len(variants) - 1) / 2)  # shift sideways: bars do not overlap
             ax.errorbar([r["lr"] * dodge for r in group], [r["mse_mean"] for r in group],
                         yerr=[r["mse_std"] for r in group], color=METHOD_COLORS[method],
@@ -780,18 +691,16 @@ def plot_sweep(path, rows, start_mse, cfg):
         ax.axhline(start_mse[family], color="black", ls=":", lw=1, label="start (untrained)")
         ax.axvline(cfg.lr, color="0.6", lw=6, alpha=0.3, zorder=0,
                    label=f"main run's lr ({cfg.lr:g})")
-        ax.set_xscale("log")
+        ax.set(xscale="log", title=f"{family} policy", xlabel="Adam learning rate (every method)",
+               ylabel="MSE to pi* after training (lower is better)")
         ax.set_xticks(list(cfg.sweep_lrs), [f"{lr:g}" for lr in cfg.sweep_lrs])
         ax.minorticks_off()
-        ax.set_title(f"{family} policy")
-        ax.set_xlabel("Adam learning rate (every method)")
-        ax.set_ylabel("MSE to pi* after training (lower is better)")
         ax.grid(axis="y", alpha=0.3)
-    axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"Frozen Lake '{cfg.map}': sensitivity to lr and beta, {cfg.steps} steps, "
                  f"mean ± sample std over {cfg.seeds} seed(s)")
     fig.tight_layout()
-    save_figure(fig, path)
+    save(path, fig)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -810,7 +719,7 @@ def experiment(cfg):
     print("config:", json.dumps(asdict(cfg)))
     torch.set_num_threads(1)  # tiny tensors: nothing to share out; other programs keep a core
     env = make_env(cfg)
-    chosen, rejected = two_routes(env, REJECTED_ROUTES.get(cfg.map))
+    chosen, rejected = two_routes(env, REJECTED_ROUTES[cfg.map])
     V, Q = value_iteration(env, cfg.discount)  # (S,), (S, A)
     pi_star = optimal_policy_matrix(Q)  # (S, A)
     print(f"map {cfg.map} ({env.nrow}x{env.ncol}, "
@@ -830,28 +739,19 @@ def experiment(cfg):
     print(f"V*(start) = {V[env.start]:.4f}; optimal P(goal) within the time limit = "
           f"{goal_probability(env, pi_star, env.max_episode_steps):.3f}")
 
-    demos = make_demonstrations(env, chosen, rejected)
+    demos = Demonstrations(env, chosen, rejected)
     on_route = np.isin(np.arange(env.n_states), chosen.states)  # (S,) bool
     runs, curves = run_experiment(cfg, env, demos, pi_star, on_route)
     summary = summarize(runs)
     rankings, explorers = report(summary, cfg)
-    write_json(out / "results.json", {
-        "config": asdict(cfg),
-        "map": env.desc,
+    save(out / "results.json", {
+        "config": asdict(cfg), "map": env.desc,
         "routes": {name: {**asdict(route), "return": route_return(route, cfg.discount, env)}
                    for name, route in (("optimal", chosen), ("suboptimal", rejected))},
-        "optimal_value_at_start": float(V[env.start]),
-        "pi_star": pi_star.tolist(),
-        "summary": summary,
-        "ranking": rankings,
-        "paper_order": list(PAPER_ORDER),
+        "optimal_value_at_start": float(V[env.start]), "pi_star": pi_star.tolist(),
+        "summary": summary, "ranking": rankings, "paper_order": list(PAPER_ORDER),
         "visits_verdict": explorers,
-        "runs": [{**r, "pi": r["pi"].tolist(), "visits": r["visits"].tolist()} for r in runs],
-    })
-    write_csv(out / "results.csv", [{k: (" ".join(map(str, v)) if k == "visited" else v)
-                                     for k, v in r.items() if k not in ("pi", "visits")}
-                                    for r in runs])
-    write_csv(out / "curves.csv", curves)
+        "runs": [{**r, "pi": r["pi"].tolist(), "visits": r["visits"].tolist()} for r in runs]})
     plot_policies(out / "frozen_lake.png", env, (chosen, rejected), pi_star, runs, summary, cfg)
     plot_curves(out / "frozen_lake_curves.png", curves, cfg)
     if not cfg.sweep:
@@ -859,15 +759,11 @@ def experiment(cfg):
 
     print(f"\nsweep over lr {list(cfg.sweep_lrs)}, DPO beta {list(cfg.sweep_dpo_betas)}, "
           f"ORPO beta {list(cfg.sweep_orpo_betas)}; {cfg.seeds} seed(s), {cfg.steps} steps each")
-    t0 = time.time()
-    rows = run_sweep(cfg, env, demos, pi_star)
-    write_json(out / "sweep.json", {"config": asdict(cfg), "paper_order": list(PAPER_ORDER),
-                                    "rows": rows, "verdicts": sweep_report(rows, cfg)})
-    write_csv(out / "sweep.csv", [{**r, "mse_seeds": " ".join(map(str, r["mse_seeds"]))}
-                                  for r in rows])
+    rows, verdicts = sweep(cfg, env, demos, pi_star)
+    save(out / "sweep.json", {"config": asdict(cfg), "paper_order": list(PAPER_ORDER),
+                              "rows": rows, "verdicts": verdicts})
     start_mse = {family: summary[f"{family}/start"]["mse"]["mean"] for family in FAMILIES}
     plot_sweep(out / "frozen_lake_sweep.png", rows, start_mse, cfg)
-    print(f"sweep done in {time.time() - t0:.1f}s")
 
 
 def main(argv=None):

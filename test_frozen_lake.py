@@ -82,9 +82,9 @@ def experiment(map_name):
     """A map's experiment as frozen_lake builds it: config, env, routes, pi*, demonstrations."""
     cfg = fl.Config(map=map_name)
     env = fl.make_env(cfg)
-    chosen, rejected = fl.two_routes(env, fl.REJECTED_ROUTES.get(map_name))
+    chosen, rejected = fl.two_routes(env, fl.REJECTED_ROUTES[map_name])
     _, Q = fl.value_iteration(env, cfg.discount)
-    demos = fl.make_demonstrations(env, chosen, rejected)
+    demos = fl.Demonstrations(env, chosen, rejected)
     return cfg, env, chosen, rejected, fl.optimal_policy_matrix(Q), demos
 
 
@@ -272,7 +272,7 @@ def test_routes_to_the_goal_disagree_with_pi_star_on_fewer_than_half():
     env = fl.FrozenLake(fl.MAPS["4x4"])
     _, Q = fl.value_iteration(env, discount=0.95)
     pi_star = fl.optimal_policy_matrix(Q)
-    d_start = len(fl.shortest_route(env, env.start).actions)
+    d_start = len(fl.shortest_route(env).actions)
     routes = all_simple_routes(env, env.start, [env.start])
     assert len(routes) > 2
     for states in routes:
@@ -282,11 +282,11 @@ def test_routes_to_the_goal_disagree_with_pi_star_on_fewer_than_half():
         assert disagreements(route, pi_star) == (len(actions) - d_start) / 2
 
 
-def test_searched_second_routes_on_gymnasiums_maps():
-    """4x4 and 8x8: the second route starts with another move, reaches G, never revisits S."""
+def test_rejected_routes_on_gymnasiums_maps():
+    """4x4 and 8x8: the rejected route starts with another move, reaches G, never revisits S."""
     for map_name, length in (("4x4", 6), ("8x8", 14)):
         env = fl.FrozenLake(fl.MAPS[map_name])
-        best, second = fl.two_routes(env)
+        best, second = fl.two_routes(env, fl.REJECTED_ROUTES[map_name])
         assert len(best.actions) == length == len(second.actions)  # here just as short
         assert second.actions[0] != best.actions[0] and env.letter(second.states[-1]) == "G"
         assert env.start not in second.states[1:]
@@ -446,11 +446,11 @@ def test_report_ranks_by_mse_and_needs_all_three_explorers_above_sft():
 
 
 def test_sweep_rows_report_the_sample_std(setup):
-    """run_sweep: each row's mse_std is statistics.stdev of its per-seed MSEs (2 seeds)."""
+    """sweep: each row's mse_std is statistics.stdev of its per-seed MSEs (2 seeds)."""
     cfg, env, chosen, rejected, pi_star, demos = setup
     cfg = dataclasses.replace(cfg, seeds=2, steps=3, sweep_lrs=(0.05,), sweep_dpo_betas=(0.1,),
                               sweep_orpo_betas=(0.25,))
-    rows = fl.run_sweep(cfg, env, demos, pi_star)
+    rows, _ = fl.sweep(cfg, env, demos, pi_star)
     assert len(rows) == len(fl.FAMILIES) * len(fl.METHODS)
     for row in rows:
         assert row["mse_mean"] == pytest.approx(statistics.mean(row["mse_seeds"]), rel=1e-12)
@@ -470,8 +470,7 @@ def test_end_to_end_command_line(tmp_path):
     """A tiny real run writes every output file; its table lists every family and method."""
     result = run_cli("--seeds", "1", "--steps", "5", "--out-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    for name in ("config.json", "results.json", "results.csv", "curves.csv", "frozen_lake.png",
-                 "frozen_lake_curves.png"):
+    for name in ("config.json", "results.json", "frozen_lake.png", "frozen_lake_curves.png"):
         assert (tmp_path / name).stat().st_size > 0
         if name != "config.json":
             assert f"wrote {tmp_path / name}" in result.stdout
@@ -485,8 +484,6 @@ def test_end_to_end_command_line(tmp_path):
     assert len(results["runs"]) == len(fl.FAMILIES) * (1 + len(fl.METHODS))
     assert set(results["ranking"]["tabular"]) == set(fl.METHODS)
     assert results["optimal_value_at_start"] == pytest.approx(0.95**5)
-    curves = (tmp_path / "curves.csv").read_text().splitlines()
-    assert len(curves) == 1 + len(fl.FAMILIES) * len(fl.METHODS) * 6  # header + steps 0..5
 
 
 def test_end_to_end_dead_end_map(tmp_path):
@@ -513,18 +510,16 @@ def test_sweep_command_line(tmp_path):
     result = run_cli("--seeds", "1", "--steps", "5", "--sweep", "--sweep-lrs", "0.05", "0.2",
                      "--out-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    for name in ("sweep.json", "sweep.csv", "frozen_lake_sweep.png"):
+    for name in ("sweep.json", "frozen_lake_sweep.png"):
         assert (tmp_path / name).stat().st_size > 0
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
     n_variants = 2 + 2 + 2  # SFT, IFT, DPO at betas 0.1 and 0.5, ORPO at 0.25 and 1.0
-    rows = (tmp_path / "sweep.csv").read_text().splitlines()
-    assert len(rows) == 1 + len(fl.FAMILIES) * 2 * n_variants  # header + family x lr x variant
+    assert len(sweep["rows"]) == len(fl.FAMILIES) * 2 * n_variants  # family x lr x variant
     for family in fl.FAMILIES:
-        for lr in ("0.05", "0.2"):
-            assert f"sweep {family} ranking at lr {lr}: " in result.stdout
-        assert f"sweep {family} oracle (" in result.stdout
+        assert list(sweep["verdicts"][family]["ranking_at_lr"]) == ["0.05", "0.2"]
+        assert f"sweep {family} oracle, " in result.stdout
         assert f"sweep {family} paper's order DPO > IFT > ORPO > SFT holds at " in result.stdout
     assert result.stdout.count(" of 8 grid points (") == len(fl.FAMILIES)  # 2 lrs x 2 x 2 betas
-    sweep = json.loads((tmp_path / "sweep.json").read_text())
     main = json.loads((tmp_path / "results.json").read_text())["summary"]
     beta = {"SFT": None, "DPO": 0.1, "ORPO": 0.25, "IFT": None}  # the main run's betas
     same = [r for r in sweep["rows"] if r["lr"] == 0.05 and r["beta"] == beta[r["method"]]]
@@ -612,22 +607,20 @@ def test_unwritable_out_dir_is_a_user_error_with_status_1():
                      "pass a folder you can write to"]
 
 
-def test_map_without_two_routes_is_a_user_error():
-    """two_routes raises plumbing.UserError, naming the fix, for no route or no second route to G."""
+def test_map_without_a_route_is_a_user_error():
+    """two_routes raises plumbing.UserError, naming the fix, when no route reaches G."""
     with pytest.raises(plumbing.UserError, match="goal cannot be reached from the start"):
-        fl.two_routes(fl.FrozenLake(["SHG"]))
-    with pytest.raises(plumbing.UserError, match="no second route .* REJECTED_ROUTES"):
-        fl.two_routes(fl.FrozenLake(["SFG"]))  # every other first move bumps into a wall
+        fl.two_routes(fl.FrozenLake(["SHG"]), "RR")
 
 
 def test_main_prints_a_user_error_as_one_line(tmp_path, monkeypatch):
     """main() ends a UserError with sys.exit('error: ...'): one line on stderr, status 1."""
-    monkeypatch.setitem(fl.MAPS, "two-routes", ["SFG"])  # a map with a single route
+    monkeypatch.setitem(fl.MAPS, "two-routes", ["SHG"])  # a hole between S and G
     with pytest.raises(SystemExit) as exit_info:
         fl.main(["--out-dir", str(tmp_path)])
     message = exit_info.value.code  # sys.exit(str) prints it to stderr and exits with status 1
     assert isinstance(message, str) and message.startswith("error: --map: ")
-    assert "\n" not in message and "no second route" in message
+    assert "\n" not in message and "goal cannot be reached" in message
 
 
 def test_importing_leaves_matplotlib_alone_and_the_losses_keep_their_own_names():
