@@ -83,8 +83,7 @@ PAPER_EXPLORERS = ("DPO", "ORPO", "IFT")  # the paper: they "explore more grids"
 
 @dataclass
 class Config:
-    map: str = arg("two-routes", "map: the experiment's two designs, or Gymnasium's",
-                   choices=list(MAPS))
+    map: str = arg("two-routes", "the experiment's two designs, or Gymnasium's", choices=list(MAPS))
     slippery: bool = arg(False, "slippery ice: intended or either perpendicular move, 1/3 each")
     seeds: int = arg(5, "number of seeds 0..seeds-1; a seed fixes the policies' starting weights")
     steps: int = arg(300, "optimiser steps per run (every method, both policy families)")
@@ -94,8 +93,7 @@ class Config:
     detach_weights: bool = arg(False, "IFT: constant relation weights (the official code: not)")
     dpo_beta: float = arg(0.1, "DPO: beta, the inverse temperature of the preference")
     orpo_beta: float = arg(0.25, "ORPO: beta, the weight of the odds-ratio term")
-    discount: float = arg(0.95, "value iteration: discount in [0.7, 1), < 1 so shorter routes "
-                          "are better")
+    discount: float = arg(0.95, "value iteration: discount, < 1 so shorter routes are better")
     hidden: int = arg(64, "neural policy: width of its hidden layer")
     visit_threshold: float = arg(0.05, "a cell counts as visited if entered with this probability")
     sweep: bool = arg(False, "after the main run, rerun it at every --sweep-* grid point")
@@ -111,12 +109,11 @@ MOST = {"seeds": 100, "steps": 100_000, "hidden": 4096}  # bounds that only catc
 def config_problem(cfg):
     """The first problem with a config, in one line, or None if it is fine. Each test reads
     "not (inside)", so a nan fails it too (parse_flags already refuses nan and inf)."""
-    rules = [("lam", "lie in [0, 1]", lambda x: 0.0 <= x <= 1.0),
-             ("gamma", "lie in [0, 1]", lambda x: 0.0 <= x <= 1.0),
-             ("visit_threshold", "lie in (0, 1]", lambda x: 0.0 < x <= 1.0),
-             # lower, moves of unequal value far from G fall within pi*'s tie tolerance on
-             # slippery 8x8, and pi* would split between them (RESULTS.md section 6)
-             ("discount", "lie in [0.7, 1)", lambda x: 0.7 <= x < 1.0)]
+    rules = [(name, "lie in [0, 1]", lambda x: 0.0 <= x <= 1.0) for name in ("lam", "gamma")]
+    rules += [("visit_threshold", "lie in (0, 1]", lambda x: 0.0 < x <= 1.0),
+              # lower, moves of unequal value far from G fall within pi*'s tie tolerance on
+              # slippery 8x8, and pi* would split between them (RESULTS.md section 6)
+              ("discount", "lie in [0.7, 1)", lambda x: 0.7 <= x < 1.0)]
     rules += [(name, "be > 0", lambda x: x > 0.0) for name in ("dpo_beta", "orpo_beta", "lr")]
     for name in ("sweep_lrs", "sweep_dpo_betas", "sweep_orpo_betas"):
         rules += [(name, "all be > 0", lambda xs: all(x > 0.0 for x in xs)),
@@ -187,9 +184,7 @@ def make_env(cfg):
 
 def value_iteration(env, discount, tol=1e-12, max_iters=100_000):
     """V*(s) and Q*(s, a): Q(s, a) = R(s, a) + discount * sum_s' C(s, a, s') V(s'), V = max_a Q,
-    with R the chance of entering G and C that of moving on to a non-terminal state. discount 1
-    gives the best success probability; k backups from V = 0 (tol 0, max_iters k), the best
-    within k steps."""
+    R the chance of entering G, C that of moving on to a non-terminal state (choice 2)."""
     live = ~env.terminal  # (S,) bool
     R = env.K[:, :, env.goal].sum(axis=-1) * live[:, None]  # (S, A)
     C = env.K * live[:, None, None] * live[None, None, :]  # (S, A, S)
@@ -243,35 +238,27 @@ class Route:
     actions: list  # a_0 .. a_{T-1}: the intended moves
 
 
-def shortest_route(env):
-    """The shortest path of intended moves from the start to G, or None: breadth-first, never
-    into a hole; ties go to the lower action index."""
+# Why dead-end: on a deterministic grid pi* takes exactly the moves that shorten the distance to
+# G, so a route of T moves from S to G disagrees with it on (T - d(S)) / 2 of them, fewer than
+# half (two-routes: T = 10, d(S) = 6: 2). A route pi* rejects move by move must end in a hole.
+def two_routes(env, rejected_moves):
+    """(optimal, sub-optimal) routes: the shortest route to G, by a breadth-first search around
+    the holes (ties go to the lower action index), and the walk of rejected_moves."""
     queue, seen = deque([Route([env.start], [])]), {env.start}
-    while queue:
+    while queue and env.letter(queue[0].states[-1]) != "G":
         route = queue.popleft()
-        if env.letter(route.states[-1]) == "G":
-            return route
         for a in range(env.n_actions):
             nxt = env.move(route.states[-1], a)
             if nxt not in seen and env.letter(nxt) != "H":
                 seen.add(nxt)
                 queue.append(Route(route.states + [nxt], route.actions + [a]))
-    return None
-
-
-# Why dead-end: on a deterministic grid pi* takes exactly the moves that shorten the distance to
-# G, so a route of T moves from S to G disagrees with it on (T - d(S)) / 2 of them, fewer than
-# half (two-routes: T = 10, d(S) = 6: 2). A route pi* rejects move by move must end in a hole.
-def two_routes(env, rejected_moves):
-    """(optimal, sub-optimal) routes: the shortest route to G, and the walk of rejected_moves."""
-    best = shortest_route(env)
-    if best is None:
+    if not queue:
         raise UserError("--map: the goal cannot be reached from the start; pick another map "
                         "or open a way through its holes in MAPS")
     walked = Route([env.start], [ACTION_LETTERS.index(m) for m in rejected_moves])
     for a in walked.actions:
         walked.states.append(env.move(walked.states[-1], a))
-    return best, walked
+    return queue[0], walked
 
 
 def route_return(route, discount, env):
@@ -322,8 +309,7 @@ class Demonstrations:
 
 def step_logps(policy, inputs, actions):
     """log pi(a_t | x_t) of the given actions at every step: the helper all four losses use."""
-    logits = policy(inputs)  # (B, T, A)
-    logps = F.log_softmax(logits, dim=-1)  # (B, T, A)
+    logps = F.log_softmax(policy(inputs), dim=-1)  # (B, T, A)
     return logps.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (B, T)
 
 
@@ -391,8 +377,7 @@ def ift_route_loss(policy, demos, ref, cfg):
     step_losses = -step_logps(policy, inputs, demos.chosen[1])  # (1, T) l_t
     mask = torch.ones_like(step_losses, dtype=torch.bool)  # (1, T) every move is an answer token
     weights = relation_weights(step_losses, mask, cfg.gamma, detach=cfg.detach_weights)  # (1, T)
-    n_moves = mask.sum(dim=-1)  # (1,) N
-    return ((step_losses * weights).sum(dim=-1) / n_moves).mean()
+    return ((step_losses * weights).sum(dim=-1) / mask.sum(dim=-1)).mean()  # / N
 
 
 LOSSES = {"SFT": sft_route_loss, "DPO": dpo_route_loss, "ORPO": orpo_route_loss,
@@ -460,23 +445,18 @@ def run_experiment(cfg, env, demos, pi_star, on_route):
     return runs, curves
 
 
-def summarize(runs):
-    """Mean and sample std over seeds (mean_std) of every number, per (family, method)."""
+def report(runs, cfg):
+    """Mean and sample std over the seeds of every number per (family, method), printed as a
+    table; then per family the ranking by mean MSE and which of PAPER_EXPLORERS visit more cells
+    than SFT on average (choice 9), next to the paper's claims. Returns all three."""
+    columns = {"mse": ("MSE (all)", 4), "mse_route": ("MSE (opt. route)", 4),
+               "mse_other": ("MSE (elsewhere)", 4), "goal_prob": ("P(goal)", 3),
+               "n_visited": ("visited states", 1)}
     summary = {}
     for family, method in product(FAMILIES, ("start",) + METHODS):
         group = [r for r in runs if r["family"] == family and r["method"] == method]
         summary[f"{family}/{method}"] = {
-            key: dict(zip(("mean", "std"), mean_std([r[key] for r in group])))
-            for key in ("mse", "mse_route", "mse_other", "goal_prob", "n_visited")}
-    return summary
-
-
-def report(summary, cfg):
-    """Print the table, then per family the ranking by mean MSE and which of PAPER_EXPLORERS
-    visit more cells than SFT on average (choice 9), next to the paper's claims."""
-    columns = {"mse": ("MSE (all)", 4), "mse_route": ("MSE (opt. route)", 4),
-               "mse_other": ("MSE (elsewhere)", 4), "goal_prob": ("P(goal)", 3),
-               "n_visited": ("visited states", 1)}
+            key: dict(zip(("mean", "std"), mean_std([r[key] for r in group]))) for key in columns}
     print(f"\nresults, mean ± sample std over {cfg.seeds} seed(s) (MSE to pi*: lower is "
           f"better; visited: cells entered with probability >= {cfg.visit_threshold}):")
     print(f"{'policy':8s} {'method':6s} | " + " | ".join(f"{h:16s}" for h, _ in columns.values()))
@@ -501,7 +481,7 @@ def report(summary, cfg):
         print(f"{family} visited cells: {counts} vs SFT {visited['SFT']:.1f} -> more than "
               f"SFT: {', '.join(more) or 'none'} -> the paper's '{', '.join(PAPER_EXPLORERS)} "
               f"explore more than SFT' {'holds' if holds else 'does NOT hold'}")
-    return rankings, explorers
+    return summary, rankings, explorers
 
 
 # -----------------------------------------------------------------------------------------------
@@ -730,20 +710,17 @@ def experiment(cfg):
     # on slippery ice pi* may disagree with the demonstrated moves (choice 4): say on how many
     for name, route in (("optimal route (chosen)", chosen), ("sub-optimal (rejected)", rejected)):
         agree = sum(pi_star[s, a] > 0 for s, a in zip(route.states, route.actions))
-        cells = " ".join(f"({s // env.ncol},{s % env.ncol})" for s in route.states)
-        hole = " = a hole" if env.letter(route.states[-1]) == "H" else ""
         moves = "".join(ACTION_LETTERS[a] for a in route.actions)
-        print(f"{name:23s}: {len(route.actions)} moves {moves}: {cells}{hole}\n{'':25s}return "
-              f"{route_return(route, cfg.discount, env):.4f}; pi* takes {agree} of its "
-              f"{len(route.actions)} moves")
+        end = "into a hole" if env.letter(route.states[-1]) == "H" else "to G"
+        print(f"{name:23s}: {len(route.actions)} moves {moves} {end}, return "
+              f"{route_return(route, cfg.discount, env):.4f}; pi* takes {agree} of them")
     print(f"V*(start) = {V[env.start]:.4f}; optimal P(goal) within the time limit = "
           f"{goal_probability(env, pi_star, env.max_episode_steps):.3f}")
 
     demos = Demonstrations(env, chosen, rejected)
     on_route = np.isin(np.arange(env.n_states), chosen.states)  # (S,) bool
     runs, curves = run_experiment(cfg, env, demos, pi_star, on_route)
-    summary = summarize(runs)
-    rankings, explorers = report(summary, cfg)
+    summary, rankings, explorers = report(runs, cfg)
     save(out / "results.json", {
         "config": asdict(cfg), "map": env.desc,
         "routes": {name: {**asdict(route), "return": route_return(route, cfg.discount, env)}
@@ -756,9 +733,6 @@ def experiment(cfg):
     plot_curves(out / "frozen_lake_curves.png", curves, cfg)
     if not cfg.sweep:
         return
-
-    print(f"\nsweep over lr {list(cfg.sweep_lrs)}, DPO beta {list(cfg.sweep_dpo_betas)}, "
-          f"ORPO beta {list(cfg.sweep_orpo_betas)}; {cfg.seeds} seed(s), {cfg.steps} steps each")
     rows, verdicts = sweep(cfg, env, demos, pi_star)
     save(out / "sweep.json", {"config": asdict(cfg), "paper_order": list(PAPER_ORDER),
                               "rows": rows, "verdicts": verdicts})

@@ -272,7 +272,7 @@ def test_routes_to_the_goal_disagree_with_pi_star_on_fewer_than_half():
     env = fl.FrozenLake(fl.MAPS["4x4"])
     _, Q = fl.value_iteration(env, discount=0.95)
     pi_star = fl.optimal_policy_matrix(Q)
-    d_start = len(fl.shortest_route(env).actions)
+    d_start = len(fl.two_routes(env, "")[0].actions)
     routes = all_simple_routes(env, env.start, [env.start])
     assert len(routes) > 2
     for states in routes:
@@ -413,33 +413,35 @@ def test_every_method_starts_from_the_seeds_weights_and_dpo_from_its_reference(s
 
 
 def fake_runs(values_per_seed):
-    """Runs as run_experiment returns them, every number of seed k set to values_per_seed[k]."""
+    """Runs as run_experiment returns them (the numbers only), seed k's all values_per_seed[k]."""
     keys = ("mse", "mse_route", "mse_other", "goal_prob", "n_visited")
     return [{"family": family, "method": method, "seed": seed, **{key: value for key in keys}}
             for family in fl.FAMILIES for method in ("start",) + fl.METHODS
             for seed, value in enumerate(values_per_seed)]
 
 
-def test_summarize_reports_the_sample_std():
-    """summarize: mean and std equal statistics.mean and statistics.stdev (ddof 1) over seeds."""
+def test_report_gives_the_sample_std():
+    """report: mean and std equal statistics.mean and statistics.stdev (ddof 1) over seeds."""
     values = [0.1, 0.25, 0.3, 0.7, 0.2]
-    for entry in fl.summarize(fake_runs(values)).values():
+    for entry in fl.report(fake_runs(values), fl.Config())[0].values():
         for key in ("mse", "mse_route", "mse_other", "goal_prob", "n_visited"):
             assert entry[key]["mean"] == pytest.approx(statistics.mean(values), rel=1e-12)
             assert entry[key]["std"] == pytest.approx(statistics.stdev(values), rel=1e-12)
-    for entry in fl.summarize(fake_runs([0.4])).values():  # one seed: std 0.0, not nan
+    for entry in fl.report(fake_runs([0.4]), fl.Config())[0].values():  # one seed: std 0.0
         assert all(v == {"mean": 0.4, "std": 0.0} for v in entry.values())
 
 
 def test_report_ranks_by_mse_and_needs_all_three_explorers_above_sft():
     """report: ranking by mean MSE; the visits claim holds only if DPO, ORPO and IFT beat SFT."""
-    summary = fl.summarize(fake_runs([0.5]))
-    for m, mse, visited in zip(fl.METHODS, (0.3, 0.1, 0.4, 0.2), (7.0, 9.2, 7.0, 7.2)):
-        summary[f"tabular/{m}"]["mse"]["mean"] = mse  # METHODS: SFT, DPO, ORPO, IFT
-        summary[f"tabular/{m}"]["n_visited"]["mean"] = visited
-    for m, visited in zip(fl.METHODS, (7.0, 8.0, 7.4, 7.2)):
-        summary[f"neural/{m}"]["n_visited"]["mean"] = visited
-    rankings, explorers = fl.report(summary, fl.Config())
+    mse = dict(zip(fl.METHODS, (0.3, 0.1, 0.4, 0.2)))  # METHODS: SFT, DPO, ORPO, IFT
+    visited = {"tabular": dict(zip(fl.METHODS, (7.0, 9.2, 7.0, 7.2))),
+               "neural": dict(zip(fl.METHODS, (7.0, 8.0, 7.4, 7.2)))}
+    runs = fake_runs([0.5])
+    for run in runs:
+        if run["method"] != "start":
+            run["n_visited"] = visited[run["family"]][run["method"]]
+            run["mse"] = mse[run["method"]] if run["family"] == "tabular" else 0.5
+    _, rankings, explorers = fl.report(runs, fl.Config())
     assert rankings["tabular"] == ["DPO", "IFT", "SFT", "ORPO"]
     assert explorers["tabular"]["more_than_sft"] == ["DPO", "IFT"]
     assert not explorers["tabular"]["holds"] and explorers["neural"]["holds"]
@@ -491,9 +493,8 @@ def test_end_to_end_dead_end_map(tmp_path):
     result = run_cli("--map", "dead-end", "--seeds", "1", "--steps", "5",
                      "--out-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "sub-optimal (rejected) : 7 moves RRRRDDD:" in result.stdout
-    assert "(3,4) = a hole" in result.stdout
-    assert "return 0.0000; pi* takes 0 of its 7 moves" in result.stdout
+    assert ("sub-optimal (rejected) : 7 moves RRRRDDD into a hole, return 0.0000; pi* takes 0 of "
+            "them") in result.stdout
     for family in fl.FAMILIES:
         assert f"{family} ranking by MSE:" in result.stdout
         assert f"{family} visited cells: DPO " in result.stdout
