@@ -57,14 +57,11 @@ from plumbing import UserError, arg, mean_std, parse_flags, pyplot
 # Config
 
 # The experiment's own map, "two-routes" (choice 1): S start, F frozen, H hole, G goal.
-#     S F F F F    optimal route (the SFT / IFT data, DPO / ORPO chosen): down the left column,
-#     F H H H F      right along the bottom to G: 6 moves
-#     F H H H F    sub-optimal route (DPO / ORPO rejected): right along the top, down the right
-#     F H H H F      column, left to G: 10 moves
-#     F F G F F    Every other path falls into a hole or walks in circles.
-# "dead-end" adds a hole at row 3 col 4, which cuts the right-hand way to G; its rejected route
-# walks along the top and down the right column into that hole (choice 3). On Gymnasium's maps
-# the rejected route is the shortest one that starts another way.
+#     S F F F F    optimal route (SFT / IFT data, DPO / ORPO chosen): down, then right to G,
+#     F H H H F      6 moves; sub-optimal (DPO / ORPO rejected): right, down, left to G, 10.
+#     F H H H F    Every other path falls into a hole or walks in circles.
+#     F H H H F    "dead-end" adds a hole at row 3 col 4; its rejected route walks into it
+#     F F G F F      (choice 3). On Gymnasium's maps: the shortest route that starts otherwise.
 MAPS = {
     "two-routes": ["SFFFF", "FHHHF", "FHHHF", "FHHHF", "FFGFF"],
     "dead-end": ["SFFFF", "FHHHF", "FHHHF", "FHHHH", "FFGFF"],
@@ -289,9 +286,8 @@ def policy_matrix(policy, n_states):
 
 
 class Demonstrations:
-    """The two routes as (states where the moves are made, moves), (1, T) long tensors each;
-    move_table (S, A): the state each intended move leads to; x (S, S): row s, the one-hot x(s)
-    that the policies read (choice 5)."""
+    """Each route as (states where the moves are made, moves), (1, T) tensors; move_table (S, A):
+    the state each intended move leads to; x (S, S): row s, the policies' input x(s) (choice 5)."""
 
     def __init__(self, env, chosen, rejected):
         self.chosen, self.rejected = [(torch.tensor([r.states[:-1]]), torch.tensor([r.actions]))
@@ -419,8 +415,7 @@ def train(family, seed, method, cfg, env, demos, pi_star):
 
 def run_experiment(cfg, env, demos, pi_star, on_route):
     """Every (family, seed, method): train, then measure exactly (choice 9) the MSE on all
-    non-terminal states, on the optimal route's and on the others', P(goal) and the visit
-    probabilities, with actions sampled from the learned pi within the time limit."""
+    non-terminal states and on and off the optimal route, P(goal) and the visit probabilities."""
     runs, curves = [], {}
     live = ~env.terminal  # (S,) bool
     for family, seed, method in product(FAMILIES, range(cfg.seeds), ("start",) + METHODS):
@@ -606,8 +601,8 @@ def plot_policies(path, env, routes, pi_star, runs, summary, cfg):
     from matplotlib.colors import LinearSegmentedColormap, Normalize
     cmap = LinearSegmentedColormap.from_list("visits", ["white", "#6baed6"])
     methods = ("start",) + METHODS
-    fig, axes = plt.subplots(len(FAMILIES), 1 + len(methods), layout="constrained",
-                             figsize=(2.2 * len(methods) + 3.2, 2.5 * len(FAMILIES) + 0.8))
+    fig, axes = plt.subplots(len(FAMILIES), 1 + len(methods), figsize=(14.2, 5.8),
+                             layout="constrained")
     styles = (dict(color="tab:green", label="optimal route (chosen)"),
               dict(color="tab:orange", ls="--", label="sub-optimal route (rejected)"))
     star_visits = visit_probabilities(env, pi_star, env.max_episode_steps)
@@ -702,11 +697,9 @@ def experiment(cfg):
     chosen, rejected = two_routes(env, REJECTED_ROUTES[cfg.map])
     V, Q = value_iteration(env, cfg.discount)  # (S,), (S, A)
     pi_star = optimal_policy_matrix(Q)  # (S, A)
-    print(f"map {cfg.map} ({env.nrow}x{env.ncol}, "
-          f"{'slippery' if cfg.slippery else 'deterministic'}, time limit "
+    print(f"map {cfg.map} ({'slippery' if cfg.slippery else 'deterministic'}, time limit "
           f"{env.max_episode_steps} steps, value-iteration discount {cfg.discount}):")
-    for row in env.desc:
-        print("    " + " ".join(row))
+    print("\n".join("    " + " ".join(row) for row in env.desc))
     # on slippery ice pi* may disagree with the demonstrated moves (choice 4): say on how many
     for name, route in (("optimal route (chosen)", chosen), ("sub-optimal (rejected)", rejected)):
         agree = sum(pi_star[s, a] > 0 for s, a in zip(route.states, route.actions))
