@@ -144,11 +144,11 @@ class FrozenLake:
         self.nrow, self.ncol = len(desc), len(desc[0])
         self.n_states, self.n_actions = self.nrow * self.ncol, 4
         self.max_episode_steps = max_episode_steps
-        letters = "".join(self.desc)
-        self.start = letters.index("S")
+        self.letters = "".join(self.desc)  # letters[s]: S, F, H or G, state s's letter
+        self.start = self.letters.index("S")
         self.p0 = np.eye(self.n_states)[self.start]  # (S,) the start distribution
-        self.terminal = np.array([c in "GH" for c in letters])  # (S,) bool
-        self.goal = np.array([c == "G" for c in letters])  # (S,) bool
+        self.terminal = np.array([c in "GH" for c in self.letters])  # (S,) bool
+        self.goal = np.array([c == "G" for c in self.letters])  # (S,) bool
         p_intended, p_slip = 1.0 / 3.0, (1.0 - 1.0 / 3.0) / 2.0
         self.K = np.zeros((self.n_states, self.n_actions, self.n_states))  # (S, A, S)
         for s, a in product(range(self.n_states), range(self.n_actions)):
@@ -159,9 +159,6 @@ class FrozenLake:
                     self.K[s, a, self.move(s, b)] += p_intended if b == a else p_slip
             else:
                 self.K[s, a, self.move(s, a)] = 1.0
-
-    def letter(self, state):
-        return self.desc[state // self.ncol][state % self.ncol]
 
     def move(self, state, action):
         """The state an intended move leads to."""
@@ -242,11 +239,11 @@ def two_routes(env, rejected_moves):
     """(optimal, sub-optimal) routes: the shortest route to G, by a breadth-first search around
     the holes (ties go to the lower action index), and the walk of rejected_moves."""
     queue, seen = deque([Route([env.start], [])]), {env.start}
-    while queue and env.letter(queue[0].states[-1]) != "G":
+    while queue and env.letters[queue[0].states[-1]] != "G":
         route = queue.popleft()
         for a in range(env.n_actions):
             nxt = env.move(route.states[-1], a)
-            if nxt not in seen and env.letter(nxt) != "H":
+            if nxt not in seen and env.letters[nxt] != "H":
                 seen.add(nxt)
                 queue.append(Route(route.states + [nxt], route.actions + [a]))
     if not queue:
@@ -260,7 +257,7 @@ def two_routes(env, rejected_moves):
 
 def route_return(route, discount, env):
     """Discounted return of walking a route: reward 1 on its last move if that enters G, else 0."""
-    return discount ** (len(route.actions) - 1) * (env.letter(route.states[-1]) == "G")
+    return discount ** (len(route.actions) - 1) * (env.letters[route.states[-1]] == "G")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -482,12 +479,10 @@ def report(runs, cfg):
 # -----------------------------------------------------------------------------------------------
 # Sensitivity sweep (--sweep)
 # Choosing each method's lr by the reported MSE would tune on the test metric (there is no
-# validation set), so the sweep chooses nothing. It reruns the comparison at every (lr, beta)
-# with the main run's seeds and starting policies, and reports per family: (a) the ranking at
-# each lr; (b) each method's best MSE anywhere, an "oracle" chosen on the metric itself, a bound
-# on what tuning could buy, not a result; (c) at how many grid points (lr, DPO beta, ORPO beta)
-# the paper's order holds. A row is one (family, method, lr, beta), beta None for SFT and IFT:
-# one run of theirs per lr serves every (DPO beta, ORPO beta) pair.
+# validation set), so the sweep chooses nothing: it reruns the comparison at every (lr, beta),
+# same seeds and starts, and reports per family (a) the ranking at each lr, (b) each method's
+# best MSE anywhere, an "oracle" chosen on the metric itself (a bound on what tuning could buy),
+# (c) the grid points where the paper's order holds. SFT and IFT (beta None) run once per lr.
 
 
 def sweep_variants(cfg):
@@ -704,7 +699,7 @@ def experiment(cfg):
     for name, route in (("optimal route (chosen)", chosen), ("sub-optimal (rejected)", rejected)):
         agree = sum(pi_star[s, a] > 0 for s, a in zip(route.states, route.actions))
         moves = "".join(ACTION_LETTERS[a] for a in route.actions)
-        end = "into a hole" if env.letter(route.states[-1]) == "H" else "to G"
+        end = "into a hole" if env.letters[route.states[-1]] == "H" else "to G"
         print(f"{name:23s}: {len(route.actions)} moves {moves} {end}, return "
               f"{route_return(route, cfg.discount, env):.4f}; pi* takes {agree} of them")
     print(f"V*(start) = {V[env.start]:.4f}; optimal P(goal) within the time limit = "

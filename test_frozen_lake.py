@@ -218,12 +218,12 @@ def test_optimal_policy_matrix_conventions(setup):
 
 def all_simple_routes(env, state, path):
     """Every start-to-goal path of intended moves that avoids holes and never repeats a state."""
-    if env.letter(state) == "G":
+    if env.letters[state] == "G":
         return [path]
     routes = []
     for a in range(4):
         nxt = env.move(state, a)
-        if nxt not in path and env.letter(nxt) != "H":
+        if nxt not in path and env.letters[nxt] != "H":
             routes += all_simple_routes(env, nxt, path + [nxt])
     return routes
 
@@ -248,14 +248,14 @@ def test_two_routes_map_has_exactly_the_two_claimed_routes(setup):
 def test_dead_end_routes_reach_the_goal_and_a_hole():
     """dead-end: chosen = two-routes' optimal route to G; rejected walks RRRRDDD into the hole."""
     cfg, env, chosen, rejected, pi_star, demos = experiment("dead-end")
-    assert chosen.actions == [DOWN] * 4 + [RIGHT] * 2 and env.letter(chosen.states[-1]) == "G"
+    assert chosen.actions == [DOWN] * 4 + [RIGHT] * 2 and env.letters[chosen.states[-1]] == "G"
     assert rejected.actions == [RIGHT] * 4 + [DOWN] * 3
     assert rejected.states == [0, 1, 2, 3, 4, 9, 14, 19]  # row 0, then column 4 down to row 3
-    assert [env.letter(s) for s in rejected.states] == list("SFFFFFF") + ["H"]
+    assert [env.letters[s] for s in rejected.states] == list("SFFFFFF") + ["H"]
     assert fl.route_return(chosen, 0.95, env) == pytest.approx(0.95**5)
     assert fl.route_return(rejected, 0.95, env) == 0.0
     two_routes_cells = "".join(fl.MAPS["two-routes"])
-    differ = [s for s in range(env.n_states) if env.letter(s) != two_routes_cells[s]]
+    differ = [s for s in range(env.n_states) if env.letters[s] != two_routes_cells[s]]
     assert differ == [19]  # one cell apart from two-routes: the hole at row 3 col 4
 
 
@@ -288,7 +288,7 @@ def test_rejected_routes_on_gymnasiums_maps():
         env = fl.FrozenLake(fl.MAPS[map_name])
         best, second = fl.two_routes(env, fl.REJECTED_ROUTES[map_name])
         assert len(best.actions) == length == len(second.actions)  # here just as short
-        assert second.actions[0] != best.actions[0] and env.letter(second.states[-1]) == "G"
+        assert second.actions[0] != best.actions[0] and env.letters[second.states[-1]] == "G"
         assert env.start not in second.states[1:]
 
 
