@@ -205,7 +205,8 @@ def bench(cfg):
               "orpo/sft": ms["orpo"] / ms["sft"], "sft/nanogpt": ms["sft"] / ms["nanogpt"]}
     info = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
             "device_name": plumbing.device_name(device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "compile": step_model is not model,
+            "threads": torch.get_num_threads(),
+            "compile": hasattr(step_model, "_orig_mod"),  # torch.compile's wrapper holds that
             "batch_size": len(batch), "seq_len": T, "real_tokens": n_real,
             "params": sum(p.numel() for p in model.parameters()),
             "warmup_steps": WARMUP, "steps": cfg.steps, "memory": memory_note(device)}
