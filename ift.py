@@ -31,7 +31,7 @@ Where this code departs from the paper or the official code:
      lam = 0 and gamma = 0 is SFT exactly.
   4. The mix uses the model's own embedding table E (the paper's wording), trained through both
      terms. The official trainer feeds both IFT forwards from a frozen copy of E, so an untied
-     model never trains its input embeddings under IFT (ift_hf.py can do the same).
+     model never trains its input embeddings under IFT (ift_hf.py --frozen_embeddings: the same).
   5. The official code's lam schedules are offered (--lam-schedule); its other relation-propagation
      variants (position-only weights, L2 / softmax / log norms) are left out.
   6. Toy scale: a 0.4M-parameter GPT trained from scratch on synthetic tasks with AdamW, not
