@@ -225,28 +225,6 @@ def sft_loss(token_logps, mask):
     return (-token_logps.sum(-1) / n).mean(), {}
 
 
-# DPO (Rafailov et al. 2023; the paper's eqs. 34-35 write it without beta and the reference).
-# With log pi summed over answer tokens,
-#   h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
-#   L_DPO = - mean over pairs of log sigmoid(beta * h)
-# At pi = pi_ref, h = 0 and the loss is -log(1/2) = ln 2. The metrics, detached: the implicit
-# rewards r_w = beta * (log pi(y_w|x) - log pi_ref(y_w|x)) and r_l likewise, their margin
-# r_w - r_l = beta * h, and accuracy, 1 where the margin is positive. In code: policy_chosen_logps
-# = log pi(y_w|x), ref_rejected_logps = log pi_ref(y_l|x), and so on. The frozen reference's
-# log-probs are a fixed function of the row, so train() computes them ONCE.
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             beta=0.1):
-    """Four (B,) summed log-probs -> (loss, {rewards_chosen, rewards_rejected, margins, accuracy}),
-    each metric (B,)."""
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    loss = -F.logsigmoid(beta * h).mean()
-    rewards_chosen = beta * (policy_chosen_logps - ref_chosen_logps).detach()      # (B,)
-    rewards_rejected = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
-    margins = rewards_chosen - rewards_rejected                                     # (B,)
-    return loss, {"rewards_chosen": rewards_chosen, "rewards_rejected": rewards_rejected,
-                  "margins": margins, "accuracy": (margins > 0).float()}
-
-
 # IFT and scheduled sampling. SFT trains on true prefixes only, yet the model answers from its own
 # (exposure bias, eqs. 13-14). Scheduled sampling (Bengio et al., NeurIPS 2015), the classic fix,
 # feeds the model, with a probability raised during training, its own sampled token instead of the
@@ -272,28 +250,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 #   4. loss = mean over sequences of (1/N) sum_t l_t w_t, w = relation_weights(l).
 # lam = 0 makes the mix E(x) (eq. 18's estimate is then SFT's) and gamma = 0 the weights 1: SFT,
 # in value and gradient. In code: yhat (B, T), x_tilde = x~, tok_emb = e (B, T, C), E = wte.
-def ift_loss(model, x, y, mask, lam=0.2, gamma=0.95, detach_weights=False):
-    """x, y, mask (B, T) from make_batch() -> (loss, {"nll": the mean answer-token NLL of the
-    same forward, unweighted}). model: the GPT, or a stand-in called like it (under torchrun
-    DDP's wrapper, whose forward also syncs the gradients; in training, by default, the speed
-    section's OnRealTokens). Both forwards call model; E is the GPT's own wte."""
-    E = getattr(model, "module", model).wte  # DDP keeps the GPT at .module
-    with torch.no_grad():  # 1. nothing of this pass is kept for the backward
-        yhat = model(x).argmax(-1)                                          # (B, T)
-    x_tilde = shifted_predictions(x, yhat, mask)                            # 2. (B, T)
-    tok_emb = (1 - lam) * E(x) + lam * E(x_tilde)                           # (B, T, C)
-    token_logps, _ = sequence_logps(model(tok_emb=tok_emb), y, mask)      # 3. (B, T)
-    token_losses = -token_logps                                             # (B, T)
-    w = relation_weights(token_losses, mask, gamma, detach=detach_weights)  # 4. (B, T)
-    loss = ((token_losses * w).sum(-1) / mask.sum(-1)).mean()
-    return loss, {"nll": sft_loss(token_logps.detach(), mask)[0]}
-
-
-# The cost: per token a forward is ~2N FLOPs (N parameters) and a backward ~4N. The no-grad pass
-# adds 2N to SFT's 6N and keeps no activations: IFT needs SFT's memory and 4/3 of its FLOPs.
-IFT_COST = 4 / 3  # FLOPs of an IFT step over an SFT step on the same batch
-
-
+# Step 2's x~ is shifted_predictions, step 4's w relation_weights; ift_loss puts the steps together.
 def shifted_predictions(x, yhat, mask):
     """x~ of step 2: the model's prediction at answer inputs, the ground truth everywhere else."""
     x_tilde = x.clone()                                                     # (B, T)
@@ -335,6 +292,51 @@ def relation_weights(token_losses, mask, gamma, detach=False):
     S = (c @ G.T) * mask                                                   # (B, T): S_t
     Z = S.sum(-1, keepdim=True).clamp(min=1e-12)                           # (B, 1)
     return S * n / Z                                                       # (B, T)
+
+
+# IFT's loss: the four steps of Algorithm 1 above, in code.
+def ift_loss(model, x, y, mask, lam=0.2, gamma=0.95, detach_weights=False):
+    """x, y, mask (B, T) from make_batch() -> (loss, {"nll": the mean answer-token NLL of the
+    same forward, unweighted}). model: the GPT, or a stand-in called like it (under torchrun
+    DDP's wrapper, whose forward also syncs the gradients; in training, by default, the speed
+    section's OnRealTokens). Both forwards call model; E is the GPT's own wte."""
+    E = getattr(model, "module", model).wte  # DDP keeps the GPT at .module
+    with torch.no_grad():  # 1. nothing of this pass is kept for the backward
+        yhat = model(x).argmax(-1)                                          # (B, T)
+    x_tilde = shifted_predictions(x, yhat, mask)                            # 2. (B, T)
+    tok_emb = (1 - lam) * E(x) + lam * E(x_tilde)                           # (B, T, C)
+    token_logps, _ = sequence_logps(model(tok_emb=tok_emb), y, mask)      # 3. (B, T)
+    token_losses = -token_logps                                             # (B, T)
+    w = relation_weights(token_losses, mask, gamma, detach=detach_weights)  # 4. (B, T)
+    loss = ((token_losses * w).sum(-1) / mask.sum(-1)).mean()
+    return loss, {"nll": sft_loss(token_logps.detach(), mask)[0]}
+
+
+# The cost: per token a forward is ~2N FLOPs (N parameters) and a backward ~4N. The no-grad pass
+# adds 2N to SFT's 6N and keeps no activations: IFT needs SFT's memory and 4/3 of its FLOPs.
+IFT_COST = 4 / 3  # FLOPs of an IFT step over an SFT step on the same batch
+
+
+# DPO (Rafailov et al. 2023; the paper's eqs. 34-35 write it without beta and the reference).
+# With log pi summed over answer tokens,
+#   h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+#   L_DPO = - mean over pairs of log sigmoid(beta * h)
+# At pi = pi_ref, h = 0 and the loss is -log(1/2) = ln 2. The metrics, detached: the implicit
+# rewards r_w = beta * (log pi(y_w|x) - log pi_ref(y_w|x)) and r_l likewise, their margin
+# r_w - r_l = beta * h, and accuracy, 1 where the margin is positive. In code: policy_chosen_logps
+# = log pi(y_w|x), ref_rejected_logps = log pi_ref(y_l|x), and so on. The frozen reference's
+# log-probs are a fixed function of the row, so train() computes them ONCE.
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta=0.1):
+    """Four (B,) summed log-probs -> (loss, {rewards_chosen, rewards_rejected, margins, accuracy}),
+    each metric (B,)."""
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    loss = -F.logsigmoid(beta * h).mean()
+    rewards_chosen = beta * (policy_chosen_logps - ref_chosen_logps).detach()      # (B,)
+    rewards_rejected = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
+    margins = rewards_chosen - rewards_rejected                                     # (B,)
+    return loss, {"rewards_chosen": rewards_chosen, "rewards_rejected": rewards_rejected,
+                  "margins": margins, "accuracy": (margins > 0).float()}
 
 
 # ORPO (Hong et al. 2024). Reference-free; with p(y) the LENGTH-NORMALISED probability
@@ -409,15 +411,20 @@ class Unpadded(nn.Module):
         return pad_rows(F.linear(gpt.ln_f(x), gpt.wte.weight), real)      # (B, T, V)
 
 
+def real_tokens(mask):
+    """(B, T) True at each row's real inputs, from make_batch's answer mask alone: a row's real
+    tokens end at its last answer token, the <|endoftext|>."""
+    T = mask.shape[1]
+    last = T - 1 - mask.flip(-1).int().argmax(-1)                           # (B,)
+    return torch.arange(T, device=mask.device) <= last[:, None]             # (B, T)
+
+
 class OnRealTokens:
     """What the losses call in place of the GPT for one batch: net(idx) or net(tok_emb=...) ->
-    (B, T, V) through unpadded (an Unpadded, maybe compiled, maybe in DDP), and E at net.wte. A
-    row's real tokens end at its last answer token, the <|endoftext|> (make_batch)."""
+    (B, T, V) through unpadded (an Unpadded, maybe compiled, maybe in DDP), and E at net.wte."""
 
     def __init__(self, unpadded, mask):
-        T = mask.shape[1]
-        last = T - 1 - mask.flip(-1).int().argmax(-1)                       # (B,)
-        self.real = torch.arange(T, device=mask.device) <= last[:, None]    # (B, T)
+        self.real = real_tokens(mask)                                       # (B, T)
         self.unpadded, self.wte = unpadded, getattr(unpadded, "module", unpadded).gpt.wte
 
     def __call__(self, idx=None, tok_emb=None):
@@ -586,11 +593,12 @@ def answer_logps(model, split, device, autocast):
     in batches of 128 rows of similar length. DPO's reference; evaluate()'s NLL."""
     out = torch.zeros(len(split), 1 + split.has_pairs, device=device)
     order = by_length(split, range(len(split)))  # alike lengths together: the speed section
+    unpadded = Unpadded(model)
     for idx in (order[i:i + 128] for i in range(0, len(order), 128)):
         rejected = [split.rejected[i] for i in idx] if split.has_pairs else []
         x, y, mask = make_batch([split.chosen[i] for i in idx] + rejected, device)  # (2b, T)
         with autocast:
-            logits = OnRealTokens(Unpadded(model), mask)(x)  # = model(x), padding skipped
+            logits = OnRealTokens(unpadded, mask)(x)  # = model(x), padding skipped
             _, logps = sequence_logps(logits, y, mask)                      # (2b,) or (b,)
         out[idx] = torch.stack(logps.split(len(idx)), dim=1)                # (b, 2) or (b, 1)
     return out
