@@ -130,8 +130,7 @@ def time_rows(cfg, device, model, optimizer, step_model, batch, ref):
     autocast = ift.autocast_for(device)
     idx = list(range(len(batch)))
     x, y, mask = ift.make_batch(batch.chosen, device)                       # (B, T) each
-    n = torch.tensor([len(ids) - 1 for ids, _ in batch.chosen], device=x.device)[:, None]
-    real = torch.arange(x.shape[1], device=x.device) < n   # (B, T): each row's n - 1 inputs
+    real = ift.real_tokens(mask)                            # (B, T): each row's n - 1 inputs
     plain = model if cfg.padded else ift.Unpadded(model)  # what wrap_for_training wraps
 
     def loss_of(name, module):

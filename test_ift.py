@@ -631,10 +631,11 @@ def ragged_batch(vocab=50, seed=4, rows=FOUR_ROWS):
 
 
 def test_real_tokens_are_each_rows_inputs_and_compute_loss_counts_them():
-    """OnRealTokens finds each row's n - 1 inputs from the mask alone; compute_loss counts them."""
+    """real_tokens finds each row's n - 1 inputs from the mask alone; compute_loss counts them."""
     x, y, mask = ragged_batch()
-    real = ift.OnRealTokens(ift.Unpadded(tiny_model()), mask).real
+    real = ift.real_tokens(mask)
     assert real.tolist() == [[t < n for t in range(12)] for n in (12, 5, 9, 4)]
+    assert torch.equal(ift.OnRealTokens(ift.Unpadded(tiny_model()), mask).real, real)
     cfg, cpu = ift.Config(loss="sft", compile="off"), torch.device("cpu")
     split = SimpleNamespace(chosen=[(list(range(1, n + 2)), 1) for n in (12, 5, 9, 4)])
     _, _, ntok = ift.compute_loss(cfg, ift.wrap_for_training(cfg, tiny_model(), cpu), split,
