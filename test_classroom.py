@@ -38,40 +38,18 @@ INTENDED = {
         "test_mix_uses_the_models_own_predictions"},
 }
 
-# Wrong answers, per exercise: (what the student got wrong, function of ift.py, its new body).
-# A body replaces the function's whole body; a pair (old, new) replaces one line inside it.
-RELATION_BODY = '''
-    mask = mask.to(token_losses.dtype)
-    if gamma == 0:
-        return mask.clone()
-    if detach:
-        token_losses = token_losses.detach()
-    n = mask.sum(-1, keepdim=True).clamp(min=1)
-    c = {c}
-    steps = torch.arange(c.shape[1], device=c.device)
-    offset = ({offset}).to(c.dtype)
-    G = torch.where(offset >= 0, gamma ** offset.clamp(min=0), torch.zeros_like(offset))
-    S = (c @ G.T) * mask
-    return {ret}
-'''
-
-
-def relation(c="token_losses * mask / n", offset="steps[None, :] - steps[:, None]",
-             ret="S * n / S.sum(-1, keepdim=True).clamp(min=1e-12)"):
-    return RELATION_BODY.format(c=c, offset=offset, ret=ret)
-
-
+# Wrong answers, per exercise: (what the student got wrong, function of ift.py, change). A
+# change is a new body for the whole function, or a pair (old, new) that replaces one piece of it.
 WRONG = {
     1: [("losses not masked before the suffix sum", "relation_weights",
-         relation(c="token_losses / n")),
+         ("c = token_losses * mask / n", "c = token_losses / n")),
         ("a prefix sum for the suffix sum", "relation_weights",
-         relation(offset="steps[:, None] - steps[None, :]")),
+         ("steps[None, :] - steps[:, None]", "steps[:, None] - steps[None, :]")),
         ("weights that sum to 1 instead of averaging 1", "relation_weights",
-         relation(ret="S / S.sum(-1, keepdim=True).clamp(min=1e-12)")),
+         ("return S * n / Z", "return S / Z")),
         ("no special case for gamma = 0", "relation_weights",
-         relation().replace("    if gamma == 0:\n        return mask.clone()\n", "")),
-        ("weights always detached", "relation_weights",
-         relation().replace("    if detach:\n", "    if True:\n"))],
+         ("    if gamma == 0:\n        return mask.clone()\n", "")),
+        ("weights always detached", "relation_weights", ("    if detach:\n", "    if True:\n"))],
     2: [("no shift: the prediction at its own position", "shifted_predictions", '''
     return torch.where(mask, yhat, x)
 '''),
