@@ -40,9 +40,9 @@ The protocol (fixed before the test split is read; each rule is applied where th
     (judged 1337-1342, tuning 2337-2338), each with its own base; the same recipes, verdict rule,
     DELTA and test split; no tuning: every recipe's two lrs, their edge flags and claim (c)'s
     recipes come from the first run's summary (--lrs-from). Its own verdicts are the headline,
-    set beside the first run's claim by claim, with both runs' seeds pooled after the fact. 13:
-    the first run's 844 s of runs per judged seed, on 2 workers, is 7.1 min of wall on its Xeon
-    and 8.3 on the AMD EPYC; 108 minutes (2 hours less 10%) hold 13 seeds there.
+    set beside the first run's claim by claim, with both runs' seeds pooled after the fact. Why
+    13: as many seeds as the first run's measured cost per seed fits in 2 hours less 10% on this
+    project's 2-core CPU (RESULTS.md, section 1, gives the times and the arithmetic).
 
 It writes to --out-dir (default out/compare): compare.md (the report, this command among it),
 compare.json (every run), summary.json (the numbers behind the tables, small enough to commit),
