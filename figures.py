@@ -94,7 +94,8 @@ def main(argv=None):
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise plumbing.UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror})") from None
+            raise plumbing.UserError(f"--out-dir {out_dir}: cannot write there "
+                                     f"({e.strerror})") from None
         path = out_dir / "relation_weights.png"
         drawn = plot_relation_weights(cfg, path)
         c = drawn["coefficients"][False]

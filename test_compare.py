@@ -1,5 +1,5 @@
-"""Tests of compare.py: the verdicts, the recipes, the phases, the defaults and one tiny
-comparison through the real command line, run once and checked by several tests.
+"""Tests of compare.py and its report.py: the verdicts, the recipes, the phases, the defaults
+and one tiny comparison through the real command line, run once and checked by several tests.
 Run: pytest -q test_compare.py"""
 
 import dataclasses
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import compare
 import ift
+import report
 
 HERE = Path(__file__).resolve().parent
 SEEDS = (1337, 1338)
@@ -256,9 +257,9 @@ def test_a_side_that_did_not_move_or_moved_backwards_is_flagged():
     """The claims table flags a side whose change from its start contains 0 or lies below it."""
     up, flat, down = (compare.paired(d, 0.02) for d in ([0.10, 0.12, 0.11], [0.01, -0.01, 0.0],
                                                          [-0.10, -0.12, -0.11]))
-    assert compare.moved_cell("sft", up) == f"sft +0.110 ± {up['ci95']:.3f}"
-    assert compare.moved_cell("dpo", flat).endswith(": did not move**")
-    assert compare.moved_cell("dpo", down).endswith(": worse than its start**")
+    assert report.moved_cell("sft", up) == f"sft +0.110 ± {up['ci95']:.3f}"
+    assert report.moved_cell("dpo", flat).endswith(": did not move**")
+    assert report.moved_cell("dpo", down).endswith(": worse than its start**")
 
 
 FIRST_RUN = HERE / "assets" / "compare_summary.json"
@@ -313,7 +314,7 @@ def test_two_summaries_side_by_side_and_in_one_figure(tmp_path):
                               ["reproduced", "reproduced"])
     second = synthetic_summary([4, 5], ([-0.01, 0.01], [3.0, 5.0]),
                                ["inconclusive", "reproduced"])
-    header, delimiter, a, c = compare.side_by_side(first, second)
+    header, delimiter, a, c = report.side_by_side(first, second, compare.pooled(first, second))
     assert "first run (3 seeds, 1-3)" in header and "replication (2 seeds, 4-5)" in header
     assert "pooled after the fact (5 seeds)" in header and delimiter.count("|") == header.count("|")
     p = compare.paired([0.01, 0.02, 0.03], 0.02)
@@ -324,7 +325,7 @@ def test_two_summaries_side_by_side_and_in_one_figure(tmp_path):
     assert cells[8].startswith("+0.012, [")  # (0.01 + 0.02 + 0.03 - 0.01 + 0.01) / 5
     assert c.split("|")[8].strip() == "yes" and c.split("|")[2].strip().startswith("+3.00, [")
     claims = [{**x, "up": 1, "down": 0} for x in second["claims"]]
-    compare.plot_claims(claims, {"seeds": [4, 5], "command": "python compare.py"},
+    report.plot_claims(claims, {"seeds": [4, 5], "command": "python compare.py"},
                         tmp_path / "claims.png", first["claims"])
     assert (tmp_path / "claims.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -574,9 +575,9 @@ def test_results_set_the_committed_runs_side_by_side():
         later = json.loads(path.read_text())
         assert later["lrs_from"] == "assets/compare_summary.json" and later["seeds"][0] == 1343
         assert not set(later["seeds"]) & set(first["seeds"] + first["tuning_seeds"])
-        for row in compare.side_by_side(first, later)[2:]:
+        for row in report.side_by_side(first, later, compare.pooled(first, later))[2:]:
             assert row in section, row
-    rows = compare.side_by_side(first, first)[2:]
+    rows = report.side_by_side(first, first, compare.pooled(first, first))[2:]
     assert len(rows) == len(first["claims"]) == 6
     for c, row in zip(first["claims"], rows):
         places = 2 if c["metric"] == "margin" else 3

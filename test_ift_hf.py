@@ -844,10 +844,10 @@ def test_a_hub_id_offline_is_one_line_on_stderr(data_dir, tmp_path):
 
 
 def test_the_lesson_and_its_companions_import_no_hugging_face_package():
-    """ift.py, compare.py, bench.py, frozen_lake.py and figures.py run on torch, numpy,
-    tiktoken and matplotlib alone: importing them loads none of the bridge's packages."""
-    code = ("import sys, ift, compare, bench, frozen_lake, figures; print(sorted(m for m in "
-            "('transformers', 'accelerate', 'tokenizers', 'huggingface_hub', 'safetensors', "
+    """ift.py, compare.py, report.py, bench.py, frozen_lake.py and figures.py run on torch,
+    numpy, tiktoken and matplotlib alone: importing them loads none of the bridge's packages."""
+    code = ("import sys, ift, compare, report, bench, frozen_lake, figures; print(sorted(m for m "
+            "in ('transformers', 'accelerate', 'tokenizers', 'huggingface_hub', 'safetensors', "
             "'trl', 'peft', 'datasets') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
                        timeout=120)
