@@ -9,13 +9,13 @@ the learned and the optimal state x action probability matrices, the paper's met
     python frozen_lake.py --map dead-end       # the second design: a really bad rejected route
     python frozen_lake.py --slippery           # the same on slippery ice
     python frozen_lake.py --map 8x8 --seeds 3  # one of Gymnasium's own maps
-    python frozen_lake.py --sweep              # + every method on an lr x beta grid
     python frozen_lake.py --help               # every option
 
 It prints a line per run, a table (mean +- sample std over the seeds), each policy family's
 ranking next to the paper's (DPO > IFT > ORPO > SFT) and whether DPO, ORPO and IFT visit more
 cells than SFT. Into --out-dir: config.json, results.json, frozen_lake.png (the policies) and
-frozen_lake_curves.png (loss and MSE per step); --sweep adds sweep.json and frozen_lake_sweep.png.
+frozen_lake_curves.png (loss and MSE per step). frozen_lake_sweep.py reruns it on an lr x beta
+grid.
 
 Choices made where the paper is silent (the code says "choice N" where it applies one):
  1. Maps: "two-routes" (the default) and "dead-end", drawn above MAPS, or Gymnasium's 4x4 and
@@ -32,16 +32,17 @@ Choices made where the paper is silent (the code says "choice N" where it applie
  7. The losses are ift.py's with token = action and context = state. IFT mixes the one-hot
     inputs through the live weights; its relation weights are not detached (--detach-weights).
  8. Adam, lr 0.05, 300 full-batch steps for every method, fixed before looking at the MSE.
-    --sweep shows how the comparison moves with lr and beta, and picks nothing.
+    frozen_lake_sweep.py shows how the comparison moves with lr and beta, and picks nothing.
  9. Extra exact metrics: P(goal) within the time limit, the cells entered with probability >=
     0.05 ("visited"), and the MSE on and off the optimal route.
 """
 
 import json
+import os
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from itertools import product
 from pathlib import Path
 
@@ -93,10 +94,6 @@ class Config:
     discount: float = arg(0.95, "value iteration: discount, < 1 so shorter routes are better")
     hidden: int = arg(64, "neural policy: width of its hidden layer")
     visit_threshold: float = arg(0.05, "a cell counts as visited if entered with this probability")
-    sweep: bool = arg(False, "after the main run, rerun it at every --sweep-* grid point")
-    sweep_lrs: tuple = arg((0.01, 0.05, 0.2), "--sweep: Adam learning rates (every method)")
-    sweep_dpo_betas: tuple = arg((0.1, 0.5), "--sweep: DPO betas, each at every learning rate")
-    sweep_orpo_betas: tuple = arg((0.25, 1.0), "--sweep: ORPO betas, each at every learning rate")
     out_dir: str = arg("out/frozen_lake", "output folder (created if missing)")
 
 
@@ -112,9 +109,6 @@ def config_problem(cfg):
               # slippery 8x8, and pi* would split between them (RESULTS.md section 6)
               ("discount", "lie in [0.7, 1)", lambda x: 0.7 <= x < 1.0)]
     rules += [(name, "be > 0", lambda x: x > 0.0) for name in ("dpo_beta", "orpo_beta", "lr")]
-    for name in ("sweep_lrs", "sweep_dpo_betas", "sweep_orpo_betas"):
-        rules += [(name, "all be > 0", lambda xs: all(x > 0.0 for x in xs)),
-                  (name, "not repeat a value", lambda xs: len(set(xs)) == len(xs))]
     for name, most in MOST.items():
         rules += [(name, "be >= 1", lambda x: x >= 1),
                   (name, f"be <= {most} (a guard against typos: raise MOST if you mean it)",
@@ -477,79 +471,6 @@ def report(runs, cfg):
 
 
 # -----------------------------------------------------------------------------------------------
-# Sensitivity sweep (--sweep)
-# Choosing each method's lr by the reported MSE would tune on the test metric (there is no
-# validation set), so the sweep chooses nothing: it reruns the comparison at every (lr, beta),
-# same seeds and starts, and reports per family (a) the ranking at each lr, (b) each method's
-# best MSE anywhere, an "oracle" chosen on the metric itself (a bound on what tuning could buy),
-# (c) the grid points where the paper's order holds. SFT and IFT (beta None) run once per lr.
-
-
-def sweep_variants(cfg):
-    """The (method, beta) pairs trained at each lr, in METHODS order."""
-    betas = {"DPO": cfg.sweep_dpo_betas, "ORPO": cfg.sweep_orpo_betas}
-    return [(method, beta) for method in METHODS for beta in betas.get(method, [None])]
-
-
-def variant_label(method, beta):
-    return method if beta is None else f"{method}(beta {beta:g})"
-
-
-def sweep(cfg, env, demos, pi_star):
-    """Train every (family, method, lr, beta) on every seed (a line per row), print the table,
-    then (b) and (c) per family; returns the rows and, per family, (a), (b) and (c)."""
-    rows = []
-    for family, lr, (method, beta) in product(FAMILIES, cfg.sweep_lrs, sweep_variants(cfg)):
-        t0 = time.time()
-        betas = {"DPO": {"dpo_beta": beta}, "ORPO": {"orpo_beta": beta}}.get(method, {})
-        point = replace(cfg, lr=lr, **betas)
-        mses = [train(family, seed, method, point, env, demos, pi_star)[1][-1][2]
-                for seed in range(cfg.seeds)]  # the MSE after the last step, as in the main run
-        mean, std = mean_std(mses)
-        rows.append({"family": family, "method": method, "lr": lr, "beta": beta,
-                     "mse_mean": mean, "mse_std": std, "mse_seeds": mses})
-        print(f"sweep | {family:7s} | lr {lr:<5g} | {variant_label(method, beta):16s} | "
-              f"MSE {mean:.4f} ± {std:.4f} | {time.time() - t0:.1f}s")
-    print(f"\nsweep: MSE to pi* after {cfg.steps} steps, mean ± sample std over {cfg.seeds} "
-          f"seed(s) (main run: lr {cfg.lr:g}, DPO beta {cfg.dpo_beta:g}, ORPO beta "
-          f"{cfg.orpo_beta:g})")
-    print(f"{'policy':8s} {'method':16s} | "
-          + " | ".join(f"{f'lr {lr:g}':15s}" for lr in cfg.sweep_lrs))
-    for family, (method, beta) in product(FAMILIES, sweep_variants(cfg)):
-        print(f"{family:8s} {variant_label(method, beta):16s} | " + " | ".join(
-            f"{r['mse_mean']:.4f} ± {r['mse_std']:.4f}" for r in rows
-            if (r["family"], r["method"], r["beta"]) == (family, method, beta)))
-    verdicts = {}
-    for family in FAMILIES:
-        mine = sorted((r for r in rows if r["family"] == family), key=lambda r: r["mse_mean"])
-        at_lr = {f"{lr:g}": [[variant_label(r["method"], r["beta"]), r["mse_mean"]]
-                             for r in mine if r["lr"] == lr] for lr in cfg.sweep_lrs}  # (a)
-        oracle = [next(r for r in mine if r["method"] == m) for m in METHODS]  # (b)
-        oracle.sort(key=lambda r: r["mse_mean"])
-        verdict = ("matches" if tuple(r["method"] for r in oracle) == PAPER_ORDER
-                   else "does NOT match")
-        best = " < ".join(f"{variant_label(r['method'], r['beta'])} {r['mse_mean']:.4f} at lr "
-                          f"{r['lr']:g}" for r in oracle)
-        print(f"sweep {family} oracle, each method's best grid point (CHOSEN ON THE REPORTED MSE, "
-              f"a reference only): {best} -> {verdict} the paper's order")
-        mse = {(r["method"], r["lr"], r["beta"]): r["mse_mean"] for r in mine}
-        grid = list(product(cfg.sweep_lrs, cfg.sweep_dpo_betas, cfg.sweep_orpo_betas))
-        holds = []  # (c) the grid points where the paper's order holds
-        for lr, dpo_beta, orpo_beta in grid:
-            beta = {"SFT": None, "DPO": dpo_beta, "ORPO": orpo_beta, "IFT": None}
-            if tuple(sorted(METHODS, key=lambda m: mse[(m, lr, beta[m])])) == PAPER_ORDER:
-                holds.append({"lr": lr, "dpo_beta": dpo_beta, "orpo_beta": orpo_beta})
-        print(f"sweep {family} paper's order {' > '.join(PAPER_ORDER)} holds at {len(holds)} of "
-              f"{len(grid)} grid points (lr x DPO beta x ORPO beta)")
-        for h in holds:
-            print(f"    at lr {h['lr']:g}, DPO beta {h['dpo_beta']:g}, "
-                  f"ORPO beta {h['orpo_beta']:g}")
-        verdicts[family] = {"ranking_at_lr": at_lr, "oracle": oracle,
-                            "paper_order_holds_at": holds, "grid_points": len(grid)}
-    return rows, verdicts
-
-
-# -----------------------------------------------------------------------------------------------
 # Outputs: files and figures, each path printed once written
 
 METHOD_COLORS = {"SFT": "tab:gray", "DPO": "tab:blue", "ORPO": "tab:purple", "IFT": "tab:red"}
@@ -644,54 +565,41 @@ def plot_curves(path, curves, cfg):
     save(path, fig)
 
 
-def plot_sweep(path, rows, start_mse, cfg):
-    """MSE vs lr per method and beta (mean, error bar = sample std), a panel per family."""
-    variants = sweep_variants(cfg)
-    fig, axes = pyplot().subplots(1, len(FAMILIES), figsize=(11, 4.6))
-    for ax, family in zip(axes, FAMILIES):
-        for k, (method, beta) in enumerate(variants):
-            group = [r for r in rows
-                     if (r["family"], r["method"], r["beta"]) == (family, method, beta)]
-            nth_beta = k - [m for m, _ in variants].index(method)  # its line style
-            dodge = 1.04 ** (k - (len(variants) - 1) / 2)  # shift sideways: bars do not overlap
-            ax.errorbar([r["lr"] * dodge for r in group], [r["mse_mean"] for r in group],
-                        yerr=[r["mse_std"] for r in group], color=METHOD_COLORS[method],
-                        ls=("-", "--", ":", "-.")[nth_beta % 4], marker="o", ms=4, capsize=3,
-                        label=variant_label(method, beta))
-        ax.axhline(start_mse[family], color="black", ls=":", lw=1, label="start (untrained)")
-        ax.axvline(cfg.lr, color="0.6", lw=6, alpha=0.3, zorder=0,
-                   label=f"main run's lr ({cfg.lr:g})")
-        ax.set(xscale="log", title=f"{family} policy", xlabel="Adam learning rate (every method)",
-               ylabel="MSE to pi* after training (lower is better)")
-        ax.set_xticks(list(cfg.sweep_lrs), [f"{lr:g}" for lr in cfg.sweep_lrs])
-        ax.minorticks_off()
-        ax.grid(axis="y", alpha=0.3)
-    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle(f"Frozen Lake '{cfg.map}': sensitivity to lr and beta, {cfg.steps} steps, "
-                 f"mean ± sample std over {cfg.seeds} seed(s)")
-    fig.tight_layout()
-    save(path, fig)
-
-
 # -----------------------------------------------------------------------------------------------
 # Main
 
 
-def experiment(cfg):
-    """The main run (set-up, training, evaluation, report, files), then --sweep."""
+def make_out_dir(cfg):
+    """--out-dir, made and found writable before any work; one line naming the fix if not."""
     out = Path(cfg.out_dir)
-    try:  # config.json first, so that a folder we cannot write to fails before any work
+    try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        problem = None if os.access(out, os.W_OK) else "Permission denied"
     except OSError as e:
-        raise UserError(f"cannot write into --out-dir {cfg.out_dir!r}: {e.strerror}; pass a "
-                        f"folder you can write to") from None
-    print("config:", json.dumps(asdict(cfg)))
-    torch.set_num_threads(1)  # tiny tensors: nothing to share out; other programs keep a core
+        problem = e.strerror
+    if problem:
+        raise UserError(f"cannot write into --out-dir {cfg.out_dir!r}: {problem}; pass a "
+                        f"folder you can write to")
+    return out
+
+
+def problem(cfg):
+    """The experiment's set-up: the map, its two routes, V* (S,) and pi* (S, A), and the
+    demonstrations (choices 1-4)."""
     env = make_env(cfg)
     chosen, rejected = two_routes(env, REJECTED_ROUTES[cfg.map])
-    V, Q = value_iteration(env, cfg.discount)  # (S,), (S, A)
-    pi_star = optimal_policy_matrix(Q)  # (S, A)
+    V, Q = value_iteration(env, cfg.discount)
+    demos = Demonstrations(env, chosen, rejected)
+    return env, chosen, rejected, V, optimal_policy_matrix(Q), demos
+
+
+def experiment(cfg):
+    """The main run: set-up, training, evaluation, report, files."""
+    out = make_out_dir(cfg)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    print("config:", json.dumps(asdict(cfg)))
+    torch.set_num_threads(1)  # tiny tensors: nothing to share out; other programs keep a core
+    env, chosen, rejected, V, pi_star, demos = problem(cfg)
     print(f"map {cfg.map} ({'slippery' if cfg.slippery else 'deterministic'}, time limit "
           f"{env.max_episode_steps} steps, value-iteration discount {cfg.discount}):")
     print("\n".join("    " + " ".join(row) for row in env.desc))
@@ -705,7 +613,6 @@ def experiment(cfg):
     print(f"V*(start) = {V[env.start]:.4f}; optimal P(goal) within the time limit = "
           f"{goal_probability(env, pi_star, env.max_episode_steps):.3f}")
 
-    demos = Demonstrations(env, chosen, rejected)
     on_route = np.isin(np.arange(env.n_states), chosen.states)  # (S,) bool
     runs, curves = run_experiment(cfg, env, demos, pi_star, on_route)
     summary, rankings, explorers = report(runs, cfg)
@@ -719,13 +626,6 @@ def experiment(cfg):
         "runs": [{**r, "pi": r["pi"].tolist(), "visits": r["visits"].tolist()} for r in runs]})
     plot_policies(out / "frozen_lake.png", env, (chosen, rejected), pi_star, runs, summary, cfg)
     plot_curves(out / "frozen_lake_curves.png", curves, cfg)
-    if not cfg.sweep:
-        return
-    rows, verdicts = sweep(cfg, env, demos, pi_star)
-    save(out / "sweep.json", {"config": asdict(cfg), "paper_order": list(PAPER_ORDER),
-                              "rows": rows, "verdicts": verdicts})
-    start_mse = {family: summary[f"{family}/start"]["mse"]["mean"] for family in FAMILIES}
-    plot_sweep(out / "frozen_lake_sweep.png", rows, start_mse, cfg)
 
 
 def main(argv=None):

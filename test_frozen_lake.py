@@ -18,10 +18,12 @@ import pytest
 import torch
 
 import frozen_lake as fl
+import frozen_lake_sweep as flsweep
 import plumbing
 from frozen_lake import DOWN, LEFT, RIGHT, UP
 
 SCRIPT = Path(__file__).with_name("frozen_lake.py")
+SWEEP = Path(__file__).with_name("frozen_lake_sweep.py")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -81,11 +83,8 @@ def plain_value_iteration(P, n_states, discount, sweeps):
 def experiment(map_name):
     """A map's experiment as frozen_lake builds it: config, env, routes, pi*, demonstrations."""
     cfg = fl.Config(map=map_name)
-    env = fl.make_env(cfg)
-    chosen, rejected = fl.two_routes(env, fl.REJECTED_ROUTES[map_name])
-    _, Q = fl.value_iteration(env, cfg.discount)
-    demos = fl.Demonstrations(env, chosen, rejected)
-    return cfg, env, chosen, rejected, fl.optimal_policy_matrix(Q), demos
+    env, chosen, rejected, _, pi_star, demos = fl.problem(cfg)
+    return cfg, env, chosen, rejected, pi_star, demos
 
 
 @pytest.fixture
@@ -449,10 +448,10 @@ def test_report_ranks_by_mse_and_needs_all_three_explorers_above_sft():
 
 def test_sweep_rows_report_the_sample_std(setup):
     """sweep: each row's mse_std is statistics.stdev of its per-seed MSEs (2 seeds)."""
-    cfg, env, chosen, rejected, pi_star, demos = setup
-    cfg = dataclasses.replace(cfg, seeds=2, steps=3, sweep_lrs=(0.05,), sweep_dpo_betas=(0.1,),
+    _, env, chosen, rejected, pi_star, demos = setup
+    cfg = flsweep.SweepConfig(seeds=2, steps=3, sweep_lrs=(0.05,), sweep_dpo_betas=(0.1,),
                               sweep_orpo_betas=(0.25,))
-    rows, _ = fl.sweep(cfg, env, demos, pi_star)
+    rows, _ = flsweep.sweep(cfg, env, demos, pi_star)
     assert len(rows) == len(fl.FAMILIES) * len(fl.METHODS)
     for row in rows:
         assert row["mse_mean"] == pytest.approx(statistics.mean(row["mse_seeds"]), rel=1e-12)
@@ -463,8 +462,8 @@ def test_sweep_rows_report_the_sample_std(setup):
 # Command line
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+def run_cli(*args, script=SCRIPT):
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
                           timeout=120)
 
 
@@ -507,10 +506,15 @@ def test_end_to_end_dead_end_map(tmp_path):
 
 
 def test_sweep_command_line(tmp_path):
-    """A tiny --sweep writes its files and verdicts; its lr 0.05 rows equal the main run's MSE."""
-    result = run_cli("--seeds", "1", "--steps", "5", "--sweep", "--sweep-lrs", "0.05", "0.2",
-                     "--out-dir", str(tmp_path))
+    """A tiny sweep writes its files and verdicts beside the main run's, leaving those alone; its
+    lr 0.05 rows equal the main run's MSE."""
+    main_run = run_cli("--seeds", "1", "--steps", "5", "--out-dir", str(tmp_path))
+    assert main_run.returncode == 0, main_run.stderr
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = run_cli("--seeds", "1", "--steps", "5", "--sweep-lrs", "0.05", "0.2", "--out-dir",
+                     str(tmp_path), script=SWEEP)
     assert result.returncode == 0, result.stderr
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
     for name in ("sweep.json", "frozen_lake_sweep.png"):
         assert (tmp_path / name).stat().st_size > 0
     sweep = json.loads((tmp_path / "sweep.json").read_text())
@@ -541,7 +545,6 @@ def test_sweep_command_line(tmp_path):
     (["--gamma", "-0.1"], "--gamma must lie in [0, 1]"),
     (["--dpo-beta", "0"], "--dpo-beta must be > 0"),
     (["--seeds", "0"], "--seeds must be >= 1"),
-    (["--sweep-lrs", "0.05", "-1"], "--sweep-lrs must all be > 0"),
     (["--out-dir", "/proc/version/out"], "cannot write into --out-dir"),
     (["--hidden", "0"], "--hidden must be >= 1"),
 ])
@@ -561,33 +564,51 @@ def test_help_documents_every_option():
         assert "--" + f.name.replace("_", "-") in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--visit-threshold", "0"], "--visit-threshold must lie in (0, 1]"),
-    (["--visit-threshold", "1.5"], "--visit-threshold must lie in (0, 1]"),
-    (["--discount", "0.5"], "--discount must lie in [0.7, 1)"),
-    (["--discount", "1"], "--discount must lie in [0.7, 1)"),
-    (["--lr", "0"], "--lr must be > 0"),
-    (["--orpo-beta", "-1"], "--orpo-beta must be > 0"),
-    (["--sweep-dpo-betas", "0.1", "0"], "--sweep-dpo-betas must all be > 0"),
-    (["--sweep-orpo-betas", "0.25", "0.25"], "--sweep-orpo-betas must not repeat a value"),
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--steps", "100001"], "--steps must be <= 100000"),
-    (["--seeds", "101"], "--seeds must be <= 100"),
-    (["--hidden", "4097"], "--hidden must be <= 4096"),
+@pytest.mark.parametrize("program, args, message", [
+    (fl, ["--visit-threshold", "0"], "--visit-threshold must lie in (0, 1]"),
+    (fl, ["--visit-threshold", "1.5"], "--visit-threshold must lie in (0, 1]"),
+    (fl, ["--discount", "0.5"], "--discount must lie in [0.7, 1)"),
+    (fl, ["--discount", "1"], "--discount must lie in [0.7, 1)"),
+    (fl, ["--lr", "0"], "--lr must be > 0"),
+    (fl, ["--orpo-beta", "-1"], "--orpo-beta must be > 0"),
+    (fl, ["--steps", "0"], "--steps must be >= 1"),
+    (fl, ["--steps", "100001"], "--steps must be <= 100000"),
+    (fl, ["--seeds", "101"], "--seeds must be <= 100"),
+    (fl, ["--hidden", "4097"], "--hidden must be <= 4096"),
     # plumbing.parse_flags refuses a number that is not finite
-    (["--lr", "nan"], "must be a finite number"),
-    (["--lam", "inf"], "must be a finite number"),
-    (["--discount", "nan"], "must be a finite number"),
-    (["--sweep-lrs", "0.05", "nan"], "must be a finite number"),
-    (["--visit-threshold=-inf"], "must be a finite number"),  # "-inf" alone reads as a flag
+    (fl, ["--lr", "nan"], "must be a finite number"),
+    (fl, ["--lam", "inf"], "must be a finite number"),
+    (fl, ["--discount", "nan"], "must be a finite number"),
+    (fl, ["--visit-threshold=-inf"], "must be a finite number"),  # "-inf" alone: a flag
+    # frozen_lake_sweep.py: its grid, and frozen_lake.py's checks there too
+    (flsweep, ["--sweep-lrs", "0.05", "-1"], "--sweep-lrs must all be > 0"),
+    (flsweep, ["--sweep-dpo-betas", "0.1", "0"], "--sweep-dpo-betas must all be > 0"),
+    (flsweep, ["--sweep-orpo-betas", "0.25", "0.25"],
+     "--sweep-orpo-betas must not repeat a value"),
+    (flsweep, ["--sweep-lrs", "0.05", "nan"], "must be a finite number"),
+    (flsweep, ["--lam", "1.5"], "--lam must lie in [0, 1]"),
 ])
-def test_every_number_is_range_checked(args, message, capsys):
-    """A number out of range exits at parse time with status 2 and one 'error:' line naming it."""
+def test_every_number_is_range_checked(program, args, message, capsys):
+    """A number out of range exits at parse time with status 2 and one 'error:' line naming it,
+    in frozen_lake.py and in frozen_lake_sweep.py."""
     with pytest.raises(SystemExit) as exit_info:
-        fl.main(args)
+        program.main(args)
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_the_sweeps_help_and_unwritable_out_dir():
+    """frozen_lake_sweep.py --help names every option; an unwritable --out-dir is one line."""
+    result = run_cli("--help", script=SWEEP)
+    assert result.returncode == 0
+    for f in dataclasses.fields(flsweep.SweepConfig):
+        assert "--" + f.name.replace("_", "-") in result.stdout
+    result = run_cli("--out-dir", "/proc/version/out", script=SWEEP)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: cannot write into --out-dir '/proc/version/out': Not a directory; pass a folder "
+        "you can write to"]
 
 
 def test_limits_accept_their_edges():

@@ -724,8 +724,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path, loss):
 # plumbing shared with the other programs
 
 @pytest.mark.parametrize("program", ["compare.py", "report.py", "bench.py", "figures.py",
-                                     "frozen_lake.py", "ift_hf.py", "data/prepare.py",
-                                     "test_ift_hf.py"])
+                                     "frozen_lake.py", "frozen_lake_sweep.py", "ift_hf.py",
+                                     "data/prepare.py", "test_ift_hf.py"])
 def test_every_name_a_program_takes_from_ift_or_plumbing_exists(program):
     """What the programs beside the lesson use of ift.py and plumbing.py (ift.X, from ift import
     X), read from their source, exists: a rename in the lesson cannot break them silently."""
