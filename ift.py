@@ -373,9 +373,11 @@ def lam_at(cfg, step, noise):
 # (M, C) tensor; attention, the one layer that mixes positions, pads them again in 4 groups of
 # consecutive rows, each to its own longest row. Exact in any row order (with causal attention and
 # right padding no real token sees padding), but fast only if a group's rows are alike in length,
-# so the training loop sorts each batch's rows by length (by_length). OnRealTokens hands the losses
-# the GPT's own (B, T, V) logits, zero at the padding, so the losses above stay as they are;
-# test_ift.py checks that losses and gradients equal the plain path's. --padded turns it off.
+# so the training loop sorts each batch's rows by length (by_length). OnRealTokens stands in for
+# the GPT in the losses above, unchanged: of its logits they only ever read logits[mask] and
+# logits.argmax(-1), and RealLogits answers both from the (M, V) rows, never building the
+# (B, T, V) tensor. test_ift.py checks that losses and gradients equal the plain path's.
+# --padded turns it off.
 
 def by_length(split, idx):
     """The row indices idx of split, shortest chosen answer first."""
@@ -388,9 +390,9 @@ def pad_rows(rows, real):
 
 
 class Unpadded(nn.Module):
-    """The GPT on the real tokens only: forward(real, idx or tok_emb) is GPT.forward's (B, T, V)
-    at the real positions real (B, T), and 0 at the padding. A module of its own, with the GPT's
-    parameters, so that torch.compile and DDP wrap it as they would wrap the GPT."""
+    """The GPT on the real tokens only: forward(real, idx or tok_emb) is GPT.forward's logits at
+    the real positions real (B, T), as (M, V) rows in their order. A module of its own, with the
+    GPT's parameters, so that torch.compile and DDP wrap it as they would wrap the GPT."""
 
     def __init__(self, gpt):
         super().__init__()
@@ -408,7 +410,7 @@ class Unpadded(nn.Module):
             y = torch.cat([block.attn.attend(pad_rows(p, r))[r] for p, r in zip(parts, groups)])
             x = x + block.attn.proj(y)                                    # (M, C)
             x = x + block.mlp(block.ln_2(x))
-        return pad_rows(F.linear(gpt.ln_f(x), gpt.wte.weight), real)      # (B, T, V)
+        return F.linear(gpt.ln_f(x), gpt.wte.weight)                       # (M, V)
 
 
 def real_tokens(mask):
@@ -419,16 +421,30 @@ def real_tokens(mask):
     return torch.arange(T, device=mask.device) <= last[:, None]             # (B, T)
 
 
+class RealLogits:
+    """(B, T, V) logits held as the (M, V) rows of the real tokens: logits[mask], for a mask
+    within the real tokens, and logits.argmax(-1) (0 at the padding), as the losses read them."""
+
+    def __init__(self, rows, real):
+        self.rows, self.real = rows, real                                   # (M, V), (B, T)
+
+    def __getitem__(self, mask):
+        return self.rows[mask[self.real]]                                   # (A, V)
+
+    def argmax(self, dim):
+        return pad_rows(self.rows.argmax(dim), self.real)                   # (B, T)
+
+
 class OnRealTokens:
     """What the losses call in place of the GPT for one batch: net(idx) or net(tok_emb=...) ->
-    (B, T, V) through unpadded (an Unpadded, maybe compiled, maybe in DDP), and E at net.wte."""
+    RealLogits through unpadded (an Unpadded, maybe compiled, maybe in DDP), and E at net.wte."""
 
     def __init__(self, unpadded, mask):
         self.real = real_tokens(mask)                                       # (B, T)
         self.unpadded, self.wte = unpadded, getattr(unpadded, "module", unpadded).gpt.wte
 
     def __call__(self, idx=None, tok_emb=None):
-        return self.unpadded(self.real, idx, tok_emb)
+        return RealLogits(self.unpadded(self.real, idx, tok_emb), self.real)
 
 
 # -----------------------------------------------------------------------------

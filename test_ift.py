@@ -646,15 +646,20 @@ def test_real_tokens_are_each_rows_inputs_and_compute_loss_counts_them():
 @pytest.mark.parametrize("rows", [FOUR_ROWS, ELEVEN_ROWS], ids=["4 rows", "11 rows"])
 @pytest.mark.parametrize("inputs", ["ids", "tok_emb"])
 def test_unpadded_forward_equals_the_plain_forward_at_real_positions(inputs, rows):
-    """Unpadded gives GPT.forward's (B, T, V) logits at the real positions, zeros elsewhere."""
+    """Unpadded gives GPT.forward's logits at the real positions, one (M, V) row each; what the
+    losses read of them through OnRealTokens (logits[mask], argmax) is the plain logits'."""
     model = tiny_model()
     x, _, mask = ragged_batch(rows=rows)
     args = {"idx": x} if inputs == "ids" else {"tok_emb": torch.randn(*x.shape, 16)}
     net = ift.OnRealTokens(ift.Unpadded(model), mask)
-    plain, unpadded = model(**args), net(**args)                            # (B, T, V) each
+    plain, unpadded = model(**args), net(**args)             # (B, T, V), RealLogits
     assert net.wte is model.wte
-    torch.testing.assert_close(unpadded[net.real], plain[net.real], rtol=0, atol=1e-5)
-    assert unpadded[~net.real].abs().max() == 0
+    assert unpadded.rows.shape == (int(net.real.sum()), plain.shape[-1])
+    for within in (net.real, mask):  # every real token, then the answer tokens
+        torch.testing.assert_close(unpadded[within], plain[within], rtol=0, atol=1e-5)
+    argmax = unpadded.argmax(-1)                                            # (B, T)
+    assert torch.equal(argmax[net.real], plain.argmax(-1)[net.real])
+    assert not argmax[~net.real].any()
 
 
 @pytest.mark.parametrize("rows", [FOUR_ROWS, ELEVEN_ROWS], ids=["4 rows", "11 rows"])
