@@ -803,7 +803,7 @@ def write_outputs(cfg, info, recipes, done, table, out_dir, earlier=None):
         "claim_c_runs": [margin_runs[key] for key in sorted(margin_runs)],
         "tuning_runs": [{"recipe": job.recipe.name, **res} for job, res in done
                         if not job.judged]}, indent=2))
-    lines = report.comparison(info, summary, claims, table,
+    lines = report.comparison(info, summary, claims, N_CLAIMS, table,
                               [runs[(BASE, s)]["test"] for s in seeds], cfg)
     if earlier:
         lines += report.beside(earlier, small, pooled(earlier, small))

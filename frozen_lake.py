@@ -569,16 +569,19 @@ def plot_curves(path, curves, cfg):
 # Main
 
 
-def make_out_dir(cfg):
-    """--out-dir, made and found writable before any work; one line naming the fix if not."""
+def make_out_dir(cfg, write_config=False):
+    """--out-dir, made and found writable before any work, with config.json written first if
+    write_config (the main run; the sweep leaves it alone); one line naming the fix if not."""
     out = Path(cfg.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        problem = None if os.access(out, os.W_OK) else "Permission denied"
+        if write_config:
+            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        reason = None if os.access(out, os.W_OK) else "Permission denied"
     except OSError as e:
-        problem = e.strerror
-    if problem:
-        raise UserError(f"cannot write into --out-dir {cfg.out_dir!r}: {problem}; pass a "
+        reason = e.strerror
+    if reason:
+        raise UserError(f"cannot write into --out-dir {cfg.out_dir!r}: {reason}; pass a "
                         f"folder you can write to")
     return out
 
@@ -595,8 +598,7 @@ def problem(cfg):
 
 def experiment(cfg):
     """The main run: set-up, training, evaluation, report, files."""
-    out = make_out_dir(cfg)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    out = make_out_dir(cfg, write_config=True)
     print("config:", json.dumps(asdict(cfg)))
     torch.set_num_threads(1)  # tiny tensors: nothing to share out; other programs keep a core
     env, chosen, rejected, V, pi_star, demos = problem(cfg)

@@ -96,9 +96,9 @@ def write(out_dir, stem, record, lines):
 # -----------------------------------------------------------------------------
 # compare.md
 
-def comparison(info, summary, claims, table, bases, cfg):
+def comparison(info, summary, claims, n_claims, table, bases, cfg):
     """compare.md's lines: how it was made, the test table, the bases (their test scores, one
-    per judged seed), the claims (the last: (b)'s control), the lrs."""
+    per judged seed), the claims (n_claims of them, then (b)'s control), the lrs."""
     n, tasks, seeds = len(info["seeds"]), info["tasks"], ", ".join(map(str, info["seeds"]))
     lines = [
         "# IFT, SFT, ORPO and DPO at toy scale (`python compare.py`)", "",
@@ -147,7 +147,6 @@ def comparison(info, summary, claims, table, bases, cfg):
          c["seeds_needed"] or "-",
          "; ".join(moved_cell(name, p, places(c)) for name, p in c["moved"].items())]
         for c in claims])
-    n_claims = len(claims) - 1  # (b)'s control is not a claim
     lines += [
         "", f"(b)'s control, SFT - SFT then DPO, is the last row: IFT's advantage over SFT then "
         f"DPO minus SFT's own is IFT - SFT, claim (a), whose verdict ({a['verdict']}) says "

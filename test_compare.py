@@ -326,7 +326,7 @@ def test_two_summaries_side_by_side_and_in_one_figure(tmp_path):
     assert c.split("|")[8].strip() == "yes" and c.split("|")[2].strip().startswith("+3.00, [")
     claims = [{**x, "up": 1, "down": 0} for x in second["claims"]]
     report.plot_claims(claims, {"seeds": [4, 5], "command": "python compare.py"},
-                        tmp_path / "claims.png", first["claims"])
+                       tmp_path / "claims.png", first["claims"])
     assert (tmp_path / "claims.png").read_bytes()[:4] == b"\x89PNG"
 
 
